@@ -1,0 +1,5 @@
+import sys
+
+from quantflow.cli import main
+
+sys.exit(main())

@@ -1,0 +1,116 @@
+"""Calibration: collect activation statistics over data with an fx Interpreter.
+
+Two passes over the calibration batches, because a histogram needs a fixed range before the
+first value arrives: pass 1 records each tensor's min/max, pass 2 histograms each tensor over
+exactly that range. Range-from-statistics choices (min-max, percentile, entropy, MSE) live in
+`quantflow.calibrators`; this module only observes.
+
+Statistics are keyed by the fx node name of the tensor's producer (placeholders included), the
+same key the quantizer uses for the Q/DQ pair it puts on that tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import fx
+from tqdm import tqdm
+
+HIST_BINS = 2048
+
+
+@dataclass
+class TensorStats:
+    """Statistics of one activation tensor over the calibration set."""
+
+    min: float
+    max: float
+    count: int = 0
+    #: counts over [min, max] in HIST_BINS equal bins (float64), None if not collected
+    hist: torch.Tensor | None = None
+
+    @property
+    def bin_edges(self) -> torch.Tensor:
+        assert self.hist is not None
+        return torch.linspace(self.min, self.max, self.hist.numel() + 1, dtype=torch.float64)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min": self.min, "max": self.max, "count": self.count}
+
+
+def _is_float_tensor(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and v.is_floating_point()
+
+
+class _Observer(fx.Interpreter):
+    """Runs the graph and records min/max (pass 1) or histograms (pass 2) of node outputs."""
+
+    def __init__(self, gm: fx.GraphModule, watch: set[str], stats: dict[str, TensorStats],
+                 histograms: bool) -> None:
+        super().__init__(gm)
+        self.watch = watch
+        self.stats = stats
+        self.histograms = histograms
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.name in self.watch and _is_float_tensor(out):
+            t = out.detach()
+            if not self.histograms:
+                mn, mx = torch.aminmax(t)  # one pass over memory instead of two
+                lo, hi = float(mn), float(mx)
+                s = self.stats.get(n.name)
+                if s is None:
+                    self.stats[n.name] = TensorStats(lo, hi, t.numel())
+                else:
+                    s.min, s.max, s.count = min(s.min, lo), max(s.max, hi), s.count + t.numel()
+            else:
+                s = self.stats[n.name]
+                if s.max > s.min:
+                    # float32 histc: counts are exact integers; only bin edges round
+                    h = torch.histc(t.flatten(), HIST_BINS, s.min, s.max).double()
+                else:  # constant tensor: everything in one bin
+                    h = torch.zeros(HIST_BINS, dtype=torch.float64)
+                    h[0] = t.numel()
+                s.hist = h if s.hist is None else s.hist + h
+        return out
+
+
+def observable_nodes(gm: fx.GraphModule) -> set[str]:
+    """Names of nodes whose outputs may be quantized: graph inputs and computed tensors."""
+    return {n.name for n in gm.graph.nodes if n.op in ("placeholder", "call_function")}
+
+
+def collect_stats(
+    gm: fx.GraphModule,
+    batches: Iterable[Sequence[torch.Tensor]] | Sequence[Sequence[torch.Tensor]],
+    *,
+    nodes: set[str] | None = None,
+    histograms: bool = True,
+    progress: bool = False,
+) -> dict[str, TensorStats]:
+    """Statistics for the outputs of `nodes` (default: every observable node).
+
+    `batches` must be re-iterable (a list of input tuples) when `histograms` is True, since
+    histogramming is a second pass over the same data.
+    """
+    batch_list = [tuple(b) for b in batches]
+    if not batch_list:
+        raise ValueError("collect_stats: no calibration batches (pass --calib DATA)")
+    watch = observable_nodes(gm) if nodes is None else nodes
+    stats: dict[str, TensorStats] = {}
+    passes = [False, True] if histograms else [False]
+    with torch.no_grad():
+        for hist in passes:
+            obs = _Observer(gm, watch, stats, histograms=hist)
+            desc = "calibrate: histograms" if hist else "calibrate: ranges"
+            for b in tqdm(batch_list, desc=desc, disable=not progress, leave=False):
+                obs.run(*b)
+    return stats
+
+
+def batched(x: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor]]:
+    """Split an (N, ...) tensor into single-input batches for `collect_stats`."""
+    return [(x[i:i + batch_size],) for i in range(0, x.shape[0], batch_size)]

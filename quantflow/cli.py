@@ -1,0 +1,135 @@
+"""Command line: a thin layer over `quantflow.pipeline.compile` and friends.
+
+Exit codes (also in `quantflow --help`): 0 ok; 1 internal error; 2 bad arguments; 3 bad model
+or data file; 4 capture error / unsupported op; 5 a pass broke equivalence; 6 target runtime
+unavailable; 10 budget exceeded (accuracy drop over --max-drop) — for CI gates; 130 Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Sequence
+
+from quantflow.errors import EXIT_CODES, InputError, QuantflowError
+
+EPILOG = "exit codes:\n" + "\n".join(f"  {code:>3}  {what}" for what, code in EXIT_CODES.items())
+BUILTIN_DATA = ("fashion-mnist", "natural-images")
+
+
+def _shape(s: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in s.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad shape {s!r}; write it like 1,3,224,224") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model file: .pt2 (torch.export), TorchScript, a state_dict "
+                   "with --arch, a pickled module with --trust-pickle, or zoo:NAME "
+                   "(see `quantflow zoo`)")
+    p.add_argument("--arch", metavar="MODULE:FACTORY",
+                   help="architecture for a state_dict file, e.g. mypkg.models:resnet18")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow loading a pickled whole module (runs code from the file; only "
+                   "for files you trust)")
+    p.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
+                   help="example input shape incl. batch (default: from the model or data)")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="-v: stage log, -vv: debug (pass decisions and skip reasons)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quantflow", description="Post-training quantization and deployment compiler for "
+        "PyTorch models.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="quantize a model and lower it to a target",
+                       description="Capture, optimize, calibrate, quantize, lower, evaluate and "
+                       "profile a model; write artifacts and report.json to -o.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(c)
+    c.add_argument("--target", choices=("ort", "tvm", "trt"), default="ort",
+                   help="ort: ONNX Runtime QDQ model; tvm: TVM Relax library; trt: TensorRT "
+                   "explicit-quantization ONNX (+ engine where TensorRT exists)")
+    c.add_argument("--bits", choices=("8", "mixed"), default="8",
+                   help="8: uniform INT8; mixed: per-layer precision chosen by search")
+    c.add_argument("--calib", metavar="DATA",
+                   help=f"calibration data: {' | '.join(BUILTIN_DATA)}, a .npy/.pt/.npz file "
+                   "with (N,C,H,W) floats, or a folder of such files or images (default: the "
+                   "zoo model's dataset)")
+    c.add_argument("--eval", dest="eval_data", metavar="DATA",
+                   help="evaluation data (.npz with x and y gives accuracy; default: the "
+                   "held-out split of a built-in dataset, else the calibration data)")
+    c.add_argument("--preprocess", default="imagenet",
+                   help="preprocessing for image folders: imagenet | fashion-mnist")
+    c.add_argument("--calib-samples", type=int, default=512, help="calibration samples used")
+    c.add_argument("--eval-samples", type=int, default=None, help="limit evaluation samples")
+    c.add_argument("--calibrator", choices=("auto", "minmax", "percentile", "entropy", "mse"),
+                   default="auto", help="activation range calibrator (auto: most faithful)")
+    c.add_argument("--equalize", choices=("auto", "on", "off"), default="auto",
+                   help="cross-layer equalization (auto: when it improves fidelity)")
+    c.add_argument("--config", metavar="PLAN.json", help="re-use a saved quantization plan")
+    c.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="fail (exit 10) when the accuracy drop exceeds POINTS (without labels: "
+                   "top-1 disagreement with FP32, in percent)")
+    c.add_argument("--threads", type=int, help="runtime threads for profiling (default: all)")
+    c.add_argument("--profile-runs", type=int, default=50, help="timed runs per model")
+    c.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")
+
+    o = sub.add_parser("optimize", help="run only the graph passes; write the float deploy form",
+                       description="Run the pass pipeline (BN folding, re-parameterization, "
+                       "clean-up) and write OUT/model.pt2 and OUT/model.onnx.")
+    _add_model_args(o)
+    o.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")
+
+    p = sub.add_parser("profile", help="measure latency of a compiled artifact",
+                       description="Latency of an .onnx artifact on this machine.")
+    p.add_argument("artifact", help="model.onnx written by `quantflow compile`")
+    p.add_argument("--target", choices=("ort", "tvm", "trt"), default="ort")
+    p.add_argument("--runs", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--per-layer", action="store_true", help="per-node times (ORT profiler)")
+
+    sub.add_parser("zoo", help="list the built-in models")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(getattr(args, "verbose", 0), logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        from quantflow import commands
+
+        return int(getattr(commands, f"cmd_{args.command}")(args))
+    except QuantflowError as exc:
+        print(f"quantflow: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("quantflow: interrupted", file=sys.stderr)
+        return 130
+    except FileNotFoundError as exc:
+        print(f"quantflow: error: {InputError(str(exc))}", file=sys.stderr)
+        return InputError.exit_code
+    except Exception:  # a bug: show it all, ask for a report
+        traceback.print_exc()
+        print("quantflow: internal error (a bug in quantflow; please report it with the "
+              "traceback above)", file=sys.stderr)
+        return 1
+
+
+def _out(path: str) -> Path:
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The CLI's subcommands: argument handling around the library calls, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantflow.errors import InputError
+from quantflow.pipeline import CompileConfig, Dataset, compile
+
+#: zoo dataset -> (built-in calibration set, built-in evaluation set)
+DATASET_SPLITS = {
+    "fashion-mnist": ("fashion-mnist-calib", "fashion-mnist"),
+    "imagenet": ("natural-images-calib", "natural-images"),
+    "natural-images": ("natural-images-calib", "natural-images"),
+}
+
+
+def _builtin(name: str, limit: int | None) -> Dataset:
+    from quantflow.data import builtin_dataset
+
+    x, y = builtin_dataset(name)
+    if limit is not None:
+        x, y = x[:limit], (y[:limit] if y is not None else None)
+    return Dataset(x, y, name)
+
+
+def _user(path: str, preprocess: str, limit: int | None) -> Dataset:
+    from quantflow.data import load_tensor_data
+
+    x, y = load_tensor_data(path, preprocess)
+    if limit is not None:
+        x, y = x[:limit], (y[:limit] if y is not None else None)
+    return Dataset(x, y, path)
+
+
+def resolve_data(model: str, calib: str | None, eval_data: str | None, preprocess: str,
+                 calib_limit: int, eval_limit: int | None) -> tuple[Dataset, Dataset | None]:
+    """Calibration and evaluation sets from the flags, defaulting to the zoo model's dataset."""
+    if calib is None and model.startswith("zoo:"):
+        from quantflow.zoo import MODELS
+
+        name = model[4:]
+        if name in MODELS:
+            calib = MODELS[name].dataset
+    if calib is None:
+        raise InputError("no calibration data: pass --calib DATA (a .npy/.pt/.npz file, a "
+                         "folder, or a built-in set: fashion-mnist, natural-images)")
+    if calib in DATASET_SPLITS:
+        c_name, e_name = DATASET_SPLITS[calib]
+        c = _builtin(c_name, calib_limit)
+        if eval_data:
+            return c, _user(eval_data, preprocess, eval_limit)
+        return c, _builtin(e_name, eval_limit)
+    c = _user(calib, preprocess, calib_limit)
+    e = _user(eval_data, preprocess, eval_limit) if eval_data else None
+    return c, e
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from quantflow.load import load_model, resolve_example_inputs
+
+    loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
+                        input_shape=args.input_shape)
+    calib, evaluation = resolve_data(args.model, args.calib, args.eval_data, args.preprocess,
+                                     args.calib_samples, args.eval_samples)
+    example = resolve_example_inputs(loaded, args.input_shape, calib.x)
+    config = CompileConfig(target=args.target, bits=args.bits, calibrator=args.calibrator,
+                           equalize=args.equalize, plan_path=args.config,
+                           max_drop=args.max_drop, threads=args.threads,
+                           profile_runs=args.profile_runs)
+    report = compile(loaded.module, example, calib, evaluation, args.out, config,
+                     name=loaded.name, source=loaded.source)
+    print(report.render())
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from quantflow.ir import capture, export_program
+    from quantflow.load import load_model, resolve_example_inputs
+    from quantflow.passes import optimize
+    from quantflow.targets.onnx_export import export_onnx
+
+    loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
+                        input_shape=args.input_shape)
+    example = resolve_example_inputs(loaded, args.input_shape, None)
+    gm = capture(loaded.module, example)
+    with torch.no_grad():
+        before = gm(*example)
+    report = optimize(gm)
+    with torch.no_grad():
+        after = gm(*example)
+    b = before[0] if isinstance(before, (tuple, list)) else before
+    a = after[0] if isinstance(after, (tuple, list)) else after
+    err = float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.export.save(export_program(gm, example), out / "model.pt2")
+    export_onnx(gm, example, out / "model.onnx")
+    print(report.summary())
+    print(f"passes fired: {report.fired}")
+    print(f"max|Δ|/max|y| vs the original on the example input: {err:.2e}")
+    print(f"wrote {out / 'model.pt2'} and {out / 'model.onnx'}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import onnx
+
+    from quantflow.targets import Artifact, get_target
+
+    path = Path(args.artifact)
+    if not path.exists():
+        raise InputError(f"artifact {path} does not exist")
+    if path.suffix != ".onnx":
+        raise InputError(f"{path}: `quantflow profile` measures .onnx artifacts; for TVM use "
+                         "the report of `quantflow compile --target tvm`")
+    model = onnx.load(str(path), load_external_data=False)
+    inputs, names = [], []
+    for i in model.graph.input:
+        dims = [d.dim_value if d.dim_value > 0 else 1 for d in i.type.tensor_type.shape.dim]
+        inputs.append(np.random.default_rng(0).standard_normal(dims).astype(np.float32))
+        names.append(i.name)
+    art = Artifact(target=args.target, precision="unknown", files={"model": str(path)},
+                   input_names=tuple(names), output_names=tuple(o.name for o in model.graph.output))
+    target = get_target(args.target, **({"threads": args.threads} if args.threads else {}))
+    kw = {"warmup": args.warmup, "runs": args.runs}
+    if args.per_layer:
+        kw["per_layer"] = True
+    lat = target.profile(art, inputs, **kw)
+    print(f"{path}: median {lat.median_ms:.3f} ms, p90 {lat.p90_ms:.3f} ms over {lat.runs} runs "
+          f"(warm-up {lat.warmup}), {lat.threads} threads, batch {lat.batch}")
+    print(f"device: {lat.device}")
+    if lat.per_layer_ms:
+        for name, ms in sorted(lat.per_layer_ms.items(), key=lambda kv: -kv[1])[:25]:
+            print(f"  {ms:9.4f} ms  {name}")
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from quantflow.zoo import MODELS
+
+    for name, e in MODELS.items():
+        print(f"zoo:{name:28s} {str(e.input_shape):16s} {e.dataset:14s} {e.description}")
+    return 0

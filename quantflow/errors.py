@@ -1,0 +1,69 @@
+"""Errors that reach the user, each with a distinct CLI exit code.
+
+Every message names the thing at fault (file, node, pass, layer) and the fix. The CLI maps the
+class to its exit code, so scripts and CI can tell a bad input from an accuracy regression.
+"""
+
+from __future__ import annotations
+
+
+class QuantflowError(Exception):
+    """Base class: a problem the user can act on (not a bug in quantflow)."""
+
+    exit_code = 3
+
+
+class InputError(QuantflowError):
+    """A model or data file is missing, corrupt, of the wrong kind or shape."""
+
+    exit_code = 3
+
+
+class UnsafeInputError(InputError):
+    """Loading would execute code from the file (pickle) and the user did not opt in."""
+
+    exit_code = 3
+
+
+class CaptureError(QuantflowError):
+    """torch.export could not capture the model, or the graph has an unsupported construct."""
+
+    exit_code = 4
+
+
+class UnsupportedOpError(CaptureError):
+    """A node the chosen target or quantizer cannot handle; the message names the node."""
+
+    exit_code = 4
+
+
+class PassError(QuantflowError):
+    """A graph pass broke output equivalence or graph validity (a quantflow bug: report it)."""
+
+    exit_code = 5
+
+
+class TargetUnavailableError(QuantflowError):
+    """The target's runtime or toolchain is not installed here; the message says what to do."""
+
+    exit_code = 6
+
+
+class BudgetExceededError(QuantflowError):
+    """The compiled model violates the user's budget (--max-drop and friends). For CI gates."""
+
+    exit_code = 10
+
+
+EXIT_CODES = {
+    "ok": 0,
+    "internal error (bug)": 1,
+    "usage error (bad command-line arguments)": 2,
+    "input error (model or data file)": InputError.exit_code,
+    "capture error / unsupported op": CaptureError.exit_code,
+    "pass error (equivalence broken)": PassError.exit_code,
+    "target unavailable": TargetUnavailableError.exit_code,
+    "budget exceeded (accuracy drop over --max-drop, size or latency over budget)":
+        BudgetExceededError.exit_code,
+    "interrupted (Ctrl-C)": 130,
+}

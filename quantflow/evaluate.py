@@ -1,0 +1,79 @@
+"""Quality metrics of a quantized model against its FP32 original.
+
+With labels: top-1 accuracy of each, and the drop in percentage points. Without: top-1
+agreement with FP32, output SQNR (signal-to-quantization-noise ratio, dB) and the KL divergence
+of the softmax outputs — fidelity measures that need no ground truth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Metrics of one model's outputs; reference-relative ones are None for the reference."""
+
+    samples: int
+    accuracy: float | None = None  # percent, when labels exist
+    agreement: float | None = None  # fraction of top-1 equal to the reference's
+    sqnr_db: float | None = None
+    kl: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """10·log10(‖ref‖² / ‖ref − out‖²), +inf when identical."""
+    noise = float((ref.double() - out.double()).pow(2).sum())
+    signal = float(ref.double().pow(2).sum())
+    return float("inf") if noise == 0 else 10.0 * float(np.log10(signal / noise))
+
+
+def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(softmax(ref) ‖ softmax(out)) over the batch."""
+    p = torch.log_softmax(ref_logits.double(), dim=-1)
+    q = torch.log_softmax(logits.double(), dim=-1)
+    return float((p.exp() * (p - q)).sum(dim=-1).mean())
+
+
+def quality(logits: torch.Tensor, labels: torch.Tensor | None = None,
+            reference: torch.Tensor | None = None) -> Quality:
+    """Metrics of `logits` (N, classes) against labels and/or reference logits."""
+    acc = None
+    if labels is not None:
+        acc = 100.0 * float((logits.argmax(-1) == labels).double().mean())
+    if reference is None:
+        return Quality(samples=logits.shape[0], accuracy=acc)
+    agree = float((logits.argmax(-1) == reference.argmax(-1)).double().mean())
+    return Quality(samples=logits.shape[0], accuracy=acc, agreement=agree,
+                   sqnr_db=sqnr_db(reference, logits), kl=kl_divergence(reference, logits))
+
+
+def predict(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_size: int = 256
+            ) -> torch.Tensor:
+    """Run `fn` over `x` in batches and concatenate the (first) outputs."""
+    outs = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            y = fn(x[i:i + batch_size])
+            outs.append(y[0] if isinstance(y, (tuple, list)) else y)
+    return torch.cat(outs)
+
+
+def predict_runtime(run: Callable[[Sequence[np.ndarray]], list[np.ndarray]], x: torch.Tensor,
+                    batch: int) -> torch.Tensor:
+    """Run a compiled artifact (fixed batch size `batch`) over `x`, padding the last batch."""
+    outs = []
+    for i in range(0, x.shape[0], batch):
+        xb = x[i:i + batch]
+        n = xb.shape[0]
+        if n < batch:
+            xb = torch.cat([xb, xb[-1:].expand(batch - n, *xb.shape[1:])])
+        outs.append(torch.from_numpy(np.asarray(run([xb.numpy()])[0]))[:n])
+    return torch.cat(outs)

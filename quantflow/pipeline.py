@@ -1,0 +1,289 @@
+"""`compile()`: the whole journey from an nn.Module to a measured, quantized artifact.
+
+Read top to bottom; each stage is one call into its own module:
+
+  capture   torch.export -> GraphModule                        (quantflow.ir)
+  passes    BN folding, re-parameterization, clean-up           (quantflow.passes)
+  calibrate activation statistics over calibration data         (quantflow.calibrate)
+  plan      uniform INT8 with the best calibrator, a --config, or the mixed-precision search
+  quantize  Q/DQ + integer weights in the graph (torch simulation)  (quantflow.quantize)
+  lower     artifacts for the target, FP32 baseline and quantized   (quantflow.targets)
+  evaluate  accuracy / agreement / SQNR of the artifact vs FP32     (quantflow.evaluate)
+  profile   latency on this machine with the target's runtime
+  report    JSON + text; the gate on --max-drop                     (quantflow.report)
+
+The CLI is a thin layer over this function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import fx, nn
+
+from quantflow import calibrate as cal
+from quantflow import evaluate as ev
+from quantflow.errors import BudgetExceededError, InputError
+from quantflow.ir import capture, count_ops
+from quantflow.passes import DEFAULT_PIPELINE, run_pipeline
+from quantflow.quantize import model_size_bytes, quantize
+from quantflow.report import Report
+from quantflow.spec import CALIBRATORS, TRT_ACT, QuantPlan, int8_plan
+
+log = logging.getLogger("quantflow")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Options of one compile; validated on construction, stored in the report."""
+
+    target: str = "ort"
+    bits: str = "8"  # "8" or "mixed"
+    calibrator: str = "auto"  # "auto" picks the best of CALIBRATORS by output SQNR
+    equalize: str = "auto"  # "auto" | "on" | "off": cross-layer equalization
+    plan_path: str | None = None  # --config: a saved QuantPlan
+    max_drop: float | None = None  # accuracy points (or agreement points without labels)
+    calib_batch: int = 32
+    profile_runs: int = 50
+    profile_warmup: int = 10
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.target not in ("ort", "tvm", "trt"):
+            raise ValueError(f"target must be ort, tvm or trt, got {self.target!r}")
+        if self.bits not in ("8", "mixed"):
+            raise ValueError(f"bits must be '8' or 'mixed', got {self.bits!r}")
+        if self.calibrator not in ("auto", *CALIBRATORS):
+            raise ValueError(f"calibrator must be auto or one of {CALIBRATORS}")
+        if self.equalize not in ("auto", "on", "off"):
+            raise ValueError("equalize must be auto, on or off")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise ValueError("max_drop must be >= 0 (points)")
+
+    @property
+    def placement(self) -> str:
+        return "trt" if self.target == "trt" else "ort"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Inputs (N, ...) and optional labels; `name` says where they came from."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None = None
+    name: str = "data"
+
+
+class _Stages:
+    """Wall time per stage, for the report (and a log line per stage)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        log.info("stage: %s", name)
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)
+
+
+def _base_plan(config: CompileConfig, calibrator: str) -> QuantPlan:
+    if config.placement == "trt":
+        return int8_plan(calibrator, act=TRT_ACT)
+    return int8_plan(calibrator)
+
+
+def choose_plan(gm: fx.GraphModule, calib: Dataset, config: CompileConfig
+                ) -> tuple[fx.GraphModule, QuantPlan, dict[str, cal.TensorStats], dict[str, float]]:
+    """Uniform INT8: try calibrators (and equalization) and keep the most faithful.
+
+    Fidelity is the output SQNR of the torch simulation against FP32 on the calibration data
+    (no evaluation data is used, so the evaluation stays unbiased).
+    """
+    from quantflow.passes.equalize import equalize as cle
+
+    if config.plan_path:
+        plan = QuantPlan.load(config.plan_path)
+        g = copy.deepcopy(gm)
+        if plan.equalize:
+            cle(g)
+        stats = cal.collect_stats(g, cal.batched(calib.x, config.calib_batch), progress=True)
+        return g, plan, stats, {}
+    variants: list[tuple[bool, fx.GraphModule]] = [(False, gm)]
+    if config.equalize != "off":
+        g_eq = copy.deepcopy(gm)
+        if cle(g_eq):
+            variants = [(True, g_eq)] if config.equalize == "on" else [(False, gm), (True, g_eq)]
+    calibrators = CALIBRATORS if config.calibrator == "auto" else (config.calibrator,)
+    scores: dict[str, float] = {}
+    best: tuple[float, fx.GraphModule, QuantPlan, dict[str, cal.TensorStats]] | None = None
+    batches = cal.batched(calib.x, config.calib_batch)
+    for eq, g in variants:
+        stats = cal.collect_stats(g, batches, progress=True)
+        ref = ev.predict(g, calib.x)
+        for c in calibrators:
+            plan = replace(_base_plan(config, c), equalize=eq)
+            out = ev.predict(quantize(g, plan, stats, config.placement), calib.x)
+            s = ev.sqnr_db(ref, out)
+            scores[f"{c}{'+cle' if eq else ''}"] = round(s, 3)
+            if best is None or s > best[0]:
+                best = (s, g, plan, stats)
+    assert best is not None
+    return best[1], best[2], best[3], scores
+
+
+def compile(
+    model: nn.Module,
+    example_inputs: Sequence[torch.Tensor],
+    calib: Dataset,
+    evaluation: Dataset | None,
+    out_dir: str | Path,
+    config: CompileConfig = CompileConfig(),
+    *,
+    name: str = "model",
+    source: str = "module",
+) -> Report:
+    """Compile `model` for `config.target`; write artifacts + report.json under `out_dir`.
+
+    Raises BudgetExceededError (after writing everything) when the accuracy drop exceeds
+    `config.max_drop`.
+    """
+    from quantflow.targets import get_target
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = _Stages()
+    report = Report()
+    report["model"] = {"name": name, "source": source,
+                       "input_shape": list(example_inputs[0].shape)}
+    report["target"], report["bits"] = config.target, config.bits
+    report["config"] = asdict(config)
+    if calib.x.shape[1:] != example_inputs[0].shape[1:]:
+        raise InputError(f"calibration data {calib.name!r} has samples of shape "
+                         f"{tuple(calib.x.shape[1:])}, the model expects "
+                         f"{tuple(example_inputs[0].shape[1:])}; fix --calib or --input-shape")
+
+    with stage("capture"):
+        gm = capture(model, example_inputs)
+    with stage("passes"):
+        pass_report = run_pipeline(gm, DEFAULT_PIPELINE)
+    report["passes"] = {"before": pass_report.before, "after": pass_report.after,
+                        "fired": pass_report.fired, "seconds": round(pass_report.seconds, 3)}
+    log.info(pass_report.summary())
+
+    with stage("calibrate"):
+        if config.bits == "mixed":
+            from quantflow.search.compile import mixed_plan  # lazy: xgboost etc.
+
+            gm, plan, stats, scores, search_summary = mixed_plan(
+                gm, calib, evaluation, config, out)
+            report["search"] = search_summary
+        else:
+            gm, plan, stats, scores = choose_plan(gm, calib, config)
+    plan.save(out / "plan.json")
+    chosen = plan.default.act.calibrator if plan.default.act else "none"
+    report["calibration"] = {"calibrator": chosen, "equalize": plan.equalize,
+                             "samples": int(calib.x.shape[0]), "data": calib.name,
+                             "candidates": scores}
+
+    with stage("quantize"):
+        qgm = quantize(gm, plan, stats, config.placement)
+
+    target = get_target(config.target, **({"threads": config.threads} if config.threads else {}))
+    with stage("lower"):
+        art_fp32 = target.lower(gm, example_inputs, out, precision="fp32")
+        art_q = target.lower(qgm, example_inputs, out,
+                             precision="mixed" if config.bits == "mixed" else "int8")
+    report["artifacts"] = {"fp32": str(art_fp32.path), "quantized": str(art_q.path),
+                           "plan": str(out / "plan.json"), "report": str(out / "report.json")}
+    report["runtime"] = {k: v for k, v in art_q.meta.items() if _jsonable(v)}
+
+    with stage("evaluate"):
+        report["quality"] = _evaluate(gm, qgm, target, art_fp32, art_q, evaluation or calib,
+                                      int(example_inputs[0].shape[0]))
+    with stage("profile"):
+        x0 = [t.numpy() for t in example_inputs]
+        kw = {"warmup": config.profile_warmup, "runs": config.profile_runs}
+        lat_f = target.profile(art_fp32, x0, **kw)
+        lat_q = target.profile(art_q, x0, **kw)
+    report["latency"] = {"fp32": lat_f.to_dict(), "quantized": lat_q.to_dict(),
+                         "speedup": round(lat_f.median_ms / max(lat_q.median_ms, 1e-9), 3)}
+    size_f, size_q = art_fp32.size_bytes(), art_q.size_bytes()
+    report["size"] = {"fp32_bytes": size_f, "quantized_bytes": size_q,
+                      "ratio": round(size_f / max(size_q, 1), 3),
+                      "weights_fp32_bytes": model_size_bytes(gm),
+                      "weights_quantized_bytes": model_size_bytes(qgm)}
+    report["layers"] = _layers(qgm, plan, art_q.meta)
+    report["stages"] = stage.seconds
+    report["compile_seconds"] = round(time.perf_counter() - t_start, 2)
+    report["gate"] = _gate(report["quality"], config.max_drop)
+    report.save(out / "report.json")
+    if not report["gate"]["passed"]:
+        raise BudgetExceededError(report["gate"]["reason"] + f" (report: {out / 'report.json'})")
+    return report
+
+
+def _jsonable(v: object) -> bool:
+    return isinstance(v, (int, float, str, bool, list, dict, type(None)))
+
+
+def _evaluate(gm: fx.GraphModule, qgm: fx.GraphModule, target: object, art_fp32: object,
+              art_q: object, data: Dataset, batch: int) -> dict[str, object]:
+    """FP32 reference (torch), torch simulation, and the real artifact on the target."""
+    ref = ev.predict(gm, data.x)
+    sim = ev.predict(qgm, data.x)
+    run_f = lambda xs: target.run(art_fp32, xs)  # type: ignore[attr-defined]  # noqa: E731
+    run_q = lambda xs: target.run(art_q, xs)  # type: ignore[attr-defined]  # noqa: E731
+    rt_f = ev.predict_runtime(run_f, data.x, batch)
+    rt_q = ev.predict_runtime(run_q, data.x, batch)
+    q_fp32 = ev.quality(rt_f, data.y, ref)
+    q_quant = ev.quality(rt_q, data.y, rt_f)
+    q_sim = ev.quality(sim, data.y, ref)
+    drop = None
+    if q_fp32.accuracy is not None and q_quant.accuracy is not None:
+        drop = round(q_fp32.accuracy - q_quant.accuracy, 4)
+    return {"fp32": q_fp32.to_dict(), "quantized": q_quant.to_dict(),
+            "simulation": q_sim.to_dict(), "accuracy_drop": drop,
+            "runtime_vs_simulation_sqnr_db": round(ev.sqnr_db(sim, rt_q), 2),
+            "eval_data": data.name, "eval_samples": int(data.x.shape[0])}
+
+
+def _gate(quality: dict[str, object], max_drop: float | None) -> dict[str, object]:
+    """Accuracy drop in points when labels exist, else 100·(1 − top-1 agreement)."""
+    if max_drop is None:
+        return {"max_drop": None, "passed": True, "reason": None}
+    drop = quality.get("accuracy_drop")
+    measure = "accuracy drop"
+    if drop is None:
+        agreement = quality["quantized"]["agreement"]  # type: ignore[index]
+        drop, measure = 100.0 * (1.0 - float(agreement)), "top-1 disagreement with FP32"
+    passed = float(drop) <= max_drop  # type: ignore[arg-type]
+    reason = None if passed else f"{measure} {float(drop):.2f} points > --max-drop {max_drop}"  # type: ignore[arg-type]
+    return {"max_drop": max_drop, "measure": measure, "value": drop, "passed": passed,
+            "reason": reason}
+
+
+def _layers(qgm: fx.GraphModule, plan: QuantPlan, meta: dict[str, object]) -> list[dict[str, object]]:
+    info = qgm.meta.get("quantflow")
+    float_ops: set[str] = set(meta.get("float_compute_ops", []) or [])  # type: ignore[call-overload]
+    rows = []
+    for n in qgm.graph.nodes:
+        if info is not None and n.name in info.layers:
+            lp = info.layers[n.name]
+            rows.append({"name": n.name, "op": str(n.target).split(".")[-2],
+                         "plan": lp.label(), "weight_bits": lp.weight.bits if lp.weight else 32,
+                         "runs_integer": n.name not in float_ops and not lp.is_float,
+                         "params": info.weight_bits.get(n.name, (32, 0))[1]})
+    return rows
+
+
+__all__ = ["CompileConfig", "Dataset", "compile", "choose_plan", "count_ops"]

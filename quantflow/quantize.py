@@ -1,0 +1,265 @@
+"""Quantize a float graph: put Q/DQ pairs on tensors and integer weights under layers.
+
+The result is the PT2E representation: `quantized_decomposed.quantize_per_tensor` →
+`dequantize_per_tensor` on activation tensors, int8 (or 4-bit-in-int8) weights behind
+`dequantize_per_channel`, and int32 biases with scale s_x·s_w. Run in torch it is the fake-quant
+simulation (the numerics reference); exported to ONNX it is the QDQ model a target executes.
+
+Placement (which tensors get a Q/DQ pair) is target policy:
+- "ort": every input and output of a quantized op (conv, linear, matmul, add, cat, pools) — the
+  tensor-level scheme onnxruntime's QDQ fusions need (DQ→Conv→Q becomes QLinearConv; a conv
+  without Q after it stays float). A conv's output is taken after a following ReLU/ReLU6/clamp
+  that is its only user, so the activation folds into the quantization range (ORT then drops it).
+  Data-movement ops (flatten, reshape, ...) on a quantized tensor re-use its scale, so ORT can
+  drop the redundant pair.
+- "trt": TensorRT's recommendation: inputs of weighted ops and both inputs of residual adds;
+  never the outputs of weighted ops (TensorRT fuses the following Q into the kernel itself).
+
+A tensor read by several quantized consumers gets one pair, with the spec of the consumer that
+asks for the most bits. A float layer (LayerPlan with act=None) reading a tensor that a sibling
+quantizes sees the quantized values; its own output stays float.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+from torch import fx
+
+from quantflow.calibrate import TensorStats
+from quantflow.calibrators import activation_qparams
+from quantflow.errors import CaptureError
+from quantflow.ir import WEIGHTED_OPS, add_const, get_tensor, is_const, is_op
+from quantflow.qmath import quantize as q_codes
+from quantflow.qmath import weight_qparams
+from quantflow.spec import LayerPlan, QSpec, QuantPlan
+
+aten = torch.ops.aten
+qd = torch.ops.quantized_decomposed
+
+MATMUL_OPS = (aten.matmul.default, aten.bmm.default, aten.mm.default)
+ADD_OPS = (aten.add.Tensor,)
+CAT_OPS = (aten.cat.default,)
+POOL_OPS = (aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.mean.dim,
+            aten.max_pool2d.default)
+#: activations that fold into the output quantization range of the op before them
+FUSED_ACTS = (aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.clamp.default,
+              aten.relu6.default)
+#: ops that only move data: their output re-uses the input's quantization parameters
+MOVE_OPS = (aten.flatten.using_ints, aten.view.default, aten.reshape.default,
+            aten.permute.default, aten.transpose.int, aten.squeeze.dim, aten.unsqueeze.default)
+PLACEMENTS = ("ort", "trt")
+
+_DTYPES = {(8, True): torch.int8, (8, False): torch.uint8, (16, True): torch.int16,
+           (16, False): torch.uint16, (4, True): torch.int8}
+
+
+def dtype_of(spec: QSpec) -> torch.dtype:
+    return _DTYPES[(spec.bits, spec.signed)]
+
+
+def quantizable_nodes(gm: fx.GraphModule) -> list[str]:
+    """Names of the weighted layers (conv, linear) with constant weights, in graph order."""
+    return [n.name for n in gm.graph.nodes if is_op(n, WEIGHTED_OPS) and is_const(n.args[1])]
+
+
+def _activation_inputs(n: fx.Node, placement: str) -> list[fx.Node]:
+    """The tensor inputs of `n` that a quantized `n` reads quantized (empty: not a q-op)."""
+    def tensors(args: Any) -> list[fx.Node]:
+        return [a for a in args if isinstance(a, fx.Node) and not is_const(a)]
+
+    if is_op(n, WEIGHTED_OPS) and is_const(n.args[1]):
+        return tensors(n.args[:1])
+    if is_op(n, MATMUL_OPS):
+        return tensors(n.args[:2])
+    if is_op(n, ADD_OPS) and len(tensors(n.args[:2])) == 2:
+        return tensors(n.args[:2])
+    if placement == "ort":
+        if is_op(n, CAT_OPS):
+            return tensors(n.args[0])
+        if is_op(n, POOL_OPS):
+            return tensors(n.args[:1])
+    return []
+
+
+def _output_tensor(n: fx.Node) -> fx.Node:
+    """The tensor that represents `n`'s output: after a fused activation that is its only user."""
+    users = list(n.users)
+    if len(users) == 1 and is_op(users[0], FUSED_ACTS) and users[0].args[0] is n:
+        act = users[0]
+        if act.target in (aten.hardtanh.default, aten.clamp.default):
+            lo = act.args[1] if len(act.args) > 1 else act.kwargs.get("min")
+            if not isinstance(lo, (int, float)) or float(lo) != 0.0:
+                return n  # a clamp that is not ReLU-like does not fold into uint8 [0, max]
+        return act
+    return n
+
+
+@dataclass
+class QuantInfo:
+    """What the quantizer did, attached to the quantized graph as `gm.meta["quantflow"]`."""
+
+    placement: str
+    #: tensor name -> (spec, scale, zero point)
+    tensors: dict[str, tuple[QSpec, float, int]] = field(default_factory=dict)
+    #: layer name -> LayerPlan actually applied
+    layers: dict[str, LayerPlan] = field(default_factory=dict)
+    weight_bits: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (bits, n)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "placement": self.placement,
+            "tensors": {k: {"bits": s.bits, "signed": s.signed, "scale": sc, "zero_point": z}
+                        for k, (s, sc, z) in self.tensors.items()},
+            "layers": {k: v.label() for k, v in self.layers.items()},
+        }
+
+
+def plan_tensors(gm: fx.GraphModule, plan: QuantPlan, placement: str = "ort"
+                 ) -> dict[str, QSpec]:
+    """Which tensors (producer node names) get a Q/DQ pair, and with which spec."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    wanted: dict[str, QSpec] = {}
+
+    def want(t: fx.Node, spec: QSpec) -> None:
+        cur = wanted.get(t.name)
+        if cur is None or spec.bits > cur.bits:
+            wanted[t.name] = spec
+
+    for n in gm.graph.nodes:
+        inputs = _activation_inputs(n, placement)
+        if not inputs:
+            continue
+        lp = plan.for_node(n.name)
+        if lp.act is None:
+            continue
+        for t in inputs:
+            want(t, lp.act)
+        if placement == "ort":
+            want(_output_tensor(n), lp.act)
+    if placement == "ort":  # data movement after a quantized tensor keeps its parameters
+        for n in gm.graph.nodes:
+            if is_op(n, MOVE_OPS) and isinstance(n.args[0], fx.Node) and n.args[0].name in wanted:
+                wanted.setdefault(n.name, wanted[n.args[0].name])
+    return wanted
+
+
+def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],
+             placement: str = "ort") -> fx.GraphModule:
+    """A new GraphModule with `plan` applied; `gm` is left untouched."""
+    qgm = copy.deepcopy(gm)
+    info = QuantInfo(placement=placement)
+    specs = plan_tensors(qgm, plan, placement)
+    nodes = {n.name: n for n in qgm.graph.nodes}
+    for name, spec in specs.items():
+        if name not in stats:
+            raise CaptureError(f"quantize: no calibration statistics for tensor {name!r} "
+                               f"(node {nodes[name].format_node()}); calibrate the same graph "
+                               "that is quantized (run passes before calibration)")
+        # a data-movement output shares its input's parameters (see module docstring)
+        src = nodes[name]
+        while is_op(src, MOVE_OPS) and src.args[0].name in specs and src.name not in stats:
+            src = src.args[0]
+        scale, zp = activation_qparams(stats[src.name], spec)
+        info.tensors[name] = (spec, scale, zp)
+    for src_name, (spec, scale, zp) in info.tensors.items():
+        src = nodes[src_name]
+        _insert_qdq(qgm, src, spec, scale, zp)
+    for n in list(qgm.graph.nodes):
+        if is_op(n, WEIGHTED_OPS) and is_const(n.args[1]):
+            lp = plan.for_node(n.name)
+            info.layers[n.name] = lp
+            if lp.weight is not None:
+                _quantize_weight(qgm, n, lp.weight, info)
+    qgm.graph.lint()
+    qgm.recompile()
+    qgm.meta["quantflow"] = info
+    return qgm
+
+
+def _insert_qdq(gm: fx.GraphModule, src: fx.Node, spec: QSpec, scale: float, zp: int) -> None:
+    users = list(src.users)
+    qargs = (scale, zp, spec.qmin, spec.qmax, dtype_of(spec))
+    with gm.graph.inserting_after(src):
+        q = gm.graph.create_node("call_function", qd.quantize_per_tensor.default,
+                                 (src, *qargs), name=f"{src.name}_q")
+    with gm.graph.inserting_after(q):
+        dq = gm.graph.create_node("call_function", qd.dequantize_per_tensor.default,
+                                  (q, *qargs), name=f"{src.name}_dq")
+    for u in users:
+        u.replace_input_with(src, dq)
+
+
+def _input_scale(n: fx.Node) -> float | None:
+    """Scale of the quantized activation feeding layer `n`, None if its input is float."""
+    x = n.args[0]
+    if isinstance(x, fx.Node) and x.target == qd.dequantize_per_tensor.default:
+        return float(x.args[1])  # type: ignore[arg-type]
+    return None
+
+
+def _quantize_weight(gm: fx.GraphModule, n: fx.Node, spec: QSpec, info: QuantInfo) -> None:
+    w_node = n.args[1]
+    assert isinstance(w_node, fx.Node)
+    w = get_tensor(gm, w_node)
+    assert w is not None
+    scale, zp = weight_qparams(w, spec)
+    per_channel = spec.granularity == "channel"
+    codes = q_codes(w.double(), scale.double(), zp, spec.qmin, spec.qmax,
+                    spec.axis if per_channel else None).to(dtype_of(spec))
+    wq = add_const(gm, f"{n.name}_weight_int{spec.bits}", codes, n)
+    with gm.graph.inserting_before(n):
+        if per_channel:
+            s = add_const(gm, f"{n.name}_weight_scale", scale, n)
+            z = add_const(gm, f"{n.name}_weight_zp", zp, n)
+            dq: fx.Node = gm.graph.create_node(
+                "call_function", qd.dequantize_per_channel.default,
+                (wq, s, z, spec.axis, spec.qmin, spec.qmax, dtype_of(spec)),
+                name=f"{n.name}_weight_dq")
+        else:
+            dq = gm.graph.create_node(
+                "call_function", qd.dequantize_per_tensor.default,
+                (wq, float(scale), int(zp), spec.qmin, spec.qmax, dtype_of(spec)),
+                name=f"{n.name}_weight_dq")
+    n.replace_input_with(w_node, dq)
+    info.weight_bits[n.name] = (spec.bits, w.numel())
+    b_node = n.args[2] if len(n.args) > 2 else None
+    s_x = _input_scale(n)
+    if isinstance(b_node, fx.Node) and is_const(b_node) and s_x is not None and spec.symmetric:
+        b = get_tensor(gm, b_node)
+        assert b is not None
+        b_scale = (scale.double() * s_x).reshape(-1).expand(b.shape[0]).contiguous()
+        lim = 2**31 - 1
+        b_codes = torch.clamp(torch.round(b.double() / b_scale), -lim, lim).to(torch.int32)
+        bq = add_const(gm, f"{n.name}_bias_int32", b_codes, n)
+        bs = add_const(gm, f"{n.name}_bias_scale", b_scale.float(), n)
+        bz = add_const(gm, f"{n.name}_bias_zp", torch.zeros(b.shape[0], dtype=torch.int64), n)
+        with gm.graph.inserting_before(n):
+            bdq = gm.graph.create_node("call_function", qd.dequantize_per_channel.default,
+                                       (bq, bs, bz, 0, -lim, lim, torch.int32),
+                                       name=f"{n.name}_bias_dq")
+        n.replace_input_with(b_node, bdq)
+    for old in (w_node, b_node):
+        if isinstance(old, fx.Node) and not old.users:
+            gm.graph.erase_node(old)
+
+
+def model_size_bytes(gm: fx.GraphModule) -> int:
+    """Bytes of constants in `gm`, counting 4-bit weights at half a byte."""
+    total = 0
+    info: QuantInfo | None = gm.meta.get("quantflow")
+    four_bit = {f"_qf_{k}_weight_int4" for k, (b, _) in (info.weight_bits.items() if info
+                                                          else []) if b == 4}
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in used:
+        t = operator.attrgetter(name)(gm)
+        if isinstance(t, torch.Tensor):
+            nbytes = t.numel() * t.element_size()
+            total += nbytes // 2 if any(name.startswith(f) for f in four_bit) else nbytes
+    return total

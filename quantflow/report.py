@@ -1,0 +1,117 @@
+"""The compile report: one JSON document (schema below) and its human rendering.
+
+Schema "quantflow.report/1" (all sizes in bytes, latencies in ms, accuracies in percent):
+  model       {name, source, input_shape}
+  target      target name;  bits  "8" | "mixed";  device  CPU/GPU description
+  passes      {before: {conv, batch_norm, linear, ops}, after: {...}, fired: {pass: n}, seconds}
+  calibration {calibrator, equalize, samples, data, candidates: {name: sqnr_db}}
+  quality     {fp32: Quality, quantized: Quality (runtime), simulation: Quality (torch),
+               accuracy_drop: points | null, eval_data, eval_samples}
+              Quality = {samples, accuracy, agreement, sqnr_db, kl}
+  size        {fp32_bytes, quantized_bytes, ratio}   (artifact files on disk)
+  latency     {fp32: Latency, quantized: Latency, speedup}
+              Latency = {median_ms, p90_ms, mean_ms, runs, warmup, threads, batch, device}
+  layers      [{name, op, plan, weight_bits, runs_integer, sensitivity}]
+  runtime     target-specific facts (e.g. ORT: integer kernels found, layers left in float)
+  artifacts   {role: path}
+  stages      {stage: seconds};  compile_seconds  total wall time
+  gate        {max_drop, passed, reason}
+  search      mixed precision only: the search summary
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "quantflow.report/1"
+
+
+@dataclass
+class Report:
+    data: dict[str, Any] = field(default_factory=lambda: {"schema": SCHEMA})
+
+    def __getitem__(self, key: str) -> Any:
+        return self.data[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self.data[key] = value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.data, indent=2, default=_json_default) + "\n")
+
+    def render(self) -> str:
+        return render(self.data)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if isinstance(o, float) and o != o:
+        return None
+    return str(o)
+
+
+def _fmt(v: Any, spec: str = ".2f", unit: str = "") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:{spec}}{unit}"
+    return f"{v}{unit}"
+
+
+def render(d: dict[str, Any]) -> str:
+    """A compact human-readable summary of a report dict."""
+    lines = []
+    m = d.get("model", {})
+    lines.append(f"quantflow: {m.get('name')} -> {d.get('target')} ({d.get('bits')}-bit)")
+    if "passes" in d:
+        p = d["passes"]
+        b, a = p["before"], p["after"]
+        lines.append(f"  passes      {b['conv']} convs / {b['batch_norm']} BN before -> "
+                     f"{a['conv']} convs / {a['batch_norm']} BN after ({p['seconds']:.2f} s)")
+    if "calibration" in d:
+        c = d["calibration"]
+        lines.append(f"  calibration {c['calibrator']} on {c['samples']} samples of {c['data']}"
+                     f"{' + equalization' if c.get('equalize') else ''}")
+    q = d.get("quality", {})
+    if q:
+        f32, qq = q.get("fp32", {}), q.get("quantized", {})
+        lines.append(f"  quality     on {q.get('eval_samples')} samples of {q.get('eval_data')}")
+        lines.append("                    FP32      quantized")
+        if f32.get("accuracy") is not None:
+            lines.append(f"  accuracy    {_fmt(f32['accuracy'], '8.2f', '%')}  "
+                         f"{_fmt(qq.get('accuracy'), '8.2f', '%')}   "
+                         f"drop {_fmt(q.get('accuracy_drop'), '+.2f')} points")
+        lines.append(f"  agreement   {'':9}  {_fmt(qq.get('agreement'), '9.4f')}   "
+                     f"SQNR {_fmt(qq.get('sqnr_db'), '.1f', ' dB')}")
+    s = d.get("size")
+    if s:
+        lines.append(f"  size        {s['fp32_bytes'] / 1e6:8.3f} MB {s['quantized_bytes'] / 1e6:8.3f}"
+                     f" MB   x{s['ratio']:.2f} smaller")
+    lat = d.get("latency")
+    if lat:
+        f, qz = lat["fp32"], lat["quantized"]
+        lines.append(f"  latency     {f['median_ms']:8.3f} ms {qz['median_ms']:8.3f} ms   "
+                     f"(median; p90 {f['p90_ms']:.3f} / {qz['p90_ms']:.3f}) "
+                     f"x{lat['speedup']:.2f} faster, {qz['threads']} threads")
+        lines.append(f"  device      {qz['device']}")
+    rt = d.get("runtime", {})
+    if rt.get("float_compute_ops"):
+        lines.append(f"  warning     layers left in float by the runtime: "
+                     f"{', '.join(rt['float_compute_ops'][:8])}")
+    if "compile_seconds" in d:
+        lines.append(f"  compile     {d['compile_seconds']:.1f} s  "
+                     + "  ".join(f"{k} {v:.1f}s" for k, v in d.get("stages", {}).items()))
+    g = d.get("gate")
+    if g and g.get("max_drop") is not None:
+        lines.append(f"  gate        max drop {g['max_drop']} points: "
+                     f"{'PASSED' if g['passed'] else 'FAILED — ' + str(g.get('reason'))}")
+    if "artifacts" in d:
+        lines.append("  artifacts   " + "  ".join(f"{k}={v}" for k, v in d["artifacts"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,199 @@
+"""Quantization specs: frozen, validated, JSON-serializable dataclasses.
+
+`QSpec` says how one tensor is quantized, `LayerPlan` how one layer (weighted op or
+activation-only op such as add) is, `QuantPlan` how the whole graph is: a default plus
+per-node overrides keyed by fx node name. The search (issue: mixed precision) writes a
+`QuantPlan`; `--config plan.json` reads one back.
+
+Integer conventions follow ONNX QuantizeLinear: q = saturate(round_half_even(x / s) + zp).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+GRANULARITIES = ("tensor", "channel")
+CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
+BITS = (4, 8, 16)
+
+
+@dataclass(frozen=True)
+class QSpec:
+    """How one tensor is quantized.
+
+    bits/signed: the integer type (int8, uint8, int16, uint16; 4-bit is stored in int8 with a
+      [-7, 7] range, the simulation and size accounting use 4 bits).
+    symmetric: zero point fixed at 0 (signed) and the range narrowed to [-(2^(b-1)-1), 2^(b-1)-1]
+      so that -x is representable; asymmetric: zero point chosen from the calibrated range.
+    granularity/axis: one scale per tensor, or one per slice along `axis` (weights: output
+      channels, axis 0 for conv and linear weights).
+    calibrator: how the range is chosen from statistics (weights use the exact min/max unless
+      told otherwise; activations use calibration data).
+    """
+
+    bits: int = 8
+    signed: bool = True
+    symmetric: bool = True
+    granularity: str = "tensor"
+    axis: int = 0
+    calibrator: str = "minmax"
+    percentile: float = 99.99
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise ValueError(f"QSpec.bits must be one of {BITS}, got {self.bits}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"QSpec.granularity must be one of {GRANULARITIES}, "
+                             f"got {self.granularity!r}")
+        if self.calibrator not in CALIBRATORS:
+            raise ValueError(f"QSpec.calibrator must be one of {CALIBRATORS}, "
+                             f"got {self.calibrator!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"QSpec.percentile must be in (50, 100], got {self.percentile}")
+        if self.symmetric and not self.signed:
+            raise ValueError("QSpec: symmetric quantization needs a signed type "
+                             "(an unsigned symmetric range would waste half the codes)")
+        if self.bits == 4 and not (self.signed and self.symmetric):
+            raise ValueError("QSpec: 4-bit is supported for signed symmetric weights only")
+
+    @property
+    def qmin(self) -> int:
+        if self.signed:
+            return -(2 ** (self.bits - 1)) + (1 if self.symmetric else 0)
+        return 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def storage_bits(self) -> int:
+        """Bits of the integer type that holds the values (4-bit values live in int8)."""
+        return 8 if self.bits == 4 else self.bits
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "QSpec":
+        unknown = set(d) - set(QSpec.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"QSpec: unknown keys {sorted(unknown)}")
+        return QSpec(**dict(d))
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer is quantized: its weight and its input activation(s).
+
+    `None` keeps that part in float. A layer with `act=None` reads float inputs; its weight may
+    still be quantized (weight-only quantization). The activation spec applies to the inputs the
+    layer reads; the producer's output is quantized with it on that edge.
+    """
+
+    weight: QSpec | None = None
+    act: QSpec | None = None
+
+    @property
+    def is_float(self) -> bool:
+        return self.weight is None and self.act is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"weight": self.weight.to_dict() if self.weight else None,
+                "act": self.act.to_dict() if self.act else None}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "LayerPlan":
+        w, a = d.get("weight"), d.get("act")
+        return LayerPlan(QSpec.from_dict(w) if w else None, QSpec.from_dict(a) if a else None)
+
+    def label(self) -> str:
+        """Short human label, e.g. W8A8, W4A8, W8A16, FP32."""
+        if self.is_float:
+            return "FP32"
+        w = f"W{self.weight.bits}" if self.weight else "Wf"
+        a = f"A{self.act.bits}" if self.act else "Af"
+        return w + a
+
+
+#: ONNX Runtime on x86: int8 symmetric per-channel weights and uint8 asymmetric activations
+#: (U8S8). The AVX512-VNNI/AVX2 kernels (vpdpbusd / vpmaddubsw) multiply unsigned by signed
+#: bytes, so U8S8 maps straight onto them; signed activations (S8S8) make ORT shift inputs by
+#: 128 at run time or fall back to slower paths. Asymmetric activations also spend all 256
+#: codes on post-ReLU ranges that are all positive.
+ORT_WEIGHT = QSpec(bits=8, signed=True, symmetric=True, granularity="channel", axis=0)
+ORT_ACT = QSpec(bits=8, signed=False, symmetric=False, granularity="tensor")
+#: TensorRT explicit quantization accepts only symmetric int8 (zero point 0) for both.
+TRT_ACT = QSpec(bits=8, signed=True, symmetric=True, granularity="tensor")
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Whole-model plan: `default` for every quantizable node, `layers` overrides by node name.
+
+    `equalize`: run cross-layer equalization before quantizing (see passes.equalize).
+    """
+
+    default: LayerPlan = field(default_factory=lambda: LayerPlan(ORT_WEIGHT, ORT_ACT))
+    layers: Mapping[str, LayerPlan] = field(default_factory=dict)
+    equalize: bool = False
+
+    def __post_init__(self) -> None:
+        # freeze the mapping so a plan can be shared between threads and hashed into caches
+        object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
+
+    def for_node(self, name: str) -> LayerPlan:
+        return self.layers.get(name, self.default)
+
+    def with_layer(self, name: str, plan: LayerPlan) -> "QuantPlan":
+        return replace(self, layers={**self.layers, name: plan})
+
+    def with_calibrator(self, calibrator: str, percentile: float | None = None) -> "QuantPlan":
+        """The same plan with the activation calibrator replaced everywhere."""
+
+        def upd(lp: LayerPlan) -> LayerPlan:
+            if lp.act is None:
+                return lp
+            kw: dict[str, Any] = {"calibrator": calibrator}
+            if percentile is not None:
+                kw["percentile"] = percentile
+            return replace(lp, act=replace(lp.act, **kw))
+
+        return replace(self, default=upd(self.default),
+                       layers={k: upd(v) for k, v in self.layers.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "quantflow.QuantPlan/1",
+            "default": self.default.to_dict(),
+            "layers": {k: v.to_dict() for k, v in sorted(self.layers.items())},
+            "equalize": self.equalize,
+        }
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> "QuantPlan":
+        if d.get("format") != "quantflow.QuantPlan/1":
+            raise ValueError(f"not a quantflow plan (format={d.get('format')!r}); expected "
+                             "'quantflow.QuantPlan/1' as written by `quantflow compile`")
+        return QuantPlan(
+            default=LayerPlan.from_dict(d["default"]),
+            layers={k: LayerPlan.from_dict(v) for k, v in d.get("layers", {}).items()},
+            equalize=bool(d.get("equalize", False)),
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @staticmethod
+    def load(path: str | Path) -> "QuantPlan":
+        return QuantPlan.from_dict(json.loads(Path(path).read_text()))
+
+
+def int8_plan(calibrator: str = "minmax", *, act: QSpec = ORT_ACT,
+              weight: QSpec = ORT_WEIGHT) -> QuantPlan:
+    """Uniform INT8: per-channel symmetric weights, per-tensor activations."""
+    return QuantPlan(default=LayerPlan(weight, replace(act, calibrator=calibrator)))

@@ -1,0 +1,123 @@
+"""The target interface: lower a quantized graph, run it, profile it, price its layers.
+
+A target turns the quantized fx GraphModule (PT2E form: `quantized_decomposed` Q/DQ nodes
+around float ops, see quantflow/quantize.py) into an artifact on disk, runs it on numpy inputs,
+and measures latency on the machine it runs on. The mixed-precision search asks a target for
+measured per-layer costs via `layer_costs`.
+
+Targets are imported lazily by name (`quantflow.targets.get_target`), so a missing optional
+runtime (TVM, TensorRT) only affects that target, with a message saying what to install.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+from torch import fx
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A lowered model on disk. `files` maps a role ("model", "fp32", "library", ...) to a path."""
+
+    target: str
+    precision: str  # "int8", "mixed", "fp32"
+    files: dict[str, str]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return Path(self.files["model"])
+
+    def size_bytes(self) -> int:
+        return Path(self.files["model"]).stat().st_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def save_manifest(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Wall-clock latency of repeated single-batch runs after warm-up, in milliseconds."""
+
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    runs: int
+    warmup: int
+    threads: int
+    batch: int
+    device: str
+    per_layer_ms: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def device_description() -> str:
+    """CPU model and core count, recorded with every latency so numbers are comparable."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return f"{cpu} ({os.cpu_count()} logical cores, {platform.system()} {platform.machine()})"
+
+
+def time_runs(fn: Callable[[], object], *, warmup: int, runs: int, threads: int, batch: int,
+              device: str | None = None, min_seconds: float = 0.0) -> Latency:
+    """Time `fn` after `warmup` calls: `runs` timed calls (more if `min_seconds` not reached)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < runs or (time.perf_counter() - start) < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 20 * runs:
+            break
+    times.sort()
+    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+    return Latency(median_ms=statistics.median(times), p90_ms=p90,
+                   mean_ms=statistics.fmean(times), runs=len(times), warmup=warmup,
+                   threads=threads, batch=batch, device=device or device_description())
+
+
+@runtime_checkable
+class Target(Protocol):
+    """What every backend provides. See targets/ort.py for the reference implementation."""
+
+    name: str
+
+    def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
+              out_dir: Path, *, precision: str) -> Artifact:
+        """Write the artifact for `gm` (quantized or float) under `out_dir`."""
+        ...
+
+    def run(self, artifact: Artifact, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Execute the artifact on numpy inputs, return numpy outputs."""
+        ...
+
+    def profile(self, artifact: Artifact, inputs: Sequence[np.ndarray], *, warmup: int = 10,
+                runs: int = 50, threads: int | None = None) -> Latency:
+        """Latency on this machine with the target's own runtime."""
+        ...
