@@ -30,7 +30,7 @@ from torch import fx, nn
 
 from quantflow import calibrate as cal
 from quantflow import evaluate as ev
-from quantflow.errors import BudgetExceededError, InputError
+from quantflow.errors import BudgetExceededError, InputError, TargetUnavailableError
 from quantflow.ir import capture, count_ops
 from quantflow.passes import DEFAULT_PIPELINE, run_pipeline
 from quantflow.quantize import model_size_bytes, quantize
@@ -213,10 +213,15 @@ def compile(
     with stage("profile"):
         x0 = [t.numpy() for t in example_inputs]
         kw = {"warmup": config.profile_warmup, "runs": config.profile_runs}
-        lat_f = target.profile(art_fp32, x0, **kw)
-        lat_q = target.profile(art_q, x0, **kw)
-    report["latency"] = {"fp32": lat_f.to_dict(), "quantized": lat_q.to_dict(),
-                         "speedup": round(lat_f.median_ms / max(lat_q.median_ms, 1e-9), 3)}
+        try:
+            lat_f = target.profile(art_fp32, x0, **kw)
+            lat_q = target.profile(art_q, x0, **kw)
+            report["latency"] = {"fp32": lat_f.to_dict(), "quantized": lat_q.to_dict(),
+                                 "speedup": round(lat_f.median_ms / max(lat_q.median_ms, 1e-9),
+                                                  3)}
+        except TargetUnavailableError as exc:  # e.g. TensorRT: latency only on the device
+            log.warning("latency not measured: %s", exc)
+            report["latency"] = {"unavailable": str(exc)}
     size_f, size_q = art_fp32.size_bytes(), art_q.size_bytes()
     report["size"] = {"fp32_bytes": size_f, "quantized_bytes": size_q,
                       "ratio": round(size_f / max(size_q, 1), 3),

@@ -10,8 +10,8 @@ Placement (which tensors get a Q/DQ pair) is target policy:
   tensor-level scheme onnxruntime's QDQ fusions need (DQ→Conv→Q becomes QLinearConv; a conv
   without Q after it stays float). A conv's output is taken after a following ReLU/ReLU6/clamp
   that is its only user, so the activation folds into the quantization range (ORT then drops it).
-  Data-movement ops (flatten, reshape, ...) on a quantized tensor re-use its scale, so ORT can
-  drop the redundant pair.
+  Data-movement ops (flatten, reshape, ...) see identical values before and after, so a pair on
+  each side gets identical parameters and ORT drops the redundant one.
 - "trt": TensorRT's recommendation: inputs of weighted ops and both inputs of residual adds;
   never the outputs of weighted ops (TensorRT fuses the following Q into the kernel itself).
 
@@ -50,9 +50,6 @@ POOL_OPS = (aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.mean
 #: activations that fold into the output quantization range of the op before them
 FUSED_ACTS = (aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.clamp.default,
               aten.relu6.default)
-#: ops that only move data: their output re-uses the input's quantization parameters
-MOVE_OPS = (aten.flatten.using_ints, aten.view.default, aten.reshape.default,
-            aten.permute.default, aten.transpose.int, aten.squeeze.dim, aten.unsqueeze.default)
 PLACEMENTS = ("ort", "trt")
 
 _DTYPES = {(8, True): torch.int8, (8, False): torch.uint8, (16, True): torch.int16,
@@ -143,10 +140,6 @@ def plan_tensors(gm: fx.GraphModule, plan: QuantPlan, placement: str = "ort"
             want(t, lp.act)
         if placement == "ort":
             want(_output_tensor(n), lp.act)
-    if placement == "ort":  # data movement after a quantized tensor keeps its parameters
-        for n in gm.graph.nodes:
-            if is_op(n, MOVE_OPS) and isinstance(n.args[0], fx.Node) and n.args[0].name in wanted:
-                wanted.setdefault(n.name, wanted[n.args[0].name])
     return wanted
 
 
@@ -162,11 +155,7 @@ def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],
             raise CaptureError(f"quantize: no calibration statistics for tensor {name!r} "
                                f"(node {nodes[name].format_node()}); calibrate the same graph "
                                "that is quantized (run passes before calibration)")
-        # a data-movement output shares its input's parameters (see module docstring)
-        src = nodes[name]
-        while is_op(src, MOVE_OPS) and src.args[0].name in specs and src.name not in stats:
-            src = src.args[0]
-        scale, zp = activation_qparams(stats[src.name], spec)
+        scale, zp = activation_qparams(stats[name], spec)
         info.tensors[name] = (spec, scale, zp)
     for src_name, (spec, scale, zp) in info.tensors.items():
         src = nodes[src_name]
@@ -176,7 +165,9 @@ def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],
             lp = plan.for_node(n.name)
             info.layers[n.name] = lp
             if lp.weight is not None:
-                _quantize_weight(qgm, n, lp.weight, info)
+                # TensorRT reads float biases and folds them itself; ORT's QDQ conv fusion
+                # needs an int32 bias dequantized with scale s_x·s_w
+                _quantize_weight(qgm, n, lp.weight, info, int_bias=placement == "ort")
     qgm.graph.lint()
     qgm.recompile()
     qgm.meta["quantflow"] = info
@@ -204,7 +195,8 @@ def _input_scale(n: fx.Node) -> float | None:
     return None
 
 
-def _quantize_weight(gm: fx.GraphModule, n: fx.Node, spec: QSpec, info: QuantInfo) -> None:
+def _quantize_weight(gm: fx.GraphModule, n: fx.Node, spec: QSpec, info: QuantInfo,
+                     int_bias: bool) -> None:
     w_node = n.args[1]
     assert isinstance(w_node, fx.Node)
     w = get_tensor(gm, w_node)
@@ -231,7 +223,8 @@ def _quantize_weight(gm: fx.GraphModule, n: fx.Node, spec: QSpec, info: QuantInf
     info.weight_bits[n.name] = (spec.bits, w.numel())
     b_node = n.args[2] if len(n.args) > 2 else None
     s_x = _input_scale(n)
-    if isinstance(b_node, fx.Node) and is_const(b_node) and s_x is not None and spec.symmetric:
+    if (int_bias and isinstance(b_node, fx.Node) and is_const(b_node) and s_x is not None
+            and spec.symmetric):
         b = get_tensor(gm, b_node)
         assert b is not None
         b_scale = (scale.double() * s_x).reshape(-1).expand(b.shape[0]).contiguous()

@@ -95,7 +95,9 @@ def render(d: dict[str, Any]) -> str:
         lines.append(f"  size        {s['fp32_bytes'] / 1e6:8.3f} MB {s['quantized_bytes'] / 1e6:8.3f}"
                      f" MB   x{s['ratio']:.2f} smaller")
     lat = d.get("latency")
-    if lat:
+    if lat and "unavailable" in lat:
+        lines.append(f"  latency     not measured here: {lat['unavailable']}")
+    elif lat:
         f, qz = lat["fp32"], lat["quantized"]
         lines.append(f"  latency     {f['median_ms']:8.3f} ms {qz['median_ms']:8.3f} ms   "
                      f"(median; p90 {f['p90_ms']:.3f} / {qz['p90_ms']:.3f}) "

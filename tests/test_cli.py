@@ -1,0 +1,132 @@
+"""End to end through the command line on a tiny model: artifacts, report, gate, exit codes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from quantflow.cli import main
+from quantflow.spec import LayerPlan, QSpec, QuantPlan, ORT_ACT
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.c1(x)))
+        x = nn.functional.relu6(self.c2(x)) + x
+        return self.fc(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    m = Tiny().eval()
+    with torch.no_grad():  # non-trivial BN so folding matters
+        m.bn.running_mean.uniform_(-0.5, 0.5)
+        m.bn.running_var.uniform_(0.5, 2.0)
+        m.bn.weight.uniform_(0.5, 1.5)
+    x = torch.randn(96, 3, 16, 16)
+    torch.export.save(torch.export.export(m, (x[:1],)), d / "tiny.pt2")
+    np.save(d / "calib.npy", x[:64].numpy())
+    with torch.no_grad():
+        y = m(x[64:]).argmax(1)  # labels = FP32 predictions: FP32 accuracy is 100%
+    np.savez(d / "eval.npz", x=x[64:].numpy(), y=y.numpy())
+    return {"dir": d, "model": d / "tiny.pt2", "calib": d / "calib.npy", "eval": d / "eval.npz"}
+
+
+def _compile(files: dict[str, Path], out: Path, *extra: str) -> int:
+    return main(["compile", str(files["model"]), "--target", "ort", "--bits", "8",
+                 "--calib", str(files["calib"]), "--eval", str(files["eval"]),
+                 "--calibrator", "minmax", "--equalize", "off", "--profile-runs", "5",
+                 "-o", str(out), *extra])
+
+
+def test_compile_writes_checked_artifacts_and_report(files: dict[str, Path],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out = files["dir"] / "out"
+    assert _compile(files, out, "--max-drop", "10") == 0
+    text = capsys.readouterr().out
+    assert "accuracy" in text and "latency" in text and "BN before" in text
+    r = json.loads((out / "report.json").read_text())
+    assert r["schema"] == "quantflow.report/1"
+    assert r["passes"]["before"]["batch_norm"] == 1 and r["passes"]["after"]["batch_norm"] == 0
+    assert r["quality"]["fp32"]["accuracy"] == pytest.approx(100.0)
+    assert r["quality"]["accuracy_drop"] <= 10 and r["gate"]["passed"]
+    assert r["quality"]["quantized"]["sqnr_db"] > 20
+    for key in ("fp32", "quantized"):
+        lat = r["latency"][key]
+        assert 0 < lat["median_ms"] <= lat["p90_ms"] and lat["threads"] >= 1
+    # file sizes of a 2k-parameter model are dominated by graph overhead; weights must shrink
+    assert r["size"]["weights_quantized_bytes"] < 0.7 * r["size"]["weights_fp32_bytes"]
+    for f in ("model.onnx", "model_fp32.onnx", "plan.json"):
+        assert (out / f).exists()
+    onnx.checker.check_model(onnx.load(str(out / "model.onnx")), full_check=True)
+    assert QuantPlan.load(out / "plan.json").default.act is not None
+
+
+def test_gate_fails_with_distinct_exit_code(files: dict[str, Path], tmp_path: Path) -> None:
+    """A deliberately poor plan (2-level-ish 4-bit weights everywhere) must trip --max-drop 0."""
+    plan = QuantPlan(default=LayerPlan(QSpec(bits=4, granularity="tensor"), ORT_ACT))
+    plan.save(tmp_path / "w4.json")
+    code = _compile(files, tmp_path / "o", "--config", str(tmp_path / "w4.json"),
+                    "--max-drop", "0")
+    assert code == 10
+    r = json.loads((tmp_path / "o" / "report.json").read_text())  # written even on failure
+    assert r["gate"]["passed"] is False and r["quality"]["accuracy_drop"] > 0
+
+
+def test_input_errors_exit_3_and_name_the_file(files: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.pt2"
+    assert main(["compile", str(missing), "--calib", str(files["calib"]), "-o",
+                 str(tmp_path)]) == 3
+    assert str(missing) in capsys.readouterr().err
+    bad = tmp_path / "bad.npy"
+    np.save(bad, np.zeros((4, 1, 8, 8), np.float32))  # wrong shape for the model
+    assert main(["compile", str(files["model"]), "--calib", str(bad), "-o",
+                 str(tmp_path)]) == 3
+    assert "shape" in capsys.readouterr().err
+
+
+def test_usage_error_exit_2() -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["compile", "x.pt2", "--bits", "3", "-o", "o"])
+    assert e.value.code == 2
+
+
+def test_optimize_writes_deploy_form(files: dict[str, Path], tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["optimize", str(files["model"]), "-o", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "1 BN before" in text and "0 BN after" in text
+    ep = torch.export.load(tmp_path / "model.pt2")
+    assert not any("batch_norm" in str(n.target) for n in ep.graph.nodes)
+    onnx.checker.check_model(onnx.load(str(tmp_path / "model.onnx")))
+
+
+def test_profile_command(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    model = files["dir"] / "out" / "model.onnx"
+    if not model.exists():
+        pytest.skip("runs after test_compile_writes_checked_artifacts_and_report")
+    assert main(["profile", str(model), "--runs", "5", "--warmup", "2"]) == 0
+    assert "median" in capsys.readouterr().out
+
+
+def test_help_lists_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["compile", "--help"])
+    out = capsys.readouterr().out
+    assert "--max-drop" in out and "budget exceeded" in out
