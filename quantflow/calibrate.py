@@ -30,6 +30,15 @@ class TensorStats:
     count: int = 0
     #: counts over [min, max] in HIST_BINS equal bins (float64), None if not collected
     hist: torch.Tensor | None = None
+    #: per-channel (dim 1) sum over all other dims, float64; for bias correction
+    channel_sum: torch.Tensor | None = None
+
+    @property
+    def channel_mean(self) -> torch.Tensor | None:
+        """E[x] per channel (dim 1), or None for tensors of rank < 2."""
+        if self.channel_sum is None:
+            return None
+        return self.channel_sum / (self.count / self.channel_sum.numel())
 
     @property
     def bin_edges(self) -> torch.Tensor:
@@ -61,11 +70,15 @@ class _Observer(fx.Interpreter):
             if not self.histograms:
                 mn, mx = torch.aminmax(t)  # one pass over memory instead of two
                 lo, hi = float(mn), float(mx)
+                csum = (t.double().transpose(0, 1).reshape(t.shape[1], -1).sum(1)
+                        if t.dim() >= 2 else None)
                 s = self.stats.get(n.name)
                 if s is None:
-                    self.stats[n.name] = TensorStats(lo, hi, t.numel())
+                    self.stats[n.name] = TensorStats(lo, hi, t.numel(), channel_sum=csum)
                 else:
                     s.min, s.max, s.count = min(s.min, lo), max(s.max, hi), s.count + t.numel()
+                    if s.channel_sum is not None and csum is not None:
+                        s.channel_sum = s.channel_sum + csum
             else:
                 s = self.stats[n.name]
                 if s.max > s.min:

@@ -73,6 +73,7 @@ def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:
         if node.op == "call_module" and str(node.target).startswith("_guards"):
             gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
+    gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -34,7 +34,7 @@ from torch import fx
 from quantflow.calibrate import TensorStats
 from quantflow.calibrators import activation_qparams
 from quantflow.errors import CaptureError
-from quantflow.ir import WEIGHTED_OPS, add_const, get_tensor, is_const, is_op
+from quantflow.ir import CONV_OPS, WEIGHTED_OPS, ConvArgs, add_const, get_tensor, is_const, is_op
 from quantflow.qmath import quantize as q_codes
 from quantflow.qmath import weight_qparams
 from quantflow.spec import LayerPlan, QSpec, QuantPlan
@@ -48,8 +48,8 @@ CAT_OPS = (aten.cat.default,)
 POOL_OPS = (aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.mean.dim,
             aten.max_pool2d.default)
 #: activations that fold into the output quantization range of the op before them
-FUSED_ACTS = (aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.clamp.default,
-              aten.relu6.default)
+FUSED_ACTS = (aten.relu.default, aten.relu_.default, aten.hardtanh.default,
+              aten.hardtanh_.default, aten.clamp.default, aten.relu6.default)
 PLACEMENTS = ("ort", "trt")
 
 _DTYPES = {(8, True): torch.int8, (8, False): torch.uint8, (16, True): torch.int16,
@@ -89,7 +89,7 @@ def _output_tensor(n: fx.Node) -> fx.Node:
     users = list(n.users)
     if len(users) == 1 and is_op(users[0], FUSED_ACTS) and users[0].args[0] is n:
         act = users[0]
-        if act.target in (aten.hardtanh.default, aten.clamp.default):
+        if act.target in (aten.hardtanh.default, aten.hardtanh_.default, aten.clamp.default):
             lo = act.args[1] if len(act.args) > 1 else act.kwargs.get("min")
             if not isinstance(lo, (int, float)) or float(lo) != 0.0:
                 return n  # a clamp that is not ReLU-like does not fold into uint8 [0, max]
@@ -167,7 +167,12 @@ def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],
             if lp.weight is not None:
                 # TensorRT reads float biases and folds them itself; ORT's QDQ conv fusion
                 # needs an int32 bias dequantized with scale s_x·s_w
-                _quantize_weight(qgm, n, lp.weight, info, int_bias=placement == "ort")
+                mean = None
+                if plan.bias_correction and isinstance(n.args[0], fx.Node):
+                    src = _float_source(n.args[0])
+                    mean = stats[src.name].channel_mean if src.name in stats else None
+                _quantize_weight(qgm, n, lp.weight, info, int_bias=placement == "ort",
+                                 input_mean=mean)
     qgm.graph.lint()
     qgm.recompile()
     qgm.meta["quantflow"] = info
@@ -195,8 +200,33 @@ def _input_scale(n: fx.Node) -> float | None:
     return None
 
 
+def _float_source(x: fx.Node) -> fx.Node:
+    """The float tensor behind a (possibly inserted) dequantize node."""
+    if x.target == qd.dequantize_per_tensor.default:
+        q = x.args[0]
+        assert isinstance(q, fx.Node) and isinstance(q.args[0], fx.Node)
+        return q.args[0]
+    return x
+
+
+def bias_shift(w: torch.Tensor, w_q: torch.Tensor, mean: torch.Tensor, groups: int = 1
+               ) -> torch.Tensor:
+    """E[(Q(W) − W)·x] per output channel, from the per-channel input mean E[x].
+
+    Conv: sums the weight error over the kernel window (exact away from zero padding);
+    grouped convs pair each output channel with its group's input channels.
+    """
+    dw = (w_q.double() - w.double())
+    if dw.dim() > 2:
+        dw = dw.flatten(2).sum(2)  # [out, in/groups]
+    out_c, in_per_group = dw.shape
+    m = mean.double().reshape(groups, in_per_group)  # [groups, in/groups]
+    group_of = torch.arange(out_c) // (out_c // groups)
+    return (dw * m[group_of]).sum(1)
+
+
 def _quantize_weight(gm: fx.GraphModule, n: fx.Node, spec: QSpec, info: QuantInfo,
-                     int_bias: bool) -> None:
+                     int_bias: bool, input_mean: torch.Tensor | None = None) -> None:
     w_node = n.args[1]
     assert isinstance(w_node, fx.Node)
     w = get_tensor(gm, w_node)
@@ -222,6 +252,19 @@ def _quantize_weight(gm: fx.GraphModule, n: fx.Node, spec: QSpec, info: QuantInf
     n.replace_input_with(w_node, dq)
     info.weight_bits[n.name] = (spec.bits, w.numel())
     b_node = n.args[2] if len(n.args) > 2 else None
+    groups = ConvArgs.of(n).groups if is_op(n, CONV_OPS) else 1
+    if (input_mean is not None and isinstance(b_node, fx.Node) and is_const(b_node)
+            and input_mean.numel() == w.shape[1] * groups):
+        axis = spec.axis if per_channel else None
+        w_q = (codes.double() - _bcast(zp, w.dim(), axis)) * _bcast(scale.double(), w.dim(), axis)
+        b = get_tensor(gm, b_node)
+        assert b is not None
+        corrected = b.double() - bias_shift(w, w_q, input_mean, groups)
+        new_b = add_const(gm, f"{n.name}_bias_corrected", corrected.to(b.dtype), n)
+        n.replace_input_with(b_node, new_b)
+        if not b_node.users:
+            gm.graph.erase_node(b_node)
+        b_node = new_b
     s_x = _input_scale(n)
     if (int_bias and isinstance(b_node, fx.Node) and is_const(b_node) and s_x is not None
             and spec.symmetric):
@@ -241,6 +284,14 @@ def _quantize_weight(gm: fx.GraphModule, n: fx.Node, spec: QSpec, info: QuantInf
     for old in (w_node, b_node):
         if isinstance(old, fx.Node) and not old.users:
             gm.graph.erase_node(old)
+
+
+def _bcast(t: torch.Tensor, dim: int, axis: int | None) -> torch.Tensor:
+    if axis is None:
+        return t
+    shape = [1] * dim
+    shape[axis] = -1
+    return t.reshape(shape)
 
 
 def model_size_bytes(gm: fx.GraphModule) -> int:

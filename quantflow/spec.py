@@ -136,11 +136,14 @@ class QuantPlan:
     """Whole-model plan: `default` for every quantizable node, `layers` overrides by node name.
 
     `equalize`: run cross-layer equalization before quantizing (see passes.equalize).
+    `bias_correction`: fold the expected output shift caused by weight rounding,
+      −(Q(W) − W)·E[x], into each layer's bias (Nagel et al. 2019, empirical variant).
     """
 
     default: LayerPlan = field(default_factory=lambda: LayerPlan(ORT_WEIGHT, ORT_ACT))
     layers: Mapping[str, LayerPlan] = field(default_factory=dict)
     equalize: bool = False
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         # freeze the mapping so a plan can be shared between threads and hashed into caches
@@ -172,6 +175,7 @@ class QuantPlan:
             "default": self.default.to_dict(),
             "layers": {k: v.to_dict() for k, v in sorted(self.layers.items())},
             "equalize": self.equalize,
+            "bias_correction": self.bias_correction,
         }
 
     @staticmethod
@@ -183,6 +187,7 @@ class QuantPlan:
             default=LayerPlan.from_dict(d["default"]),
             layers={k: LayerPlan.from_dict(v) for k, v in d.get("layers", {}).items()},
             equalize=bool(d.get("equalize", False)),
+            bias_correction=bool(d.get("bias_correction", True)),
         )
 
     def save(self, path: str | Path) -> None:

@@ -1,0 +1,70 @@
+"""Graph passes over the exported fx graph, and the default pipeline.
+
+Every pass is a plain `(gm: fx.GraphModule) -> bool` function (mutates in place, returns
+whether it changed anything). `DEFAULT_PIPELINE` is the explicit, ordered tuple `optimize` runs
+to a fixpoint:
+
+  remove_identity   dropout/clone/detach/no-op casts and reshapes, asserts (cleanup.py)
+  fold_bn           conv/linear → BN folded into the layer (fold_bn.py)
+  <reparam passes>  standalone BN → conv, parallel/sequential conv merges (reparam_*.py)
+  dead_code         unused nodes, then unused parameters/buffers/submodules (cleanup.py)
+
+Identity removal runs first so that e.g. conv → dropout → BN becomes a foldable conv → BN;
+dead_code runs last to drop the constants the folds replaced. Cross-layer equalization
+(`quantflow.passes.equalize.equalize` / `equalize_relu6`) is exact but optional, so it is not in
+the default tuple: the quantizer adds it when it helps.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from quantflow.passes.cleanup import dead_code, remove_identity
+from quantflow.passes.fold_bn import fold_bn as _fold_bn
+from quantflow.passes.pipeline import Pass, PassReport, run_pipeline
+
+# Pass functions named like their module (`fold_bn`, `equalize`) are deliberately not re-bound
+# here: `quantflow.passes.fold_bn` must stay the module (a function of the same name would shadow
+# it for `import quantflow.passes.fold_bn as m`); import them from their modules.
+
+# TODO(lead): finalize — import the re-parameterization passes directly once
+# passes/reparam_{bn_branch,parallel,sequential}.py have landed, and fix their order.
+_REPARAM: tuple[Pass, ...] = ()
+try:
+    from quantflow.passes.reparam_bn_branch import avgpool_to_conv, bn_to_conv
+    _REPARAM += (bn_to_conv, avgpool_to_conv)
+except ImportError:
+    pass
+try:
+    from quantflow.passes.reparam_sequential import merge_sequential_convs
+    _REPARAM += (merge_sequential_convs,)
+except ImportError:
+    pass
+try:
+    from quantflow.passes.reparam_parallel import merge_parallel_convs
+    _REPARAM += (merge_parallel_convs,)
+except ImportError:
+    pass
+
+DEFAULT_PIPELINE: tuple[Pass, ...] = (
+    remove_identity,
+    _fold_bn,
+    *_REPARAM,  # slot for the re-parameterization passes (TODO(lead): finalize)
+    dead_code,
+)
+
+
+def optimize(gm: fx.GraphModule) -> PassReport:
+    """Run `DEFAULT_PIPELINE` on `gm` in place to a fixpoint."""
+    return run_pipeline(gm, DEFAULT_PIPELINE)
+
+
+__all__ = [
+    "DEFAULT_PIPELINE",
+    "Pass",
+    "PassReport",
+    "dead_code",
+    "optimize",
+    "remove_identity",
+    "run_pipeline",
+]
