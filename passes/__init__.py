@@ -22,34 +22,21 @@ from torch import fx
 from quantflow.passes.cleanup import dead_code, remove_identity
 from quantflow.passes.fold_bn import fold_bn as _fold_bn
 from quantflow.passes.pipeline import Pass, PassReport, run_pipeline
+from quantflow.passes.reparam_bn_branch import avgpool_to_conv, bn_to_conv
+from quantflow.passes.reparam_parallel import merge_parallel_convs
+from quantflow.passes.reparam_sequential import merge_sequential_convs
 
 # Pass functions named like their module (`fold_bn`, `equalize`) are deliberately not re-bound
 # here: `quantflow.passes.fold_bn` must stay the module (a function of the same name would shadow
 # it for `import quantflow.passes.fold_bn as m`); import them from their modules.
 
-# TODO(lead): finalize — import the re-parameterization passes directly once
-# passes/reparam_{bn_branch,parallel,sequential}.py have landed, and fix their order.
-_REPARAM: tuple[Pass, ...] = ()
-try:
-    from quantflow.passes.reparam_bn_branch import avgpool_to_conv, bn_to_conv
-    _REPARAM += (bn_to_conv, avgpool_to_conv)
-except ImportError:
-    pass
-try:
-    from quantflow.passes.reparam_sequential import merge_sequential_convs
-    _REPARAM += (merge_sequential_convs,)
-except ImportError:
-    pass
-try:
-    from quantflow.passes.reparam_parallel import merge_parallel_convs
-    _REPARAM += (merge_parallel_convs,)
-except ImportError:
-    pass
-
 DEFAULT_PIPELINE: tuple[Pass, ...] = (
     remove_identity,
     _fold_bn,
-    *_REPARAM,  # slot for the re-parameterization passes (TODO(lead): finalize)
+    bn_to_conv,
+    avgpool_to_conv,
+    merge_sequential_convs,
+    merge_parallel_convs,
     dead_code,
 )
 

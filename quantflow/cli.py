@@ -27,6 +27,16 @@ def _shape(s: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"bad shape {s!r}; write it like 1,3,224,224") from None
 
 
+def _size(s: str) -> tuple[str, float]:
+    try:
+        if s.lower().endswith("x"):
+            return ("ratio", float(s[:-1]))
+        return ("mb", float(s.lower().removesuffix("mb")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {s!r}; write MB (1.5) or a ratio to "
+                                         "uniform INT8 (0.75x)") from None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model file: .pt2 (torch.export), TorchScript, a state_dict "
                    "with --arch, a pickled module with --trust-pickle, or zoo:NAME "
@@ -60,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="8: uniform INT8; mixed: per-layer precision chosen by search")
     c.add_argument("--calib", metavar="DATA",
                    help=f"calibration data: {' | '.join(BUILTIN_DATA)}, a .npy/.pt/.npz file "
-                   "with (N,C,H,W) floats, or a folder of such files or images (default: the "
-                   "zoo model's dataset)")
+                   "with (N,C,H,W) floats, a folder of such files or images, or `distilled` "
+                   "(ZeroQ: synthesized from the model's BatchNorm statistics, no data "
+                   "needed) (default: the zoo model's dataset)")
     c.add_argument("--eval", dest="eval_data", metavar="DATA",
                    help="evaluation data (.npz with x and y gives accuracy; default: the "
                    "held-out split of a built-in dataset, else the calibration data)")
@@ -77,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-drop", type=float, metavar="POINTS",
                    help="fail (exit 10) when the accuracy drop exceeds POINTS (without labels: "
                    "top-1 disagreement with FP32, in percent)")
+    c.add_argument("--max-size", type=_size, metavar="MB|RATIOx",
+                   help="--bits mixed: weight size budget, in MB (e.g. 1.5) or relative to "
+                   "uniform INT8 (e.g. 0.75x)")
+    c.add_argument("--max-latency", type=float, metavar="MS",
+                   help="--bits mixed: latency budget in ms, measured on the target")
     c.add_argument("--threads", type=int, help="runtime threads for profiling (default: all)")
     c.add_argument("--profile-runs", type=int, default=50, help="timed runs per model")
     c.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")

@@ -65,17 +65,48 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
                         input_shape=args.input_shape)
-    calib, evaluation = resolve_data(args.model, args.calib, args.eval_data, args.preprocess,
-                                     args.calib_samples, args.eval_samples)
-    example = resolve_example_inputs(loaded, args.input_shape, calib.x)
+    if args.calib == "distilled":
+        calib, evaluation, example = _distilled(loaded, args)
+    else:
+        calib, evaluation = resolve_data(args.model, args.calib, args.eval_data,
+                                         args.preprocess, args.calib_samples, args.eval_samples)
+        example = resolve_example_inputs(loaded, args.input_shape, calib.x)
+    size_kind, size = args.max_size or (None, None)
     config = CompileConfig(target=args.target, bits=args.bits, calibrator=args.calibrator,
                            equalize=args.equalize, plan_path=args.config,
                            max_drop=args.max_drop, threads=args.threads,
-                           profile_runs=args.profile_runs)
+                           profile_runs=args.profile_runs,
+                           max_size_mb=size if size_kind == "mb" else None,
+                           max_size_ratio=size if size_kind == "ratio" else None,
+                           max_latency_ms=args.max_latency)
     report = compile(loaded.module, example, calib, evaluation, args.out, config,
                      name=loaded.name, source=loaded.source)
     print(report.render())
     return 0
+
+
+def _distilled(loaded: object, args: argparse.Namespace
+               ) -> tuple[Dataset, Dataset | None, tuple[torch.Tensor, ...]]:
+    """ZeroQ: synthesize calibration inputs from the model's BatchNorm statistics."""
+    from quantflow.ir import capture
+    from quantflow.load import resolve_example_inputs
+    from quantflow.search.zeroq import distill
+
+    example = resolve_example_inputs(loaded, args.input_shape, None)  # type: ignore[arg-type]
+    gm = capture(loaded.module, example)  # type: ignore[attr-defined]
+    n = min(args.calib_samples, 256)
+    result = distill(gm, tuple(example[0].shape[1:]), n=n)
+    calib = Dataset(result.inputs.detach(), None, f"distilled (ZeroQ, {n} samples)")
+    evaluation = None
+    if args.eval_data:
+        evaluation = _user(args.eval_data, args.preprocess, args.eval_samples)
+    elif args.model.startswith("zoo:"):
+        from quantflow.zoo import MODELS
+
+        entry = MODELS.get(args.model[4:])
+        if entry is not None and entry.dataset in DATASET_SPLITS:
+            evaluation = _builtin(DATASET_SPLITS[entry.dataset][1], args.eval_samples)
+    return calib, evaluation, example
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:

@@ -53,8 +53,8 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Grap
         return unlift(ep)
     except Exception:  # noqa: BLE001  (retry static; the static error is the one to report)
         pass
-    try:
-        ep = torch.export.export(model, inputs)
+    try:  # fresh tensors: the failed attempt may have left dynamic-dim marks on the inputs
+        ep = torch.export.export(model, tuple(t.clone() for t in inputs))
     except Exception as exc:  # torch raises many types; keep its message, add the fix
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {exc}\n"

@@ -50,6 +50,9 @@ class CompileConfig:
     equalize: str = "auto"  # "auto" | "on" | "off": cross-layer equalization
     plan_path: str | None = None  # --config: a saved QuantPlan
     max_drop: float | None = None  # accuracy points (or agreement points without labels)
+    max_size_mb: float | None = None  # --bits mixed: weight size budget in MB
+    max_size_ratio: float | None = None  # --bits mixed: weight size budget × uniform INT8
+    max_latency_ms: float | None = None  # --bits mixed: measured latency budget
     calib_batch: int = 32
     profile_runs: int = 50
     profile_warmup: int = 10
@@ -66,6 +69,10 @@ class CompileConfig:
             raise ValueError("equalize must be auto, on or off")
         if self.max_drop is not None and self.max_drop < 0:
             raise ValueError("max_drop must be >= 0 (points)")
+        for name in ("max_size_mb", "max_size_ratio", "max_latency_ms"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{name} must be > 0, got {v}")
 
     @property
     def placement(self) -> str:
