@@ -44,7 +44,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     with torch.no_grad():
         y = m(x[64:]).argmax(1)  # labels = FP32 predictions: FP32 accuracy is 100%
     np.savez(d / "eval.npz", x=x[64:].numpy(), y=y.numpy())
-    return {"dir": d, "model": d / "tiny.pt2", "calib": d / "calib.npy", "eval": d / "eval.npz"}
+    torch.save(m.state_dict(), d / "tiny_state.pt")
+    return {"dir": d, "model": d / "tiny.pt2", "calib": d / "calib.npy", "eval": d / "eval.npz",
+            "state": d / "tiny_state.pt"}
 
 
 def _compile(files: dict[str, Path], out: Path, *extra: str) -> int:
@@ -78,11 +80,25 @@ def test_compile_writes_checked_artifacts_and_report(files: dict[str, Path],
 
 
 def test_gate_fails_with_distinct_exit_code(files: dict[str, Path], tmp_path: Path) -> None:
-    """A deliberately poor plan (2-level-ish 4-bit weights everywhere) must trip --max-drop 0."""
-    plan = QuantPlan(default=LayerPlan(QSpec(bits=4, granularity="tensor"), ORT_ACT))
+    """4-bit per-tensor weights on inputs at the FP32 decision boundary must trip --max-drop 0.
+
+    Evaluation samples are the 64 (of 4000) with the smallest top-1/top-2 logit margin, labelled
+    with the FP32 prediction, so any real perturbation of the logits flips some of them.
+    """
+    m = Tiny().eval()
+    m.load_state_dict(torch.load(files["state"]))
+    x = torch.randn(4000, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = m(x)
+    top2 = logits.topk(2, dim=1).values
+    idx = (top2[:, 0] - top2[:, 1]).argsort()[:64]
+    np.savez(tmp_path / "edge.npz", x=x[idx].numpy(), y=logits[idx].argmax(1).numpy())
+    plan = QuantPlan(default=LayerPlan(QSpec(bits=4, granularity="tensor"), ORT_ACT),
+                     bias_correction=False)
     plan.save(tmp_path / "w4.json")
-    code = _compile(files, tmp_path / "o", "--config", str(tmp_path / "w4.json"),
-                    "--max-drop", "0")
+    code = main(["compile", str(files["model"]), "--calib", str(files["calib"]),
+                 "--eval", str(tmp_path / "edge.npz"), "--config", str(tmp_path / "w4.json"),
+                 "--profile-runs", "3", "--max-drop", "0", "-o", str(tmp_path / "o")])
     assert code == 10
     r = json.loads((tmp_path / "o" / "report.json").read_text())  # written even on failure
     assert r["gate"]["passed"] is False and r["quality"]["accuracy_drop"] > 0
