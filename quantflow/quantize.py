@@ -144,8 +144,14 @@ def plan_tensors(gm: fx.GraphModule, plan: QuantPlan, placement: str = "ort"
 
 
 def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],
-             placement: str = "ort") -> fx.GraphModule:
-    """A new GraphModule with `plan` applied; `gm` is left untouched."""
+             placement: str = "ort", *, int_bias: bool | None = None) -> fx.GraphModule:
+    """A new GraphModule with `plan` applied; `gm` is left untouched.
+
+    `int_bias`: int32 biases with scale s_x·s_w (default: for the "ort" placement only —
+    onnxruntime's QDQ conv fusion needs them; TensorRT reads float biases and folds them).
+    """
+    if int_bias is None:
+        int_bias = placement == "ort"
     qgm = copy.deepcopy(gm)
     info = QuantInfo(placement=placement)
     specs = plan_tensors(qgm, plan, placement)
@@ -171,7 +177,7 @@ def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],
                 if plan.bias_correction and isinstance(n.args[0], fx.Node):
                     src = _float_source(n.args[0])
                     mean = stats[src.name].channel_mean if src.name in stats else None
-                _quantize_weight(qgm, n, lp.weight, info, int_bias=placement == "ort",
+                _quantize_weight(qgm, n, lp.weight, info, int_bias=int_bias,
                                  input_mean=mean)
     qgm.graph.lint()
     qgm.recompile()
