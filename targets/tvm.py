@@ -1,0 +1,309 @@
+"""Apache TVM target: PT2E graph -> Relax (integer convs/linears) -> tuned native library.
+
+Pipeline (`TVMTarget.lower`):
+1. `tvm_frontend.to_relax`: torch.export the graph and import it with
+   `relax.frontend.torch.from_exported_program`; quantized convs and linears become
+   uint8/int8 x int8 -> int32 kernels with zero-point correction, and the requantize is folded
+   into the next quantize by operator fusion (algebra in tvm_frontend's docstring).
+   Why not the QDQ-ONNX route: `relax.frontend.onnx` imports QDQ as fp32 convs between
+   quantize/dequantize (simulation only), and the int rewrite would then have to rediscover
+   which DQ feeds which conv; the fx graph says it directly.
+2. `tvm_tune.prepare` (legalize, fold constants, fuse) and, with `tune_trials > 0`,
+   MetaSchedule tuning cached per (model, target) (`tvm_tune.tune`).
+3. `tvm.compile` for the host CPU (`llvm -mcpu=<this CPU>`, num-cores) or, with
+   `device="aarch64"`, a cross-compiled bundle (`tvm_edge`), and `export_library`.
+4. `out_dir/manifest.json`: inputs/outputs (name, shape, dtype), sha256 of every file, target,
+   integer/float layer lists, tuning record and untuned/tuned latencies. Like the ort target,
+   fp32 and quantized artifacts share `out_dir` (the pipeline lowers both there): fp32 writes
+   `model_fp32.so` + `manifest_fp32.json`, int8/mixed write `model.so` + `manifest.json`.
+
+Numerics: integer layers reproduce the torch simulation up to requantize rounding, at most
+1 output quantization step (tests assert it); float graphs match fp32 torch to ~1e-5 relative.
+
+Threads: TVM's pool reads TVM_NUM_THREADS when it starts; `profile(threads=N)` reconfigures it
+with the runtime's `config_threadpool`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from quantflow.errors import TargetUnavailableError
+from quantflow.targets.base import Artifact, Latency, device_description, time_runs
+
+PRECISIONS = ("int8", "mixed", "fp32")
+DEVICES = ("host", "aarch64")
+
+
+def _import_tvm() -> Any:
+    try:
+        import tvm
+    except ImportError as exc:
+        raise TargetUnavailableError(
+            f"tvm target: apache-tvm is not importable ({exc})\n"
+            "fix: pip install 'quantflow[tvm]' (apache-tvm==0.27.0.post1, "
+            "apache-tvm-ffi==0.1.14.post0, psutil, cloudpickle)") from exc
+    return tvm
+
+
+def host_target(num_cores: int | None = None) -> Any:
+    """LLVM target for this CPU (mcpu detected by LLVM, e.g. znver4 / icelake-server)."""
+    tvm = _import_tvm()
+    from tvm.target import codegen
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()),
+                              "num-cores": int(num_cores or os.cpu_count() or 1)})
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def io_specs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
+             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Input/output name, shape, dtype (names are fx node names, as in the ONNX export)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    ins = [{"name": n.name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+           for n, t in zip(placeholders, example_inputs)]
+    with torch.no_grad():
+        outs = gm(*example_inputs)
+    outs_t = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    args = out_node.args[0]
+    arg_list = list(args) if isinstance(args, (tuple, list)) else [args]
+    names = [a.name if isinstance(a, fx.Node) else f"output_{i}" for i, a in enumerate(arg_list)]
+    return ins, [{"name": nm, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                 for nm, t in zip(names, outs_t)]
+
+
+def set_threads(threads: int) -> int:
+    """Resize TVM's CPU thread pool (mode 1 = all 'big' cores, i.e. every core on x86);
+    returns the previous size."""
+    import tvm_ffi
+
+    before = int(tvm_ffi.get_global_func("runtime.NumThreads")())
+    tvm_ffi.get_global_func("runtime.config_threadpool")(1, int(threads))
+    return before
+
+
+@dataclass
+class TVMTarget:
+    """See the module docstring. `tune_trials` counts MetaSchedule trials per tuning task."""
+
+    device: str = "host"
+    tune_trials: int = 0
+    cache_dir: Path | None = None
+    num_cores: int | None = None
+    threads: int | None = None  # TVM thread pool size for run/profile (None: TVM's default)
+    name: str = "tvm"
+    _vms: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"tvm target: device={self.device!r}; choose one of {DEVICES}")
+        if self.tune_trials < 0:
+            raise ValueError("tvm target: tune_trials must be >= 0")
+        if self.device == "aarch64" and self.tune_trials > 0:
+            # MetaSchedule measures candidates by running them; that needs the board
+            # (RPC runner), which this target does not drive
+            raise ValueError("tvm target: tune_trials > 0 needs device='host'; aarch64 bundles "
+                             "are built untuned (fix: tune_trials=0)")
+
+    # ------------------------------------------------------------------ lower
+    def target(self) -> Any:
+        if self.device == "aarch64":
+            from quantflow.targets.tvm_edge import aarch64_target
+
+            return aarch64_target(self.num_cores)
+        return host_target(self.num_cores)
+
+    def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
+              out_dir: Path, *, precision: str = "int8") -> Artifact:
+        if precision not in PRECISIONS:
+            raise ValueError(f"tvm target: precision={precision!r}; choose one of {PRECISIONS}")
+        tvm = _import_tvm()
+        from quantflow.targets import tvm_tune
+        from quantflow.targets.tvm_frontend import to_relax
+
+        if self.device == "aarch64":
+            from quantflow.targets.tvm_edge import missing_toolchain
+
+            why = missing_toolchain()
+            if why:  # fail before the (slow) import and compile
+                raise TargetUnavailableError(f"tvm target (device=aarch64): {why}")
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = self.target()
+        mod, stats = to_relax(gm, example_inputs)
+        mod = tvm_tune.prepare(mod, target)
+        inputs_spec, outputs_spec = io_specs(gm, example_inputs)
+        meta: dict[str, Any] = {
+            "device": self.device, "target": json.dumps(target.export(), default=str),
+            "int_layers": stats.int_layers, "float_layers": stats.float_layers,
+            "tune_trials": self.tune_trials,
+        }
+        np_inputs = [t.detach().numpy() for t in example_inputs]
+        if self.tune_trials > 0:  # host only (__post_init__)
+            untuned = tvm.compile(mod, target)
+            meta["untuned_latency"] = self._quick_latency(untuned, np_inputs)
+            t0 = time.perf_counter()
+            info = tvm_tune.tune(mod, target, self.tune_trials, self.cache_dir)
+            meta["tuning"] = info
+            mod, info["applied_kernels"] = tvm_tune.apply_database(mod, target,
+                                                                   info["work_dir"])
+            meta["tuning"]["apply_s"] = time.perf_counter() - t0 - info["tuning_s"]
+        t0 = time.perf_counter()
+        ex = tvm.compile(mod, target)
+        meta["compile_s"] = time.perf_counter() - t0
+        if self.tune_trials > 0:
+            meta["tuned_latency"] = self._quick_latency(ex, np_inputs)
+        files: dict[str, str] = {}
+        suffix = "_fp32" if precision == "fp32" else ""
+        if self.device == "aarch64":
+            from quantflow.targets.tvm_edge import write_bundle
+
+            files.update(write_bundle(ex, out_dir, f"model{suffix}.so"))
+        else:
+            lib = out_dir / f"model{suffix}.so"
+            ex.export_library(str(lib))
+            files["model"] = str(lib)
+        manifest = {
+            "target": self.name, "precision": precision, "inputs": inputs_spec,
+            "outputs": outputs_spec,
+            "sha256": {Path(p).name: sha256_file(Path(p)) for p in files.values()},
+            "meta": meta,
+        }
+        manifest_path = out_dir / f"manifest{suffix}.json"
+        manifest_path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        files["manifest"] = str(manifest_path)
+        return Artifact(target=self.name, precision=precision, files=files,
+                        input_names=tuple(s["name"] for s in inputs_spec),
+                        output_names=tuple(s["name"] for s in outputs_spec), meta=meta)
+
+    def _quick_latency(self, ex: Any, inputs: list[np.ndarray]) -> dict[str, float]:
+        """Median of a few runs of an in-memory executable (for untuned vs tuned)."""
+        tvm = _import_tvm()
+        from tvm import relax
+
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        args = [tvm.runtime.tensor(x) for x in inputs]
+        lat = time_runs(lambda: vm["main"](*args), warmup=2, runs=10, threads=self._threads(),
+                        batch=int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1)
+        return {"median_ms": lat.median_ms, "p90_ms": lat.p90_ms}
+
+    # ------------------------------------------------------------------ run
+    def _vm(self, artifact: Artifact) -> Any:
+        tvm = _import_tvm()
+        from tvm import relax
+
+        lib = Path(artifact.files["model"])
+        key = f"{lib.resolve()}:{lib.stat().st_mtime_ns}"
+        if key not in self._vms:
+            if self.threads:
+                set_threads(self.threads)
+            self._vms[key] = relax.VirtualMachine(tvm.runtime.load_module(str(lib)), tvm.cpu())
+        return self._vms[key]
+
+    def run(self, artifact: Artifact, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if artifact.meta.get("device") == "aarch64":
+            from quantflow.targets.tvm_edge import run_bundle
+
+            return run_bundle(Path(artifact.files["model"]), Path(artifact.files["manifest"]),
+                              inputs)
+        tvm = _import_tvm()
+        vm = self._vm(artifact)
+        out = vm["main"](*[tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs])
+        outs = list(out) if not hasattr(out, "numpy") else [out]
+        return [o.numpy() for o in outs]
+
+    # ------------------------------------------------------------------ profile
+    def _threads(self) -> int:
+        """Size of TVM's thread pool (TVM_NUM_THREADS, else TVM's default: physical cores)."""
+        import tvm_ffi
+
+        return int(tvm_ffi.get_global_func("runtime.NumThreads")())
+
+    def profile(self, artifact: Artifact, inputs: Sequence[np.ndarray], *, warmup: int = 10,
+                runs: int = 50, threads: int | None = None, per_layer: bool = False) -> Latency:
+        if artifact.meta.get("device") == "aarch64":
+            raise TargetUnavailableError(
+                "tvm target: an aarch64 bundle cannot be timed on this host (qemu timings are "
+                "meaningless); fix: copy the bundle to the board and run its README command")
+        tvm = _import_tvm()
+        vm = self._vm(artifact)
+        args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]
+        main = vm["main"]
+        threads = threads or self.threads
+        batch = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1
+        previous = set_threads(threads) if threads is not None else None
+        try:
+            lat = time_runs(lambda: main(*args), warmup=warmup, runs=runs,
+                            threads=threads or self._threads(), batch=batch,
+                            device=device_description())
+            if per_layer:
+                lat = replace(lat, per_layer_ms=per_kernel_ms(vm, args, runs=max(3, runs // 5)))
+        finally:
+            if previous is not None:
+                set_threads(previous)
+        return lat
+
+
+def per_kernel_ms(vm: Any, args: list[Any], *, runs: int) -> dict[str, float]:
+    """Median time per compiled kernel (fused TIR function), via the VM call instrument.
+
+    Kernel names are TVM's fused-function names (e.g. `fused_conv2d_add_multiply_relu`);
+    VM builtins (allocation, shape checks) are excluded. Each call is timed in Python around
+    the synchronous CPU kernel, which adds a few microseconds per kernel.
+    """
+    samples: dict[str, list[float]] = {}
+    current: dict[str, float] = {}
+    counts: dict[str, int] = {}
+
+    def instrument(func: Any, symbol: str, before: bool, ret: Any, *rest: Any) -> int:
+        if symbol.startswith("vm."):  # VM builtins: allocation, shape checks
+            return 0
+        if before:
+            current[symbol] = time.perf_counter()
+        else:
+            n = counts.get(symbol, 0)
+            counts[symbol] = n + 1
+            samples.setdefault(f"{symbol}#{n}" if n else symbol, []).append(
+                (time.perf_counter() - current.pop(symbol)) * 1e3)
+        return 0
+
+    vm.set_instrument(instrument)
+    try:
+        for _ in range(runs):
+            counts.clear()
+            vm["main"](*args)
+    finally:
+        vm.set_instrument(None)
+    return {k: float(np.median(v)) for k, v in samples.items()}
+
+
+def make_target(*, device: str = "host", tune_trials: int = 0,
+                cache_dir: str | Path | None = None, num_cores: int | None = None,
+                threads: int | None = None) -> TVMTarget:
+    """`get_target("tvm", tune_trials=..., cache_dir=..., device="host"|"aarch64", threads=...)`.
+
+    num_cores: the `num-cores` the kernels are compiled/tuned for (default: all logical
+    cores here, 4 for aarch64); threads: the runtime thread pool for run/profile.
+    """
+    return TVMTarget(device=device, tune_trials=int(tune_trials),
+                     cache_dir=Path(cache_dir) if cache_dir is not None else None,
+                     num_cores=num_cores, threads=threads)

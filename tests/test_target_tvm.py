@@ -1,0 +1,381 @@
+"""TVM target: integer lowering vs the torch simulation, float baseline, artifact, profile,
+tuning cache, aarch64 bundle.
+
+Tolerances (all against the torch simulation of the same graph):
+- one integer layer + requantize: <= 1 output quantization step, and >= 99% of elements
+  exact (the int32 accumulator is exact; the simulation's fp32 sum differs from it by
+  rounding, which flips the requantize only when it straddles a rounding boundary).
+- whole quantized nets: a flipped intermediate code propagates, so the bound is per test:
+  <= 1 output step for QNet (measured over seeded inputs), and for float logits out of an
+  integer linear: one flipped input code, s_in * max|w| (`_one_flip_bound`).
+- float graphs: max|Δ| <= 1e-5 * max|y| (TVM and torch sum in different orders).
+- aarch64 vs x86 build: <= 1 output step (observed identical).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.ao.quantization.fx._decomposed
+from torch import nn
+
+pytest.importorskip("tvm")
+
+from quantflow.ir import capture
+from quantflow.targets import get_target
+from quantflow.targets.tvm import sha256_file
+from quantflow.targets.tvm_frontend import integer_bias
+
+pytestmark = pytest.mark.tvm
+qd = torch.ops.quantized_decomposed
+FLOAT_REL = 1e-5
+MIN_EXACT = 0.99
+
+
+class QConv(nn.Module):
+    """A PT2E-style quantized conv: int8 per-channel weights, int32 bias at scale sx*sw."""
+
+    def __init__(self, cin: int, cout: int, sx: float, *, groups: int = 1, stride: int = 1,
+                 padding: int = 1, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(cout, cin // groups, 3, 3, generator=g) * 0.3
+        sw = w.abs().amax(dim=(1, 2, 3)) / 127
+        b = torch.randn(cout, generator=g) * 0.1
+        self.register_buffer("wq", torch.round(w / sw[:, None, None, None]).to(torch.int8))
+        self.register_buffer("sw", sw)
+        self.register_buffer("zw", torch.zeros(cout, dtype=torch.int64))
+        self.register_buffer("bq", torch.round(b / (sx * sw)).to(torch.int32))
+        self.register_buffer("sb", sx * sw)
+        self.stride, self.padding, self.groups = stride, padding, groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = qd.dequantize_per_channel.default(self.wq, self.sw, self.zw, 0, -127, 127, torch.int8)
+        b = qd.dequantize_per_channel.default(self.bq, self.sb, self.zw, 0, -2**31, 2**31 - 1,
+                                              torch.int32)
+        return torch.ops.aten.conv2d.default(x, w, b, [self.stride] * 2, [self.padding] * 2,
+                                             [1, 1], self.groups)
+
+
+def q(x: torch.Tensor, s: float, z: int) -> torch.Tensor:
+    """quantize + dequantize (uint8, asymmetric), as PT2E inserts it."""
+    x = qd.quantize_per_tensor.default(x, s, z, 0, 255, torch.uint8)
+    return qd.dequantize_per_tensor.default(x, s, z, 0, 255, torch.uint8)
+
+
+class QNet(nn.Module):
+    """conv-relu, depthwise conv, residual add, max pool, global pool, linear: a tiny zoo net."""
+
+    S_IN, Z_IN, S1, S2, S3, S_OUT, Z_OUT = 0.03, 120, 0.02, 0.025, 0.03, 0.05, 100
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = QConv(3, 8, self.S_IN, seed=1)
+        self.c2 = QConv(8, 8, self.S1, groups=8, seed=2)
+        self.c3 = QConv(8, 16, self.S2, stride=2, seed=3)
+        g = torch.Generator().manual_seed(4)
+        w = torch.randn(10, 16, generator=g) * 0.3
+        sw = w.abs().amax(dim=1) / 127
+        self.register_buffer("lw", torch.round(w / sw[:, None]).to(torch.int8))
+        self.register_buffer("lsw", sw)
+        self.register_buffer("lz", torch.zeros(10, dtype=torch.int64))
+        self.register_buffer("lb", torch.round(torch.randn(10, generator=g) / (self.S3 * sw))
+                             .to(torch.int32))
+        self.register_buffer("lsb", self.S3 * sw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = q(x, self.S_IN, self.Z_IN)
+        a = q(torch.relu(self.c1(x)), self.S1, 0)
+        b = q(self.c2(a), self.S2, 128)
+        b = q(torch.relu(b + a), self.S2, 0)  # residual add in float between Q/DQ
+        c = q(torch.relu(self.c3(b)), self.S3, 0)
+        c = torch.nn.functional.max_pool2d(c, 2)
+        c = q(torch.mean(c, dim=(2, 3)), self.S3, 0)
+        w = qd.dequantize_per_channel.default(self.lw, self.lsw, self.lz, 0, -127, 127,
+                                              torch.int8)
+        bias = qd.dequantize_per_channel.default(self.lb, self.lsb, self.lz, 0, -2**31,
+                                                 2**31 - 1, torch.int32)
+        y = torch.ops.aten.linear.default(c, w, bias)
+        return q(y, self.S_OUT, self.Z_OUT)
+
+
+class FNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.bn(self.c1(x)))
+        a = torch.relu(self.c2(a)) + a
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(a, 1), 1))
+
+
+def quantized_gm() -> tuple[torch.fx.GraphModule, torch.Tensor]:
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    return capture(QNet(), (x,)), x
+
+
+def steps_apart(got: np.ndarray, want: np.ndarray, step: float) -> np.ndarray:
+    return np.abs(got - want) / step
+
+
+# ----------------------------------------------------------------------------- pure math
+
+def test_zero_point_correction_with_padding_equals_centered_conv() -> None:
+    """conv(pad(xq, zx), wq) + integer_bias == conv(xq - zx, wq, zero padding) + bq, exactly."""
+    g = torch.Generator().manual_seed(0)
+    xq = torch.randint(0, 256, (1, 4, 7, 7), generator=g)
+    wq = torch.randint(-127, 128, (6, 2, 3, 3), generator=g)
+    bq = torch.randint(-5000, 5000, (6,), generator=g)
+    zx = 37
+    ref = torch.nn.functional.conv2d((xq - zx).double(), wq.double(), bq.double(), padding=1,
+                                     groups=2)
+    padded = torch.nn.functional.pad(xq, (1, 1, 1, 1), value=zx)
+    corr = torch.from_numpy(integer_bias(bq.numpy().astype(np.int32), wq.numpy(), zx))
+    got = torch.nn.functional.conv2d(padded.double(), wq.double(), corr.double(), groups=2)
+    assert torch.equal(got, ref)
+
+
+# ----------------------------------------------------------------------------- host lowering
+
+@pytest.fixture(scope="module")
+def int8_artifact(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    gm, x = quantized_gm()
+    target = get_target("tvm")
+    art = target.lower(gm, (x,), tmp_path_factory.mktemp("tvm_int8"), precision="int8")
+    return target, art, gm, x
+
+
+def test_int8_uses_integer_kernels_and_matches_simulation(int8_artifact) -> None:  # type: ignore[no-untyped-def]
+    """End to end, a flipped intermediate rounding can propagate; for this net the output
+    stays within 1 step (the per-layer bound is tested exactly below)."""
+    target, art, gm, _x = int8_artifact
+    assert sorted(art.meta["int_layers"]) == ["conv2d", "conv2d_1", "conv2d_2", "linear"]
+    assert art.meta["float_layers"] == {}
+    g = torch.Generator().manual_seed(11)
+    for scale in (1.0, 2.0, 3.0):
+        xi = (torch.randn(1, 3, 16, 16, generator=g) * scale).numpy()
+        (got,) = target.run(art, [xi])
+        want = gm(torch.from_numpy(xi)).detach().numpy()
+        assert got.shape == want.shape and got.dtype == np.float32
+        d = steps_apart(got, want, QNet.S_OUT)
+        assert d.max() <= 1.0 + 1e-4, f"max {d.max():.3f} steps"
+
+
+class OneConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = QConv(16, 32, QNet.S_IN, seed=5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return q(torch.relu(self.conv(q(x, QNet.S_IN, QNet.Z_IN))), QNet.S1, 3)
+
+
+def test_single_int_conv_within_one_step_mostly_exact(tmp_path: Path) -> None:
+    """One layer: integer conv + folded requantize vs fp32 simulation: <= 1 step everywhere,
+    and a flip needs the fp32 sum to straddle a rounding boundary, so >= 99% are exact."""
+    x = torch.randn(1, 16, 24, 24, generator=torch.Generator().manual_seed(3))
+    gm = capture(OneConv(), (x,))
+    target = get_target("tvm")
+    art = target.lower(gm, (x,), tmp_path, precision="int8")
+    assert art.meta["int_layers"] == ["conv2d"]
+    (got,) = target.run(art, [x.numpy()])
+    want = gm(x).detach().numpy()
+    d = steps_apart(got, want, QNet.S1)
+    assert d.max() <= 1.0 + 1e-4
+    assert np.mean(d < 1e-3) >= MIN_EXACT
+
+
+def test_fp32_graph_matches_torch_and_shares_out_dir(int8_artifact) -> None:  # type: ignore[no-untyped-def]
+    """The pipeline lowers fp32 and int8 into one out_dir: neither may clobber the other."""
+    host, int8_art, _gm, x = int8_artifact
+    (before,) = host.run(int8_art, [x.numpy()])
+    model = FNet().eval()
+    xf = torch.randn(2, 3, 12, 12)
+    target = get_target("tvm")
+    out_dir = Path(int8_art.files["model"]).parent
+    art = target.lower(capture(model, (xf,)), (xf,), out_dir, precision="fp32")
+    assert art.meta["int_layers"] == []
+    assert Path(art.files["model"]).name == "model_fp32.so"
+    assert Path(art.files["manifest"]).name == "manifest_fp32.json"
+    (got,) = target.run(art, [xf.numpy()])
+    want = model(xf).detach().numpy()
+    assert np.abs(got - want).max() <= FLOAT_REL * np.abs(want).max()
+    (after,) = get_target("tvm").run(int8_art, [x.numpy()])
+    assert np.array_equal(before, after)
+
+
+def test_manifest_and_fresh_process_reload(int8_artifact) -> None:  # type: ignore[no-untyped-def]
+    target, art, _gm, x = int8_artifact
+    manifest = json.loads(Path(art.files["manifest"]).read_text())
+    assert manifest["inputs"] == [{"name": art.input_names[0], "shape": [1, 3, 16, 16],
+                                   "dtype": "float32"}]
+    assert manifest["outputs"][0]["shape"] == [1, 10]
+    assert manifest["sha256"]["model.so"] == sha256_file(Path(art.files["model"]))
+    np.save(Path(art.files["model"]).parent / "x.npy", x.numpy())
+    script = textwrap.dedent(f"""
+        import numpy as np, tvm
+        from tvm import relax
+        d = {str(Path(art.files["model"]).parent)!r}
+        vm = relax.VirtualMachine(tvm.runtime.load_module(d + "/model.so"), tvm.cpu())
+        out = vm["main"](tvm.runtime.tensor(np.load(d + "/x.npy")))
+        np.save(d + "/y.npy", out[0].numpy())
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    fresh = np.load(Path(art.files["model"]).parent / "y.npy")
+    (same,) = target.run(art, [x.numpy()])
+    assert np.array_equal(fresh, same)
+
+
+def test_profile_reports_latency_and_kernels(int8_artifact) -> None:  # type: ignore[no-untyped-def]
+    target, art, _gm, x = int8_artifact
+    lat = target.profile(art, [x.numpy()], warmup=2, runs=5, threads=1, per_layer=True)
+    assert lat.runs >= 5 and lat.threads == 1 and lat.batch == 1
+    assert 0 < lat.median_ms <= lat.p90_ms
+    assert lat.per_layer_ms is not None
+    conv_kernels = [k for k in lat.per_layer_ms if "conv2d" in k]
+    # one fused kernel per integer conv
+    assert len(conv_kernels) == 3, sorted(lat.per_layer_ms)
+    assert all(v >= 0 for v in lat.per_layer_ms.values())
+    assert sum(lat.per_layer_ms.values()) <= 5 * lat.p90_ms
+
+
+@pytest.mark.parametrize("placement", ["ort", "trt"])
+def test_quantflow_quantizer_output_lowers_to_integer_layers(tmp_path: Path,
+                                                            placement: str) -> None:
+    """The real quantizer's graph (ort: int32 bias; trt: float bias, no Q after convs)."""
+    from quantflow.calibrate import collect_stats
+    from quantflow.passes.fold_bn import fold_bn
+    from quantflow.quantize import quantize
+    from quantflow.spec import int8_plan
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 12, 12, generator=g)
+    gm = capture(FNet().eval(), (x,))
+    fold_bn(gm)
+    stats = collect_stats(gm, [(torch.randn(4, 3, 12, 12, generator=g),) for _ in range(4)])
+    qgm = quantize(gm, int8_plan("minmax"), stats, placement)
+    target = get_target("tvm")
+    art = target.lower(qgm, (x,), tmp_path, precision="int8")
+    assert sorted(art.meta["int_layers"]) == ["conv2d", "conv2d_1", "linear"], art.meta
+    (got,) = target.run(art, [x.numpy()])
+    want = qgm(x).detach().numpy()
+    # The logits leave the last (integer) linear in float, so they differ from the simulation
+    # by fp32 rounding, unless an upstream requantize flipped: one flipped input code of the
+    # linear moves logit o by at most s_in * max_k |w[o, k]|.
+    assert np.abs(got - want).max() <= max(_one_flip_bound(qgm, "linear"),
+                                           1e-5 * np.abs(want).max())
+
+
+def _one_flip_bound(qgm: torch.fx.GraphModule, name: str) -> float:
+    node = next(n for n in qgm.graph.nodes if n.name == name)
+    x_dq, w_dq = node.args[0], node.args[1]
+    s_in = float(x_dq.args[1])
+    wq, sw = (getattr(qgm, str(a.target)) for a in w_dq.args[:2])
+    return s_in * float((wq.float().abs() * sw[:, None]).max())
+
+
+# ----------------------------------------------------------------------------- tuning
+
+@pytest.mark.slow
+def test_tuning_is_cached_per_model_and_target(tmp_path: Path) -> None:
+    """2 trials per task on a one-conv graph (~3 tasks); the second lower must hit the cache."""
+    x = torch.randn(1, 16, 24, 24, generator=torch.Generator().manual_seed(3))
+    gm = capture(OneConv(), (x,))
+    target = get_target("tvm", tune_trials=2, cache_dir=tmp_path / "cache")
+    first = target.lower(gm, (x,), tmp_path / "a", precision="int8")
+    assert first.meta["tuning"]["cache_hit"] is False
+    assert first.meta["tuning"]["tuning_s"] > 0
+    assert first.meta["untuned_latency"]["median_ms"] > 0
+    assert first.meta["tuned_latency"]["median_ms"] > 0
+    second = target.lower(gm, (x,), tmp_path / "b", precision="int8")
+    assert second.meta["tuning"]["cache_hit"] is True
+    assert second.meta["tuning"]["tuning_s"] == 0.0
+    assert second.meta["tuning"]["work_dir"] == first.meta["tuning"]["work_dir"]
+    assert second.meta["tuning"]["applied_kernels"] >= 1
+    assert second.meta["tuning"]["applied_kernels"] == first.meta["tuning"]["applied_kernels"]
+    (a,) = target.run(first, [x.numpy()])
+    (b,) = target.run(second, [x.numpy()])
+    want = gm(x).detach().numpy()
+    assert steps_apart(a, want, QNet.S1).max() <= 1.0 + 1e-4
+    assert np.array_equal(a, b)
+    # a different model must not reuse the database
+    from quantflow.targets import tvm_tune
+    from quantflow.targets.tvm import host_target
+    from quantflow.targets.tvm_frontend import to_relax
+
+    mod_a = tvm_tune.prepare(to_relax(gm, (x,))[0], host_target())
+    gm2, x2 = quantized_gm()
+    mod_b = tvm_tune.prepare(to_relax(gm2, (x2,))[0], host_target())
+    assert tvm_tune.cache_key(mod_a, host_target()) != tvm_tune.cache_key(mod_b, host_target())
+
+
+# ----------------------------------------------------------------------------- aarch64 bundle
+
+def _edge_skip_reason() -> str | None:
+    from quantflow.targets.tvm_edge import missing_toolchain
+
+    return missing_toolchain(need_qemu=True)
+
+
+@pytest.mark.skipif(_edge_skip_reason() is not None, reason=str(_edge_skip_reason()))
+def test_aarch64_bundle_runs_under_qemu_like_x86(int8_artifact, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Same integer math on both ISAs; float epilogues may contract to FMA on Arm, so the
+    bound is 1 output step (observed: identical)."""
+    host, host_art, gm, x = int8_artifact
+    edge = get_target("tvm", device="aarch64")
+    art = edge.lower(gm, (x,), tmp_path, precision="int8")
+    out = subprocess.run(["file", "-L", art.files["model"], art.files["runner"]],
+                         check=True, capture_output=True, text=True).stdout
+    assert out.count("ARM aarch64") == 2, out
+    manifest = json.loads(Path(art.files["manifest"]).read_text())
+    for name in ("model.so", "runner", "libtvm_runtime.so", "libtvm_ffi.so"):
+        assert name in manifest["sha256"]
+    assert "qemu-aarch64 -L /usr/aarch64-linux-gnu ./runner" in Path(art.files["readme"]).read_text()
+    g = torch.Generator().manual_seed(5)
+    for xi in (x.numpy(), torch.randn(1, 3, 16, 16, generator=g).numpy()):
+        (got,) = edge.run(art, [xi])
+        (want,) = host.run(host_art, [xi])
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert steps_apart(got, want, QNet.S_OUT).max() <= 1.0 + 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_edge_skip_reason() is not None, reason=str(_edge_skip_reason()))
+def test_aarch64_fp32_bundle_matches_torch(tmp_path: Path) -> None:
+    model = FNet().eval()
+    x = torch.randn(1, 3, 12, 12)
+    edge = get_target("tvm", device="aarch64")
+    art = edge.lower(capture(model, (x,)), (x,), tmp_path, precision="fp32")
+    (got,) = edge.run(art, [x.numpy()])
+    want = model(x).detach().numpy()
+    assert np.abs(got - want).max() <= FLOAT_REL * np.abs(want).max()
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_errors_name_the_problem(tmp_path: Path) -> None:
+    from quantflow.errors import UnsupportedOpError
+
+    class Bessel(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.special.bessel_j0(x)
+
+    x = torch.randn(1, 4)
+    with pytest.raises(UnsupportedOpError, match=r"special_bessel_j0"):
+        get_target("tvm").lower(capture(Bessel(), (x,)), (x,), tmp_path, precision="fp32")
+    with pytest.raises(ValueError, match="device"):
+        get_target("tvm", device="riscv")
+    with pytest.raises(ValueError, match="tune_trials=0"):
+        get_target("tvm", device="aarch64", tune_trials=4)
