@@ -11,6 +11,7 @@ import argparse
 import logging
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -121,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(getattr(args, "verbose", 0), logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if level > logging.DEBUG:  # torch's deprecation chatter is not the user's business
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
     try:
         from quantflow import commands
 

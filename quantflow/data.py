@@ -1,0 +1,464 @@
+"""Offline datasets for calibration and evaluation, plus loaders for the user's own data.
+
+Everything here reads local files only (no network, ever) and is deterministic.
+
+Built-in data:
+
+* **Fashion-MNIST** from Debian's ``dataset-fashion-mnist`` package (gzip IDX files in
+  ``/usr/share/datasets/fashion-mnist``; override with ``$QUANTFLOW_FASHION_MNIST_DIR``).
+  Images are scaled to [0, 1] and normalized with :data:`FMNIST_MEAN` /
+  :data:`FMNIST_STD` (the train-split pixel mean/std). Training and evaluation use the
+  same constants -- a mismatch would silently cost accuracy and skew calibration.
+* **Natural images**: ImageNet has no offline copy, so the ImageNet models are
+  calibrated and evaluated on the 8 RGB photos that ship with scikit-image and
+  scikit-learn, each expanded into 20 deterministic views (2 scales x 5 crops x
+  horizontal flip) = 160 distinct 224x224 inputs. The calib/eval split is by source
+  photo, so a photo seen during calibration never appears in evaluation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from quantflow.errors import InputError
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "FMNIST_CLASSES",
+    "FMNIST_MEAN",
+    "FMNIST_STD",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "NATURAL_PHOTOS",
+    "PREPROCESSINGS",
+    "DataError",
+    "builtin_dataset",
+    "fashion_mnist_dir",
+    "load_fashion_mnist",
+    "load_tensor_data",
+    "natural_images",
+    "natural_images_split",
+    "natural_images_with_sources",
+    "preprocess_image",
+]
+
+#: Fashion-MNIST train-split pixel statistics (of pixel/255); exact: 0.28604, 0.35302.
+FMNIST_MEAN: float = 0.2860
+FMNIST_STD: float = 0.3530
+FMNIST_CLASSES: tuple[str, ...] = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+PREPROCESSINGS: tuple[str, ...] = ("imagenet", "fashion-mnist")
+BUILTIN_DATASETS: tuple[str, ...] = (
+    "fashion-mnist", "fashion-mnist-calib", "natural-images", "natural-images-calib",
+)  # fmt: skip
+
+_DEFAULT_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+_FMNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+FMNIST_CALIB_SIZE = 512
+FMNIST_CALIB_SEED = 0
+_DATA_SUFFIXES = (".npy", ".npz", ".pt", ".pth")
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+class DataError(InputError, ValueError):
+    """User or built-in data is missing or malformed; the message names the file and the fix."""
+
+
+# --------------------------------------------------------------------------- Fashion-MNIST
+
+
+def fashion_mnist_dir() -> Path:
+    """Directory holding the Fashion-MNIST IDX files ($QUANTFLOW_FASHION_MNIST_DIR wins)."""
+    return Path(os.environ.get("QUANTFLOW_FASHION_MNIST_DIR", _DEFAULT_FMNIST_DIR))
+
+
+def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
+    """Parse a gzip IDX file (big-endian header: magic, then one uint32 per dimension)."""
+    if not path.is_file():
+        raise DataError(
+            f"Fashion-MNIST file {path} not found. Install it with "
+            "`apt-get install dataset-fashion-mnist` (or set QUANTFLOW_FASHION_MNIST_DIR)."
+        )
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise DataError(f"cannot read Fashion-MNIST file {path}: {exc}") from exc
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != expected_magic:
+        raise DataError(f"{path} is not an IDX file of the expected kind (magic {magic:#x})")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise DataError(f"{path} is truncated: header says {dims}, found {data.size} bytes")
+    return data.reshape(dims)
+
+
+@lru_cache(maxsize=2)
+def _fashion_mnist_raw(split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Decompressed uint8 images (N,28,28) and labels (N,); cached since gunzip costs ~1 s."""
+    img_name, lbl_name = _FMNIST_FILES[split]
+    root = fashion_mnist_dir()
+    images = _read_idx(root / img_name, 0x00000803)
+    labels = _read_idx(root / lbl_name, 0x00000801)
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(
+            f"Fashion-MNIST {split}: {images.shape[0]} images but {labels.shape[0]} labels"
+        )
+    return images, labels
+
+
+def _normalize_fmnist(images_u8: np.ndarray) -> Tensor:
+    x = torch.from_numpy(images_u8.astype(np.float32) / 255.0)
+    return ((x - FMNIST_MEAN) / FMNIST_STD).unsqueeze(1).contiguous()
+
+
+def load_fashion_mnist(
+    split: Literal["train", "test"], limit: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Fashion-MNIST as ``x`` float32 (N,1,28,28) normalized and ``y`` int64 (N,).
+
+    ``limit`` keeps the first ``limit`` images (file order, which is class-balanced
+    enough for quick checks).
+    """
+    if split not in _FMNIST_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    images, labels = _fashion_mnist_raw(split)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return _normalize_fmnist(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def _fashion_mnist_calib() -> tuple[Tensor, Tensor]:
+    """A fixed, seeded 512-image subset of the TRAIN split (never overlaps the test set)."""
+    images, labels = _fashion_mnist_raw("train")
+    gen = torch.Generator().manual_seed(FMNIST_CALIB_SEED)
+    idx = torch.randperm(images.shape[0], generator=gen)[:FMNIST_CALIB_SIZE].sort().values.numpy()
+    return _normalize_fmnist(images[idx]), torch.from_numpy(labels[idx].astype(np.int64))
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _imagenet_tensor(img: Image.Image, size: int = 224, resize: int | None = None) -> Tensor:
+    """Resize shorter side to ``resize`` (default size*256/224), center crop, normalize."""
+    resize = round(size * 256 / 224) if resize is None else resize
+    img = _resize_shorter(img.convert("RGB"), resize)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return _to_normalized(img.crop((left, top, left + size, top + size)))
+
+
+def _resize_shorter(img: Image.Image, shorter: int) -> Image.Image:
+    w, h = img.size
+    if w <= h:
+        new = (shorter, max(shorter, round(h * shorter / w)))
+    else:
+        new = (max(shorter, round(w * shorter / h)), shorter)
+    return img.resize(new, Image.Resampling.BILINEAR)
+
+
+def _to_normalized(img: Image.Image) -> Tensor:
+    arr = np.asarray(img, dtype=np.float32) / 255.0  # H, W, 3
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+    std = np.asarray(IMAGENET_STD, dtype=np.float32)
+    return torch.from_numpy(((arr - mean) / std).transpose(2, 0, 1).copy())
+
+
+def preprocess_image(pil_image: Image.Image, preprocessing: str) -> Tensor:
+    """One PIL image -> a float32 (C,H,W) tensor, preprocessed like the model's training data.
+
+    * ``"imagenet"``: RGB, shorter side 256 (bilinear), center crop 224, ImageNet mean/std.
+    * ``"fashion-mnist"``: grayscale, resized to 28x28, FMNIST mean/std. Fashion-MNIST
+      items are light objects on a black background; photos are not inverted for you.
+    """
+    if preprocessing == "imagenet":
+        return _imagenet_tensor(pil_image)
+    if preprocessing == "fashion-mnist":
+        gray = pil_image.convert("L").resize((28, 28), Image.Resampling.BILINEAR)
+        return _normalize_fmnist(np.asarray(gray, dtype=np.uint8)[None])[0]
+    raise ValueError(
+        f"unknown preprocessing {preprocessing!r}; choose one of {list(PREPROCESSINGS)}"
+    )
+
+
+# --------------------------------------------------------------------------- natural images
+
+
+@dataclass(frozen=True)
+class NaturalPhoto:
+    """One bundled photo. ``group`` ties near-duplicates (a stereo pair) to one split side."""
+
+    name: str
+    group: str
+    load: Callable[[], np.ndarray]
+
+
+def _skimage(name: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        import skimage.data
+
+        return np.asarray(getattr(skimage.data, name)())
+
+    return load
+
+
+def _motorcycle(index: int) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        import skimage.data
+
+        return np.asarray(skimage.data.stereo_motorcycle()[index])
+
+    return load
+
+
+def _sklearn(filename: str) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        from sklearn.datasets import load_sample_image
+
+        return np.asarray(load_sample_image(filename))
+
+    return load
+
+
+#: The RGB natural photos available offline (scikit-image's other RGB images are
+#: microscopy, astronomy or synthetic; ``skimage.data.cat`` is the same file as chelsea).
+NATURAL_PHOTOS: tuple[NaturalPhoto, ...] = (
+    NaturalPhoto("astronaut", "astronaut", _skimage("astronaut")),
+    NaturalPhoto("chelsea", "chelsea", _skimage("chelsea")),
+    NaturalPhoto("coffee", "coffee", _skimage("coffee")),
+    NaturalPhoto("rocket", "rocket", _skimage("rocket")),
+    NaturalPhoto("motorcycle_left", "motorcycle", _motorcycle(0)),
+    NaturalPhoto("motorcycle_right", "motorcycle", _motorcycle(1)),
+    NaturalPhoto("china", "china", _sklearn("china.jpg")),
+    NaturalPhoto("flower", "flower", _sklearn("flower.jpg")),
+)
+#: Source groups used for calibration; all others are for evaluation (4 photos each).
+CALIB_GROUPS: frozenset[str] = frozenset({"astronaut", "motorcycle", "china"})
+# Views per photo, in output order: (shorter-side scale relative to size, crop, flip).
+_CROPS = ("center", "top-left", "top-right", "bottom-left", "bottom-right")
+_VIEWS = tuple(
+    (scale, crop, flip) for scale in (256, 320) for crop in _CROPS for flip in (False, True)
+)
+
+
+def _view(resized: Image.Image, size: int, crop: str, flip: bool) -> Tensor:
+    """One ``size`` x ``size`` crop (center or a corner) of an already-resized photo."""
+    w, h = resized.size
+    left = {"center": (w - size) // 2, "top-left": 0, "bottom-left": 0}.get(crop, w - size)
+    top = {"center": (h - size) // 2, "top-left": 0, "top-right": 0}.get(crop, h - size)
+    out = resized.crop((left, top, left + size, top + size))
+    if flip:
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return _to_normalized(out)
+
+
+@lru_cache(maxsize=4)
+def _natural_cached(size: int) -> tuple[Tensor, tuple[str, ...]]:
+    pils = [(p.name, Image.fromarray(p.load()).convert("RGB")) for p in NATURAL_PHOTOS]
+    # Resize each photo once per scale (resizing dominates the cost), crop many times.
+    resized = {
+        (name, scale): _resize_shorter(pil, round(size * scale / 224))
+        for name, pil in pils
+        for scale in {scale for scale, _, _ in _VIEWS}
+    }
+    views: list[Tensor] = []
+    sources: list[str] = []
+    # View-major order: the first 8 entries are the 8 photos with standard preprocessing,
+    # so any ``limit`` still spans as many different photos as possible.
+    for scale, crop, flip in _VIEWS:
+        for name, _ in pils:
+            views.append(_view(resized[name, scale], size, crop, flip))
+            sources.append(name)
+    return torch.stack(views), tuple(sources)
+
+
+def natural_images_with_sources(
+    size: int = 224, limit: int | None = None
+) -> tuple[Tensor, list[str]]:
+    """Like :func:`natural_images` but also returns each view's source photo name."""
+    x, sources = _natural_cached(size)
+    if limit is not None:
+        x, sources = x[:limit], sources[:limit]
+    return x.clone(), list(sources)
+
+
+def natural_images(size: int = 224, limit: int | None = None) -> Tensor:
+    """160 ImageNet-preprocessed float32 (N,3,size,size) views of the 8 bundled photos.
+
+    Each photo gives 20 views: shorter side resized to size*256/224 and size*320/224,
+    5 crops (center + corners) each, with and without a horizontal flip. The first 8
+    rows are the standard single center crops of each photo.
+    """
+    return natural_images_with_sources(size, limit)[0]
+
+
+def natural_images_split(size: int = 224) -> tuple[Tensor, Tensor]:
+    """(calib, eval) natural-image views, disjoint by source photo (80 + 80 views).
+
+    Calibration: astronaut, motorcycle left+right (a stereo pair, kept together), china.
+    Evaluation: chelsea (cat), coffee, rocket, flower.
+    """
+    x, sources = natural_images_with_sources(size)
+    group = {p.name: p.group for p in NATURAL_PHOTOS}
+    calib = [i for i, s in enumerate(sources) if group[s] in CALIB_GROUPS]
+    evals = [i for i, s in enumerate(sources) if group[s] not in CALIB_GROUPS]
+    return x[calib], x[evals]
+
+
+# --------------------------------------------------------------------------- user data
+
+
+def _as_x(arr: object, where: str) -> Tensor:
+    x = torch.as_tensor(np.asarray(arr)) if isinstance(arr, np.ndarray) else arr
+    if not isinstance(x, Tensor):
+        raise DataError(f"{where}: expected an (N,C,H,W) float array, got {type(arr).__name__}")
+    if x.ndim != 4:
+        raise DataError(
+            f"{where}: expected an (N,C,H,W) float array (4 dims), got shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise DataError(
+            f"{where}: expected floating-point data (already preprocessed), got dtype {x.dtype}"
+        )
+    return x.detach().to(torch.float32).contiguous()
+
+
+def _as_y(arr: object, n: int, where: str) -> Tensor:
+    y = torch.as_tensor(np.asarray(arr)) if isinstance(arr, np.ndarray) else arr
+    if not isinstance(y, Tensor) or y.ndim != 1:
+        shape = tuple(y.shape) if isinstance(y, Tensor) else type(arr).__name__
+        raise DataError(f"{where}: labels 'y' must be a 1-D integer array, got {shape}")
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise DataError(f"{where}: labels 'y' must be integers, got dtype {y.dtype}")
+    if y.shape[0] != n:
+        raise DataError(f"{where}: x has {n} samples but y has {y.shape[0]} labels")
+    return y.to(torch.int64)
+
+
+def _load_data_file(path: Path) -> tuple[Tensor, Tensor | None]:
+    where = str(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return _as_x(np.load(path, allow_pickle=False), where), None
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                if "x" not in npz.files:
+                    raise DataError(f"{where}: .npz must contain an array 'x' (found {npz.files})")
+                x = _as_x(npz["x"], where)
+                y = _as_y(npz["y"], x.shape[0], where) if "y" in npz.files else None
+                return x, y
+        # weights_only=True never executes pickled code from the user's file.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"cannot read data file {where}: {type(exc).__name__}: {exc}") from exc
+    if isinstance(obj, dict):
+        if "x" not in obj:
+            raise DataError(f"{where}: a dict in a .pt file must have key 'x' (found {list(obj)})")
+        x = _as_x(obj["x"], where)
+        return x, (_as_y(obj["y"], x.shape[0], where) if obj.get("y") is not None else None)
+    if isinstance(obj, (tuple, list)) and len(obj) == 2:
+        x = _as_x(obj[0], where)
+        return x, _as_y(obj[1], x.shape[0], where)
+    return _as_x(obj, where), None
+
+
+def _load_image_file(path: Path, preprocessing: str | None) -> Tensor:
+    if preprocessing is None:
+        raise DataError(
+            f"{path} is an image; pass a preprocessing name ({', '.join(PREPROCESSINGS)})"
+        )
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return preprocess_image(img, preprocessing)
+    except OSError as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+def load_tensor_data(
+    path: str | os.PathLike[str], preprocessing: str | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """Load the user's data as ``(x float32 (N,C,H,W), y int64 (N,) or None)``.
+
+    Accepts: a ``.npy`` or ``.pt`` file holding an (N,C,H,W) float array (a ``.pt`` may
+    also hold ``{"x": ..., "y": ...}`` or an ``(x, y)`` pair); a ``.npz`` with ``x`` and
+    optional ``y``; a folder of such files (concatenated in name order); or an image
+    file / folder of images, which needs ``preprocessing`` (see :data:`PREPROCESSINGS`).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data path {p} does not exist")
+    if p.is_file():
+        if p.suffix.lower() in _IMAGE_SUFFIXES:
+            return _load_image_file(p, preprocessing).unsqueeze(0), None
+        if p.suffix.lower() in _DATA_SUFFIXES:
+            return _load_data_file(p)
+        raise DataError(
+            f"{p}: unsupported file type {p.suffix!r}; expected one of "
+            f"{', '.join(_DATA_SUFFIXES + _IMAGE_SUFFIXES)}"
+        )
+    files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+    data = [f for f in files if f.suffix.lower() in _DATA_SUFFIXES]
+    images = [f for f in files if f.suffix.lower() in _IMAGE_SUFFIXES]
+    if data and images:
+        raise DataError(f"folder {p} mixes array files and images; use one kind per folder")
+    if images:
+        return torch.stack([_load_image_file(f, preprocessing) for f in images]), None
+    if not data:
+        raise DataError(
+            f"folder {p} holds no data files ({', '.join(_DATA_SUFFIXES)}) or images "
+            f"({', '.join(_IMAGE_SUFFIXES)})"
+        )
+    parts = [_load_data_file(f) for f in data]
+    shapes = {tuple(x.shape[1:]) for x, _ in parts}
+    if len(shapes) > 1:
+        detail = ", ".join(f"{f.name}: {tuple(x.shape[1:])}" for f, (x, _) in zip(data, parts))
+        raise DataError(f"folder {p}: files disagree on (C,H,W): {detail}")
+    with_y = [y is not None for _, y in parts]
+    if any(with_y) and not all(with_y):
+        missing = [f.name for f, has in zip(data, with_y) if not has]
+        raise DataError(f"folder {p}: some files have labels 'y' and some do not ({missing})")
+    x = torch.cat([x for x, _ in parts])
+    ys = [y for _, y in parts if y is not None]
+    return x, (torch.cat(ys) if ys else None)
+
+
+def builtin_dataset(name: str) -> tuple[Tensor, Tensor | None]:
+    """A named built-in dataset as ``(x, y)``; ``y`` is None where there are no labels.
+
+    * ``fashion-mnist``: the 10k test split with labels.
+    * ``fashion-mnist-calib``: 512 seeded images of the train split (with labels).
+    * ``natural-images``: the 80 evaluation views (no labels; compare against float).
+    * ``natural-images-calib``: the 80 calibration views (disjoint source photos).
+    """
+    if name == "fashion-mnist":
+        return load_fashion_mnist("test")
+    if name == "fashion-mnist-calib":
+        return _fashion_mnist_calib()
+    if name == "natural-images":
+        return natural_images_split()[1], None
+    if name == "natural-images-calib":
+        return natural_images_split()[0], None
+    raise KeyError(f"unknown built-in dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}")
