@@ -75,6 +75,11 @@ def _entropy(stats: TensorStats, spec: QSpec) -> tuple[float, float]:
     """
     bins = 2048
     hist, amax = _abs_hist(stats, bins)
+    # The spike of exact zeros (ReLU outputs: often half the tensor) is quantized exactly: 0 is
+    # on the grid. Left in, it dominates KL as soon as the first quantization group spans more
+    # than one bin, so the search would always return its first (tightest) candidate. Replace
+    # it by its neighbour, i.e. assume a smooth density at 0.
+    hist[0] = min(hist[0], hist[1])
     one_sided = stats.min >= 0 and not spec.signed
     levels = (2**spec.bits if one_sided else 2 ** (spec.bits - 1))
     levels = min(levels, 256)  # 16-bit: more levels than bins would make KL meaningless

@@ -50,6 +50,11 @@ POOL_OPS = (aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.mean
 #: activations that fold into the output quantization range of the op before them
 FUSED_ACTS = (aten.relu.default, aten.relu_.default, aten.hardtanh.default,
               aten.hardtanh_.default, aten.clamp.default, aten.relu6.default)
+#: ops whose output values are a subset of their input's: the output re-uses the input's
+#: quantization parameters (exact, and onnxruntime then keeps e.g. MaxPool in uint8)
+VALUE_PRESERVING = (aten.max_pool2d.default, aten.flatten.using_ints, aten.view.default,
+                    aten.reshape.default, aten.permute.default, aten.transpose.int,
+                    aten.squeeze.dim, aten.unsqueeze.default)
 PLACEMENTS = ("ort", "trt")
 
 _DTYPES = {(8, True): torch.int8, (8, False): torch.uint8, (16, True): torch.int16,
@@ -163,6 +168,11 @@ def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],
                                "that is quantized (run passes before calibration)")
         scale, zp = activation_qparams(stats[name], spec)
         info.tensors[name] = (spec, scale, zp)
+    for n in qgm.graph.nodes:  # graph order, so chains of value-preserving ops propagate
+        src = n.args[0] if n.args else None
+        if (n.name in info.tensors and is_op(n, VALUE_PRESERVING) and isinstance(src, fx.Node)
+                and src.name in info.tensors and info.tensors[src.name][0] == specs[n.name]):
+            info.tensors[n.name] = info.tensors[src.name]
     for src_name, (spec, scale, zp) in info.tensors.items():
         src = nodes[src_name]
         _insert_qdq(qgm, src, spec, scale, zp)

@@ -107,3 +107,22 @@ def test_signed_symmetric_range_is_symmetric() -> None:
     x = torch.randn(10000, dtype=torch.float64) * 3 + 1
     s, z = activation_qparams(stats_of(x), QSpec(bits=8, signed=True, symmetric=True))
     assert z == 0 and s == pytest.approx(float(x.abs().max()) / 127, rel=1e-6)
+
+
+def test_entropy_is_not_fooled_by_the_zero_spike() -> None:
+    """ReLU outputs: half exact zeros. KL must still pick a threshold near the tail, not the
+    first candidate (amax·256/2048), and stay within 2x of the MSE-optimal error."""
+    g = np.random.default_rng(0)
+    v = np.where(g.random(400_000) < 0.5, 0.0, np.minimum(g.exponential(0.3, 400_000), 6.0))
+    x = torch.from_numpy(v)
+    st_ = stats_of(x)
+
+    def run(cal: str) -> tuple[float, float]:
+        spec = QSpec(bits=8, signed=False, symmetric=False, calibrator=cal)
+        s, z = activation_qparams(st_, spec)
+        q = fake_quant(x, torch.tensor(s, dtype=torch.float64), torch.tensor(z), 0, 255)
+        return activation_range(st_, spec)[1], float(((q - x) ** 2).mean())
+
+    hi, err = run("entropy")
+    assert hi > 0.5 * float(x.max())
+    assert err < 2.0 * run("mse")[1]

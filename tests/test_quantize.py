@@ -144,3 +144,23 @@ def test_bias_correction_removes_the_mean_output_shift() -> None:
                                   groups=2).flatten()
     torch.testing.assert_close(bias_shift(conv.weight, w_q, m, 2).float(), direct, rtol=1e-5,
                                atol=1e-6)
+
+
+def test_value_preserving_ops_share_their_input_quantization() -> None:
+    """MaxPool/flatten outputs re-use the input's (scale, zero point): ORT keeps them uint8."""
+
+    class PoolNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c = nn.Conv2d(3, 8, 3)
+            self.fc = nn.Linear(8 * 5 * 5, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = nn.functional.max_pool2d(torch.relu(self.c(x)), 2)
+            return self.fc(y.flatten(1))
+
+    x = torch.randn(16, 3, 12, 12)
+    gm = capture(PoolNet(), (x[:1],))
+    q = quantize(gm, int8_plan("mse"), collect_stats(gm, batched(x, 8)))
+    t = q.meta["quantflow"].tensors
+    assert t["max_pool2d"] == t["relu"] and t["flatten"] == t["relu"]
