@@ -1,0 +1,86 @@
+"""The compile pipeline's entry into the search: `mixed_plan` (called by quantflow.pipeline).
+
+Quality during the search is measured on the CALIBRATION data (accuracy with its labels, else
+top-1 agreement with FP32 in percent), never on the evaluation data: the report's accuracy on
+the evaluation data then stays an unbiased estimate of the chosen plan, as for uniform INT8.
+Budget: the best quality whose weights are no larger than uniform INT8's
+(`max_size_ratio=1.0`), with `CompileConfig.max_drop` (points) as the acceptance gate when
+given. A drop budget alone would make "cheapest within the drop" the objective, and on a
+target where small layers run faster in float (ORT on 28×28 inputs) that is mostly FP32:
+correct by the latency table, but not what `--bits mixed` on a quantization compiler is for.
+CLI flags for size / latency budgets map onto `quantflow.search.Budget` fields one to one.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import fx
+
+from quantflow.calibrate import TensorStats, batched
+from quantflow.errors import QuantflowError
+from quantflow.search.mixed import search_mixed
+from quantflow.search.quantune import Budget
+from quantflow.spec import QuantPlan
+
+log = logging.getLogger("quantflow.search")
+
+
+def mixed_plan(gm: fx.GraphModule, calib: Any, evaluation: Any, config: Any, out: Path
+               ) -> tuple[fx.GraphModule, QuantPlan, dict[str, TensorStats], dict[str, float],
+                          dict[str, Any]]:
+    """(graph, plan, stats, candidate scores, report section) for `--bits mixed`."""
+    from quantflow.evaluate import predict
+    from quantflow.targets import get_target
+
+    x, y = calib.x, calib.y
+    ref_logits = predict(gm, x)
+
+    def eval_fn(g: fx.GraphModule) -> float:
+        logits = predict(g, x)
+        if y is not None:
+            return 100.0 * float((logits.argmax(-1) == y).double().mean())
+        return 100.0 * float((logits.argmax(-1) == ref_logits.argmax(-1)).double().mean())
+
+    batches = batched(x, config.calib_batch)
+    labels = ([y[i:i + config.calib_batch] for i in range(0, x.shape[0], config.calib_batch)]
+              if y is not None else None)
+    target: Any = None
+    latency = "proxy"
+    try:
+        target = get_target(config.target, **({"threads": config.threads}
+                                                 if config.threads else {}))
+        latency = "measured"
+    except (QuantflowError, ImportError) as exc:
+        log.warning("search: target %s unavailable for latency tables (%s); using the BOPs "
+                    "proxy", config.target, exc)
+    # the user's size/latency budgets; without any, "at most the size of uniform INT8"
+    size_ratio = config.max_size_ratio
+    if size_ratio is None and config.max_size_mb is None and config.max_latency_ms is None:
+        size_ratio = 1.0
+    budget = Budget(max_drop=config.max_drop,
+                    max_size_bytes=(config.max_size_mb * 1e6 if config.max_size_mb else None),
+                    max_size_ratio=size_ratio, max_latency_ms=config.max_latency_ms)
+    kwargs: dict[str, Any] = {"placement": config.placement, "labels": labels,
+                              "data_key": calib.name, "latency": latency}
+    if config.placement == "trt":  # TensorRT: symmetric int8 activations only
+        kwargs["schemes"] = (True,)
+    try:
+        res = search_mixed(gm, batches, eval_fn, budget, target, **kwargs)
+    except QuantflowError:
+        raise
+    except Exception as exc:  # latency measurement can fail on exotic targets: retry
+        if latency != "measured":
+            raise
+        log.warning("search: measuring latency on %s failed (%s); using the BOPs proxy",
+                    config.target, exc)
+        kwargs["latency"] = "proxy"
+        res = search_mixed(gm, batches, eval_fn, budget, None, **kwargs)
+    res.save(out)
+    scores = {t.candidate.label(): round(t.quality, 3) for t in res.trials}
+    summary = {k: v for k, v in res.to_dict().items() if k not in ("trials", "hessian")}
+    summary["files"] = {"search": str(out / "search.json"),
+                        "layers": str(out / "search_layers.md")}
+    return gm, res.plan, res.stats, scores, summary

@@ -1,0 +1,178 @@
+"""Per-layer latency tables: measured on the target (cached per device), or a BOPs proxy.
+
+Measured: for each precision option, the whole graph is quantized with every layer at that
+option, lowered with the target and profiled with `profile(..., per_layer=True)` (ORT's own
+profiler: kernel time per node, mapped back to fx node names). Layer l's cost at option k is
+the kernel time of l's node(s) in that run; the time no layer accounts for (Q/DQ of
+activations, adds, pools) is kept as `rest` per option. That is K lowerings for the whole
+table instead of L·K. Targets without per-layer profiling fall back to differential timing:
+only layer l at option k, everything else FP32, end-to-end median minus the all-FP32 median
+(L·K lowerings; noisy for tiny layers).
+
+Tables are cached as JSON under `~/.cache/quantflow/latency/`, keyed by (model hash, target
+name, device description, options), since a latency measured on one CPU says little about
+another.
+
+Proxy: bit operations, BOPs = MACs · b_w · b_a (HAWQ-V3's hardware-agnostic cost), in
+units of giga-BOPs. It ignores that int8 and fp32 kernels differ in more than bit width,
+which is what the measured table is for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from quantflow.ir import WEIGHTED_OPS, is_op
+from quantflow.search.space import OPTION_BITS
+
+log = logging.getLogger("quantflow.search")
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """ms[l, k] per layer and option, plus the unattributed time `rest[k]` of option k."""
+
+    layers: tuple[str, ...]
+    options: tuple[str, ...]
+    ms: np.ndarray
+    rest: tuple[float, ...]
+    device: str
+    target: str
+    method: str  # "per_layer_profile", "differential", "bops_proxy"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "options": list(self.options),
+                "ms": self.ms.tolist(), "rest": list(self.rest), "device": self.device,
+                "target": self.target, "method": self.method}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> LatencyTable:
+        return LatencyTable(tuple(d["layers"]), tuple(d["options"]), np.asarray(d["ms"]),
+                            tuple(d["rest"]), d["device"], d["target"], d["method"])
+
+    def rest_for(self, option: str = "W8A8") -> float:
+        return self.rest[self.options.index(option)] if option in self.options \
+            else float(np.mean(self.rest))
+
+
+def layer_macs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> dict[str, int]:
+    """Multiply-accumulates of each conv/linear node for one forward of `example_inputs`."""
+    macs: dict[str, int] = {}
+
+    class _Count(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if is_op(n, WEIGHTED_OPS):
+                w = self.env[n.args[1]]  # type: ignore[index]
+                # every output element costs (weight numel / output channels) MACs
+                macs[n.name] = int(out.numel() * w[0].numel())
+            return out
+
+    with torch.no_grad():
+        _Count(gm).run(*example_inputs)
+    return macs
+
+
+def bops_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], layers: Sequence[str],
+               options: Sequence[str]) -> LatencyTable:
+    """Giga-BOPs per layer and option (the proxy cost)."""
+    macs = layer_macs(gm, example_inputs)
+    ms = np.asarray([[macs[n] * OPTION_BITS[o][0] * OPTION_BITS[o][1] / 1e9 for o in options]
+                     for n in layers])
+    return LatencyTable(tuple(layers), tuple(options), ms, tuple(0.0 for _ in options),
+                        "any", "proxy", "bops_proxy")
+
+
+def _cache_file(cache_dir: Path, model_hash: str, target: str, device: str,
+                options: Sequence[str]) -> Path:
+    key = hashlib.sha256(json.dumps([model_hash, target, device, list(options)]).encode())
+    return cache_dir / f"{model_hash}_{target}_{key.hexdigest()[:12]}.json"
+
+
+def default_cache_dir() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "quantflow" / "latency"
+
+
+def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
+                  layers: Sequence[str], options: Sequence[str],
+                  quantize_with: Callable[[dict[str, str]], fx.GraphModule], target: Any, *,
+                  model_hash: str, cache_dir: Path | None = None, runs: int = 30,
+                  warmup: int = 5, threads: int | None = None) -> LatencyTable:
+    """Measured per-layer latency table on `target` (see module docstring), cached.
+
+    quantize_with(assignment): the quantized graph for {layer: option} (unlisted: FP32).
+    """
+    from quantflow.targets.base import device_description
+
+    device = device_description()
+    cache = _cache_file(cache_dir or default_cache_dir(), model_hash, target.name, device,
+                        options)
+    if cache.is_file():
+        table = LatencyTable.from_dict(json.loads(cache.read_text()))
+        if list(table.layers) == list(layers):
+            log.info("latency table from cache %s", cache)
+            return table
+    x = [t.detach().numpy() for t in example_inputs]
+    kw: dict[str, Any] = {"warmup": warmup, "runs": runs}
+    if threads is not None:
+        kw["threads"] = threads
+    per_layer = "per_layer" in inspect.signature(target.profile).parameters
+    ms = np.zeros((len(layers), len(options)))
+    rest = []
+    with tempfile.TemporaryDirectory() as tmp:
+        def profile(assign: dict[str, str], sub: str, per: bool) -> Any:
+            out = Path(tmp) / sub
+            out.mkdir()
+            g = quantize_with(assign) if assign else gm
+            art = target.lower(g, example_inputs, out, precision="mixed" if assign else "fp32")
+            return target.profile(art, x, per_layer=per, **kw) if per \
+                else target.profile(art, x, **kw)
+
+        if per_layer:
+            method = "per_layer_profile"
+            for k, opt in enumerate(options):
+                lat = profile({n: opt for n in layers} if opt != "FP32" else {}, f"o{k}", True)
+                per = lat.per_layer_ms or {}
+                attributed = 0.0
+                for i, n in enumerate(layers):
+                    # the layer's own node plus its weight/bias dequantize nodes
+                    t = sum(v for name, v in per.items()
+                            if name == n or name.startswith((f"{n}_weight", f"{n}_bias")))
+                    ms[i, k] = t
+                    attributed += t
+                rest.append(max(sum(per.values()) - attributed, 0.0)
+                            + max(lat.median_ms - sum(per.values()), 0.0))
+        else:
+            method = "differential"
+            base = profile({}, "fp32", False).median_ms
+            for k, opt in enumerate(options):
+                for i, n in enumerate(layers):
+                    if opt == "FP32":
+                        continue
+                    ms[i, k] = profile({n: opt}, f"o{k}_{i}", False).median_ms - base
+            rest = [base] * len(options)
+    table = LatencyTable(tuple(layers), tuple(options), ms, tuple(rest), device, target.name,
+                         method)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(table.to_dict(), indent=1) + "\n")
+    return table
+
+
+def assert_finite(table: LatencyTable) -> None:
+    if not np.isfinite(table.ms).all() or any(not math.isfinite(r) for r in table.rest):
+        raise ValueError(f"latency table ({table.method}) has non-finite entries")

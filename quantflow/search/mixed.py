@@ -1,0 +1,268 @@
+"""`search_mixed`: the mixed-precision search on a graph, end to end.
+
+Contract (what the compile pipeline relies on):
+
+    search_mixed(gm, calib_batches, eval_fn, budget, target=None, ...) -> SearchResult
+
+- `gm`: the float deploy graph (after passes; it is never modified). `calib_batches`: a list
+  of input tuples (as for `collect_stats`); `labels`: one label tensor per batch, or None
+  (then HAWQ uses KL to the FP32 outputs).
+- `eval_fn(graph) -> float`: quality in points, higher is better (accuracy % on labelled
+  evaluation data, or top-1 agreement % with FP32). It is called once on `gm` itself (the
+  reference) and once per real evaluation of a quantized graph.
+- `budget`: `Budget(max_drop, max_size_bytes, max_size_ratio, max_latency_ms)`.
+- `target`: a `quantflow.targets` Target; with `latency="measured"` the per-layer latency
+  table is measured on it (cached per device) and `max_latency_ms` applies; without one,
+  latency is the BOPs proxy and only reported.
+- Result: `SearchResult.plan` (a serializable QuantPlan; `--config` re-uses it), the best
+  trial and whether it satisfies the budget, every trial, the Pareto front (quality,
+  latency, size), the per-layer table (sensitivity, option, bits, latency gain), the
+  Hessian traces. `stats` (the activation statistics it calibrated) are returned too so the
+  caller can quantize the chosen plan without calibrating again.
+- Resumable: every real evaluation is in the database (`db`) the moment it finishes; a rerun
+  with the same graph and data (hashes) reuses them instead of evaluating again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from quantflow.calibrate import TensorStats, collect_stats
+from quantflow.quantize import quantize
+from quantflow.search import quantune as qt
+from quantflow.search.costmodel import CostModel, RandomCostModel, XGBCostModel
+from quantflow.search.database import EvalDB, Record, model_hash, tensor_hash
+from quantflow.search.hawq import HessianTraces, hutchinson_traces, layer_weights, sensitivity_table
+from quantflow.search.latency import LatencyTable, bops_table, measure_table
+from quantflow.search.space import (
+    OPTION_BITS,
+    OPTIONS,
+    Candidate,
+    SearchSpace,
+    global_configs,
+    layer_plan,
+    size_table,
+)
+from quantflow.spec import CALIBRATORS, QuantPlan
+
+log = logging.getLogger("quantflow.search")
+FP32_KEY = "__fp32__"
+
+
+@dataclass
+class SearchResult:
+    """What the search found and how (see module docstring)."""
+
+    plan: QuantPlan
+    best: qt.Trial
+    satisfied: bool
+    reference_quality: float
+    trials: list[qt.Trial]
+    pareto: list[qt.Trial]
+    layers: list[dict[str, Any]]
+    traces: HessianTraces
+    latency: LatencyTable
+    budget: qt.Budget
+    real_evaluations: int
+    reused_evaluations: int
+    seconds: float
+    stats: dict[str, TensorStats] = field(repr=False, default_factory=dict)
+
+    @staticmethod
+    def _trial(t: qt.Trial) -> dict[str, Any]:
+        return {"config": t.candidate.label(), "key": t.candidate.key(), "quality": t.quality,
+                "drop": t.drop, "size_bytes": t.size_bytes, "latency_ms": t.latency_ms,
+                "reused": t.reused}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "best": self._trial(self.best), "satisfied": self.satisfied,
+            "reference_quality": self.reference_quality,
+            "budget": {k: v for k, v in self.budget.__dict__.items()},
+            "real_evaluations": self.real_evaluations,
+            "reused_evaluations": self.reused_evaluations,
+            "seconds": round(self.seconds, 2),
+            "latency_method": self.latency.method,
+            "pareto": [self._trial(t) for t in self.pareto],
+            "trials": [self._trial(t) for t in self.trials],
+            "layers": self.layers,
+            "hessian": self.traces.to_dict(),
+        }
+
+    def layer_table(self) -> str:
+        """Markdown: per-layer sensitivity, chosen option, bits and latency gain."""
+        rows = ["| layer | Tr(H)/n | Ω(chosen) | option | W bits | A bits | latency gain ms |",
+                "|---|---|---|---|---|---|---|"]
+        for r in self.layers:
+            rows.append(f"| {r['layer']} | {r['trace_per_param']:.3g} | "
+                        f"{r['sensitivity']:.3g} | {r['option']} | {r['weight_bits']} | "
+                        f"{r['act_bits']} | {r['latency_gain_ms']:.4f} |")
+        return "\n".join(rows)
+
+    def save(self, out_dir: str | Path) -> None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.plan.save(out / "plan.json")
+        (out / "search.json").write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        (out / "search_layers.md").write_text(self.layer_table() + "\n")
+
+
+def build_space(gm: fx.GraphModule, traces: HessianTraces, example_inputs: Sequence[torch.Tensor],
+                options: Sequence[str], globs: list, latency: LatencyTable | None
+                ) -> SearchSpace:
+    """The space with its HAWQ sensitivity tables (one per scheme) and cost tables."""
+    layers = [n for n in layer_weights(gm) if n in traces.weight]
+    sens = {}
+    for g in globs:
+        if g.scheme_key not in sens:
+            _, sens[g.scheme_key] = sensitivity_table(gm, traces, [layer_plan(o, g)
+                                                                  for o in options])
+    size = size_table([traces.weight[n].numel for n in layers], options)
+    lat = latency.ms if latency is not None else None
+    rest = latency.rest_for("W8A8") if latency is not None else 0.0
+    return SearchSpace(layers, tuple(options), globs, sens, size, lat, rest)
+
+
+def search_mixed(
+    gm: fx.GraphModule,
+    calib_batches: Sequence[Sequence[torch.Tensor]],
+    eval_fn: Callable[[fx.GraphModule], float],
+    budget: qt.Budget | None = None,
+    target: Any = None,
+    *,
+    labels: Sequence[torch.Tensor] | None = None,
+    stats: dict[str, TensorStats] | None = None,
+    options: Sequence[str] = OPTIONS,
+    calibrators: Sequence[str] = CALIBRATORS,
+    schemes: Sequence[bool] = (False, True),
+    granularities: Sequence[str] = ("channel", "tensor"),
+    max_evals: int = 20,
+    strategy: str = "xgb",
+    pool_size: int = 400,
+    db: EvalDB | str | Path | None = None,
+    data_key: str = "",
+    placement: str = "ort",
+    latency: str = "measured",
+    latency_cache: Path | None = None,
+    hawq_batches: int = 2,
+    hawq_tol: float = 0.1,
+    hawq_max_iter: int = 30,
+    warm_start: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> SearchResult:
+    """Choose per-layer precisions under `budget` (contract: module docstring)."""
+    t0 = time.perf_counter()
+    budget = (budget or qt.Budget()).effective()
+    batches = [tuple(b) for b in calib_batches]
+    example = batches[0]
+    if stats is None:
+        stats = collect_stats(gm, batches, progress=progress)
+    traces = hutchinson_traces(gm, batches[:hawq_batches],
+                               list(labels)[:hawq_batches] if labels is not None else None,
+                               rel_tol=hawq_tol, max_iter=hawq_max_iter, seed=seed)
+    m_hash = model_hash(gm)
+    d_hash = tensor_hash([t for b in batches for t in b], f"{data_key}|{placement}")
+    globs = global_configs(calibrators, schemes, granularities)
+    layers = [n for n in layer_weights(gm) if n in traces.weight]
+
+    def quantize_with(assign: dict[str, str], glob: Any = globs[0]) -> fx.GraphModule:
+        plan = QuantPlan(default=layer_plan("W8A8", glob),
+                         layers={n: layer_plan(assign.get(n, "FP32"), glob) for n in layers})
+        return quantize(gm, plan, stats, placement)
+
+    if target is not None and latency == "measured":
+        table = measure_table(gm, example, layers, options, quantize_with, target,
+                              model_hash=m_hash, cache_dir=latency_cache)
+    else:
+        table = bops_table(gm, example, layers, options)
+    if budget.max_latency_ms is not None and table.method == "bops_proxy":
+        raise ValueError("a latency budget needs a target to measure per-layer latency on "
+                         "(target=..., latency='measured'); the BOPs proxy has no unit of time")
+    # the proxy table is only reported (per-layer table); measured ones price candidates
+    space = build_space(gm, traces, example, options, globs,
+                        None if table.method == "bops_proxy" else table)
+
+    database = db if isinstance(db, EvalDB) else EvalDB(db)
+    reused = 0
+
+    ref_rec = database.get(m_hash, d_hash, FP32_KEY)
+    if ref_rec is None:
+        ref_q = float(eval_fn(gm))
+        database.put(Record(m_hash, d_hash, FP32_KEY, (), ref_q, ref_q, None, None, 0.0))
+    else:
+        ref_q = ref_rec.quality
+
+    def evaluate(c: Candidate) -> qt.Trial:
+        nonlocal reused
+        rec = database.get(m_hash, d_hash, c.key())
+        size, lat = space.size_bytes(c), space.latency_ms(c)
+        if rec is not None:
+            reused += 1
+            return qt.Trial(c, rec.quality, ref_q, size, lat, reused=True)
+        t1 = time.perf_counter()
+        q = float(eval_fn(quantize(gm, space.plan(c), stats, placement)))
+        database.put(Record(m_hash, d_hash, c.key(), tuple(space.features(c)), q, ref_q, size,
+                            lat, time.perf_counter() - t1))
+        return qt.Trial(c, q, ref_q, size, lat)
+
+    rng = np.random.default_rng(seed)
+    start = qt.seeds(space, budget)
+    pool = qt.candidate_pool(space, budget, start, pool_size, rng)
+    cm: CostModel
+    if strategy == "xgb":
+        xgb_model = XGBCostModel(seed=seed, bootstrap=True)
+        n_feat = len(space.features(start[0]))
+        if warm_start:
+            wx, wy = database.warm_start_rows(m_hash, n_feat)
+            xgb_model.warm_start(wx, wy)
+        # this model's own earlier rows (an interrupted run) are NOT pre-loaded: with the same
+        # seed the rerun replays the same picks, answered from the database, and carries on
+        cm = xgb_model
+    else:
+        cm = RandomCostModel(seed)
+    try:
+        trials = qt.run_search(space, pool, evaluate, budget, strategy=strategy,
+                               max_evals=max_evals, cost_model=cm, first=start[:1], seed=seed,
+                               progress=progress, prior=qt.hawq_prior(space, budget))
+    finally:
+        if not isinstance(db, EvalDB):
+            database.close()
+    ok = [t for t in trials if qt.satisfies(t, budget, space)]
+    best = max(ok or trials, key=lambda t: qt.objective(t, budget, space))
+    if not ok:
+        log.warning("mixed-precision search: no evaluated configuration meets the budget %s; "
+                    "returning the best found (drop %.2f points)", budget, best.drop)
+    return SearchResult(
+        plan=space.plan(best.candidate), best=best, satisfied=bool(ok),
+        reference_quality=ref_q, trials=trials, pareto=qt.pareto_front(trials),
+        layers=_layer_rows(space, traces, table, best.candidate), traces=traces,
+        latency=table, budget=budget, real_evaluations=sum(not t.reused for t in trials),
+        reused_evaluations=reused, seconds=time.perf_counter() - t0, stats=stats)
+
+
+def _layer_rows(space: SearchSpace, traces: HessianTraces, table: LatencyTable,
+                c: Candidate) -> list[dict[str, Any]]:
+    rows = []
+    sens = space.sens[c.glob.scheme_key]
+    fp = space.options.index("FP32") if "FP32" in space.options else None
+    for i, (n, o) in enumerate(zip(space.layers, c.options)):
+        k = space.options.index(o)
+        wb, ab = OPTION_BITS[o]
+        gain = float(table.ms[i, fp] - table.ms[i, k]) if fp is not None else 0.0
+        rows.append({"layer": n, "option": o, "weight_bits": wb, "act_bits": ab,
+                     "trace_per_param": traces.weight[n].mean_diag,
+                     "weight_trace": traces.weight[n].trace, "act_trace": traces.act[n].trace,
+                     "sensitivity": float(sens[i, k]), "latency_gain_ms": gain,
+                     "latency_unit": "GBOPs" if table.method == "bops_proxy" else "ms"})
+    return rows

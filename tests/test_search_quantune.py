@@ -1,0 +1,194 @@
+"""End to end: the search meets the budget, its plan reproduces its score, and it resumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import fx, nn
+
+from quantflow.calibrate import batched
+from quantflow.ir import capture
+from quantflow.passes.cleanup import dead_code
+from quantflow.passes.fold_bn import fold_bn
+from quantflow.passes.pipeline import run_pipeline
+from quantflow.quantize import quantize
+from quantflow.search import Budget, search_mixed
+from quantflow.search.database import EvalDB
+from quantflow.search.quantune import pareto_front
+from quantflow.spec import QuantPlan
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> object:
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[fx.GraphModule, list, list, torch.Tensor, torch.Tensor, nn.Module]:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    templates = torch.randn(4, 1, 8, 8, generator=gen)
+
+    def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.randint(0, 4, (n,), generator=gen)
+        return templates[y] + 1.2 * torch.randn(n, 1, 8, 8, generator=gen), y
+
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(120):
+        x, y = data(64)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    x_cal, y_cal = data(64)
+    x_test, y_test = data(400)
+    gm = capture(model.eval(), (x_cal[:2],))
+    run_pipeline(gm, (fold_bn, dead_code))
+    batches = batched(x_cal, 32)
+    labels = [y_cal[i:i + 32] for i in range(0, 64, 32)]
+    return gm, batches, labels, x_test, y_test, model
+
+
+def _acc(g: fx.GraphModule, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return 100.0 * float((g(x).argmax(-1) == y).double().mean())
+
+
+SMALL = {"calibrators": ("minmax", "percentile"), "schemes": (False,),
+         "granularities": ("channel",), "hawq_batches": 2, "hawq_max_iter": 15,
+         "pool_size": 60, "latency": "proxy", "progress": False}
+
+
+def test_search_meets_size_budget_and_plan_reproduces(setup: tuple, tmp_path: Path) -> None:
+    gm, batches, labels, x_test, y_test, _model = setup
+    calls = []
+
+    def eval_fn(g: fx.GraphModule) -> float:
+        calls.append(1)
+        return _acc(g, x_test, y_test)
+
+    budget = Budget(max_size_ratio=0.75)
+    res = search_mixed(gm, batches, eval_fn, budget, labels=labels, max_evals=6,
+                       db=tmp_path / "db.sqlite", **SMALL)  # type: ignore[arg-type]
+    assert len(res.trials) == 6 and res.real_evaluations == 6
+    assert len(calls) == 7  # the FP32 reference + 6 candidates
+    assert res.satisfied
+    n_layers = 4
+    assert len(res.layers) == n_layers
+    # size from the chosen bits and the weights' sizes: ≤ 75% of uniform W8 weight bytes
+    numel = {n: t.numel for n, t in res.traces.weight.items()}
+    int8 = float(sum(numel.values()))
+    size = sum(numel[r["layer"]] * r["weight_bits"] / 8 for r in res.layers)
+    assert size == res.best.size_bytes <= 0.75 * int8 + 1e-9
+    assert any(r["weight_bits"] == 4 for r in res.layers)  # the only way below 100%
+    # the best is the best satisfying trial, and the saved plan reproduces its quality
+    assert res.best.quality == max(t.quality for t in res.trials
+                                   if t.size_bytes <= 0.75 * int8 + 1e-9)
+    res.save(tmp_path / "out")
+    plan = QuantPlan.load(tmp_path / "out" / "plan.json")
+    assert plan == res.plan
+    assert _acc(quantize(gm, plan, res.stats), x_test, y_test) == res.best.quality
+    assert res.pareto and all(t in res.trials for t in res.pareto)
+    assert (tmp_path / "out" / "search_layers.md").read_text().count("\n") == n_layers + 2
+
+
+def test_resume_after_interrupt_loses_nothing(setup: tuple, tmp_path: Path) -> None:
+    gm, batches, labels, x_test, y_test, _model = setup
+    db_path = tmp_path / "db.sqlite"
+    calls = {"n": 0}
+
+    def interrupted(g: fx.GraphModule) -> float:
+        calls["n"] += 1
+        if calls["n"] > 4:  # FP32 reference + 3 candidates, then Ctrl-C
+            raise KeyboardInterrupt
+        return _acc(g, x_test, y_test)
+
+    with pytest.raises(KeyboardInterrupt):
+        search_mixed(gm, batches, interrupted, Budget(max_size_ratio=0.75), labels=labels,
+                     max_evals=6, db=db_path, **SMALL)  # type: ignore[arg-type]
+    with EvalDB(db_path) as db:
+        before = {r.key for r in db.records()}
+    assert len(before) == 4  # everything finished before Ctrl-C is on disk
+
+    def counting(g: fx.GraphModule) -> float:
+        calls["n"] += 1
+        return _acc(g, x_test, y_test)
+
+    calls["n"] = 0
+    res = search_mixed(gm, batches, counting, Budget(max_size_ratio=0.75), labels=labels,
+                       max_evals=6, db=db_path, **SMALL)  # type: ignore[arg-type]
+    with EvalDB(db_path) as db:
+        after = {r.key for r in db.records()}
+    # every call evaluated something new: nothing that was on disk ran again
+    assert calls["n"] == len(after) - len(before) == res.real_evaluations
+    # same seed, same trajectory: the 3 finished picks come back from disk, then it goes on
+    assert res.reused_evaluations == 3 and [t.reused for t in res.trials[:3]] == [True] * 3
+    assert res.real_evaluations == 3 == calls["n"]
+
+
+def test_accuracy_budget_only_picks_cheapest_within_drop(setup: tuple, tmp_path: Path) -> None:
+    gm, batches, labels, x_test, y_test, _model = setup
+    res = search_mixed(gm, batches, lambda g: _acc(g, x_test, y_test), Budget(max_drop=1.0),
+                       labels=labels, max_evals=6, db=tmp_path / "db.sqlite", strategy="random",
+                       **SMALL)  # type: ignore[arg-type]
+    ok = [t for t in res.trials if t.drop <= 1.0]
+    assert res.satisfied == bool(ok)
+    if ok:
+        assert res.best.size_bytes == min(t.size_bytes for t in ok)
+
+
+def test_pareto_front_is_nondominated(setup: tuple, tmp_path: Path) -> None:
+    gm, batches, labels, x_test, y_test, _model = setup
+    res = search_mixed(gm, batches, lambda g: _acc(g, x_test, y_test),
+                       Budget(max_size_ratio=1.0), labels=labels, max_evals=5,
+                       db=tmp_path / "db.sqlite", strategy="grid", **SMALL)  # type: ignore[arg-type]
+    front = pareto_front(res.trials)
+    for f in front:
+        assert not any(t.quality >= f.quality and t.size_bytes < f.size_bytes
+                       or t.quality > f.quality and t.size_bytes <= f.size_bytes
+                       for t in res.trials)
+    assert np.isfinite([t.quality for t in front]).all()
+
+
+@pytest.mark.slow
+def test_compile_pipeline_bits_mixed(setup: tuple, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`compile(..., bits="mixed")` runs the search, measures latency on ORT, writes the plan."""
+    import json
+
+    from quantflow.pipeline import CompileConfig, Dataset, compile
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _gm, batches, labels, x_test, y_test, model = setup
+    x_cal, y_cal = torch.cat([b[0] for b in batches]), torch.cat(labels)
+    rep = compile(model, (x_cal[:1],), Dataset(x_cal, y_cal, "calib"),
+                  Dataset(x_test, y_test, "test"), tmp_path / "out",
+                  CompileConfig(bits="mixed", max_drop=2.0, calib_batch=32))
+    search = rep["search"]
+    assert search["latency_method"] == "per_layer_profile"
+    assert search["satisfied"] and search["best"]["drop"] <= 2.0
+    plan = QuantPlan.load(tmp_path / "out" / "plan.json")
+    labels_by_layer = json.loads((tmp_path / "out" / "search.json").read_text())["layers"]
+    assert {r["layer"]: r["option"] for r in labels_by_layer} == {
+        k: v.label() for k, v in plan.layers.items()}
+    assert (tmp_path / "cache" / "quantflow" / "search.sqlite").is_file()
