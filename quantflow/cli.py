@@ -94,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "uniform INT8 (e.g. 0.75x)")
     c.add_argument("--max-latency", type=float, metavar="MS",
                    help="--bits mixed: latency budget in ms, measured on the target")
+    c.add_argument("--tune-trials", type=int, default=0, metavar="N",
+                   help="--target tvm: MetaSchedule tuning trials per task (0: untuned; the "
+                   "tuning database is cached per model and target, so a re-compile is fast)")
+    c.add_argument("--device", choices=("host", "aarch64"), default="host",
+                   help="--target tvm: build for this machine, or cross-compile an aarch64 "
+                   "bundle (library, runtime, C++ runner, manifest) for edge boards")
     c.add_argument("--threads", type=int, help="runtime threads for profiling (default: all)")
     c.add_argument("--profile-runs", type=int, default=50, help="timed runs per model")
     c.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")

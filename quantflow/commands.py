@@ -78,7 +78,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                            profile_runs=args.profile_runs,
                            max_size_mb=size if size_kind == "mb" else None,
                            max_size_ratio=size if size_kind == "ratio" else None,
-                           max_latency_ms=args.max_latency)
+                           max_latency_ms=args.max_latency, tune_trials=args.tune_trials,
+                           device=args.device)
     report = compile(loaded.module, example, calib, evaluation, args.out, config,
                      name=loaded.name, source=loaded.source)
     print(report.render())

@@ -57,6 +57,8 @@ class CompileConfig:
     profile_runs: int = 50
     profile_warmup: int = 10
     threads: int | None = None
+    tune_trials: int = 0  # tvm: MetaSchedule trials per task (0: untuned)
+    device: str = "host"  # tvm: "host" or "aarch64" (cross-compiled edge bundle)
 
     def __post_init__(self) -> None:
         if self.target not in ("ort", "tvm", "trt"):
@@ -67,6 +69,10 @@ class CompileConfig:
             raise ValueError(f"calibrator must be auto or one of {CALIBRATORS}")
         if self.equalize not in ("auto", "on", "off"):
             raise ValueError("equalize must be auto, on or off")
+        if self.device not in ("host", "aarch64"):
+            raise ValueError(f"device must be host or aarch64, got {self.device!r}")
+        if (self.tune_trials or self.device != "host") and self.target != "tvm":
+            raise ValueError("--tune-trials and --device apply to --target tvm only")
         if self.max_drop is not None and self.max_drop < 0:
             raise ValueError("max_drop must be >= 0 (points)")
         for name in ("max_size_mb", "max_size_ratio", "max_latency_ms"):
@@ -205,7 +211,7 @@ def compile(
     with stage("quantize"):
         qgm = quantize(gm, plan, stats, config.placement)
 
-    target = get_target(config.target, **({"threads": config.threads} if config.threads else {}))
+    target = get_target(config.target, **target_options(config))
     with stage("lower"):
         art_fp32 = target.lower(gm, example_inputs, out, precision="fp32")
         art_q = target.lower(qgm, example_inputs, out,
@@ -242,6 +248,14 @@ def compile(
     if not report["gate"]["passed"]:
         raise BudgetExceededError(report["gate"]["reason"] + f" (report: {out / 'report.json'})")
     return report
+
+
+def target_options(config: CompileConfig) -> dict[str, object]:
+    """Keyword options for `get_target` from the compile configuration."""
+    opts: dict[str, object] = {"threads": config.threads} if config.threads else {}
+    if config.target == "tvm":
+        opts.update(tune_trials=config.tune_trials, device=config.device)
+    return opts
 
 
 def _jsonable(v: object) -> bool:

@@ -50,8 +50,9 @@ def mixed_plan(gm: fx.GraphModule, calib: Any, evaluation: Any, config: Any, out
     target: Any = None
     latency = "proxy"
     try:
-        target = get_target(config.target, **({"threads": config.threads}
-                                                 if config.threads else {}))
+        from quantflow.pipeline import target_options
+
+        target = get_target(config.target, **target_options(config))
         latency = "measured"
     except (QuantflowError, ImportError) as exc:
         log.warning("search: target %s unavailable for latency tables (%s); using the BOPs "
