@@ -68,6 +68,8 @@ def mixed_plan(gm: fx.GraphModule, calib: Any, evaluation: Any, config: Any, out
                               "data_key": calib.name, "latency": latency}
     if config.placement == "trt":  # TensorRT: symmetric int8 activations only
         kwargs["schemes"] = (True,)
+    else:  # onnxruntime runs int8 (symmetric) activations through float kernels: measured
+        kwargs["schemes"] = (False,)  # 0.85-1.33x FP32 vs 0.5-0.7x for uint8 (benchmarks.md)
     try:
         res = search_mixed(gm, batches, eval_fn, budget, target, **kwargs)
     except QuantflowError:
