@@ -15,13 +15,7 @@ from quantflow.spec import ORT_ACT, ORT_WEIGHT, LayerPlan, QSpec
 W4 = QSpec(bits=4, granularity="channel")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """Tiny tensors: intra-op threads only add contention on the shared CI cores (60x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 A16 = QSpec(bits=16, signed=False, symmetric=False)
 
 

@@ -21,12 +21,7 @@ from quantflow.search.quantune import pareto_front
 from quantflow.spec import QuantPlan
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):

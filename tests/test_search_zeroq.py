@@ -20,12 +20,7 @@ from quantflow.spec import int8_plan
 DISTILLED_MARGIN = 3.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Net(nn.Module):
