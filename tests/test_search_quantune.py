@@ -20,7 +20,6 @@ from quantflow.search.database import EvalDB
 from quantflow.search.quantune import pareto_front
 from quantflow.spec import QuantPlan
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
