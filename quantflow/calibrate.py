@@ -11,8 +11,9 @@ same key the quantizer uses for the Q/DQ pair it puts on that tensor.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import fx

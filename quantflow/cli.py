@@ -12,8 +12,8 @@ import logging
 import sys
 import traceback
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from quantflow.errors import EXIT_CODES, InputError, QuantflowError
 

@@ -176,5 +176,5 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     from quantflow.zoo import MODELS
 
     for name, e in MODELS.items():
-        print(f"zoo:{name:28s} {str(e.input_shape):16s} {e.dataset:14s} {e.description}")
+        print(f"zoo:{name:28s} {e.input_shape!s:16s} {e.dataset:14s} {e.description}")
     return 0

@@ -7,8 +7,9 @@ of the softmax outputs — fidelity measures that need no ground truth.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -19,8 +19,9 @@ Conventions every pass and analysis relies on:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -145,7 +146,7 @@ class ConvArgs:
     groups: int
 
     @staticmethod
-    def of(node: fx.Node) -> "ConvArgs":
+    def of(node: fx.Node) -> ConvArgs:
         if node.target not in CONV_OPS:
             raise CaptureError(f"node {node.name!r} ({node.target}) is not a conv")
         nd = 2 if node.target == aten.conv2d.default else 1

@@ -21,9 +21,9 @@ import contextlib
 import copy
 import logging
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from torch import fx, nn
@@ -267,8 +267,8 @@ def _evaluate(gm: fx.GraphModule, qgm: fx.GraphModule, target: object, art_fp32:
     """FP32 reference (torch), torch simulation, and the real artifact on the target."""
     ref = ev.predict(gm, data.x)
     sim = ev.predict(qgm, data.x)
-    run_f = lambda xs: target.run(art_fp32, xs)  # type: ignore[attr-defined]  # noqa: E731
-    run_q = lambda xs: target.run(art_q, xs)  # type: ignore[attr-defined]  # noqa: E731
+    run_f = lambda xs: target.run(art_fp32, xs)  # type: ignore[attr-defined]
+    run_q = lambda xs: target.run(art_q, xs)  # type: ignore[attr-defined]
     rt_f = ev.predict_runtime(run_f, data.x, batch)
     rt_q = ev.predict_runtime(run_q, data.x, batch)
     q_fp32 = ev.quality(rt_f, data.y, ref)
@@ -312,4 +312,4 @@ def _layers(qgm: fx.GraphModule, plan: QuantPlan, meta: dict[str, object]) -> li
     return rows
 
 
-__all__ = ["CompileConfig", "Dataset", "compile", "choose_plan", "count_ops"]
+__all__ = ["CompileConfig", "Dataset", "choose_plan", "compile", "count_ops"]

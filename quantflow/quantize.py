@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+import torch.ao.quantization.fx._decomposed
 from torch import fx
 
 from quantflow.calibrate import TensorStats

@@ -22,6 +22,7 @@ Schema "quantflow.report/1" (all sizes in bytes, latencies in ms, accuracies in 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ class Report:
 def _json_default(o: Any) -> Any:
     if hasattr(o, "to_dict"):
         return o.to_dict()
-    if isinstance(o, float) and o != o:
+    if isinstance(o, float) and math.isnan(o):
         return None
     return str(o)
 

@@ -11,10 +11,11 @@ Integer conventions follow ONNX QuantizeLinear: q = saturate(round_half_even(x /
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 GRANULARITIES = ("tensor", "channel")
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
@@ -79,7 +80,7 @@ class QSpec:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> "QSpec":
+    def from_dict(d: Mapping[str, Any]) -> QSpec:
         unknown = set(d) - set(QSpec.__dataclass_fields__)
         if unknown:
             raise ValueError(f"QSpec: unknown keys {sorted(unknown)}")
@@ -107,7 +108,7 @@ class LayerPlan:
                 "act": self.act.to_dict() if self.act else None}
 
     @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> "LayerPlan":
+    def from_dict(d: Mapping[str, Any]) -> LayerPlan:
         w, a = d.get("weight"), d.get("act")
         return LayerPlan(QSpec.from_dict(w) if w else None, QSpec.from_dict(a) if a else None)
 
@@ -152,10 +153,10 @@ class QuantPlan:
     def for_node(self, name: str) -> LayerPlan:
         return self.layers.get(name, self.default)
 
-    def with_layer(self, name: str, plan: LayerPlan) -> "QuantPlan":
+    def with_layer(self, name: str, plan: LayerPlan) -> QuantPlan:
         return replace(self, layers={**self.layers, name: plan})
 
-    def with_calibrator(self, calibrator: str, percentile: float | None = None) -> "QuantPlan":
+    def with_calibrator(self, calibrator: str, percentile: float | None = None) -> QuantPlan:
         """The same plan with the activation calibrator replaced everywhere."""
 
         def upd(lp: LayerPlan) -> LayerPlan:
@@ -179,7 +180,7 @@ class QuantPlan:
         }
 
     @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> "QuantPlan":
+    def from_dict(d: Mapping[str, Any]) -> QuantPlan:
         if d.get("format") != "quantflow.QuantPlan/1":
             raise ValueError(f"not a quantflow plan (format={d.get('format')!r}); expected "
                              "'quantflow.QuantPlan/1' as written by `quantflow compile`")
@@ -194,7 +195,7 @@ class QuantPlan:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @staticmethod
-    def load(path: str | Path) -> "QuantPlan":
+    def load(path: str | Path) -> QuantPlan:
         return QuantPlan.from_dict(json.loads(Path(path).read_text()))
 
 

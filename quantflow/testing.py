@@ -8,7 +8,7 @@ a second run changes nothing (fixpoint).
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx, nn

@@ -13,7 +13,7 @@ from quantflow.targets.base import Artifact, Latency, Target
 TARGETS = {"ort": "quantflow.targets.ort", "tvm": "quantflow.targets.tvm",
            "trt": "quantflow.targets.trt"}
 
-__all__ = ["Artifact", "Latency", "Target", "TARGETS", "get_target"]
+__all__ = ["TARGETS", "Artifact", "Latency", "Target", "get_target"]
 
 
 def get_target(name: str, **options: object) -> Target:

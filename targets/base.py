@@ -15,9 +15,10 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -96,7 +97,7 @@ def time_runs(fn: Callable[[], object], *, warmup: int, runs: int, threads: int,
         if len(times) >= 20 * runs:
             break
     times.sort()
-    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+    p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
     return Latency(median_ms=statistics.median(times), p90_ms=p90,
                    mean_ms=statistics.fmean(times), runs=len(times), warmup=warmup,
                    threads=threads, batch=batch, device=device or device_description())

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from quantflow.cli import main
-from quantflow.spec import LayerPlan, QSpec, QuantPlan, ORT_ACT
+from quantflow.spec import ORT_ACT, LayerPlan, QSpec, QuantPlan
 
 
 class Tiny(nn.Module):

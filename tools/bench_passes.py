@@ -17,11 +17,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from quantflow.ir import capture  # noqa: E402
-from quantflow.passes import optimize  # noqa: E402
-from quantflow.testing import max_rel_err  # noqa: E402
-from quantflow.zoo import MODELS, get_model  # noqa: E402
-from quantflow.zoo import reparam  # noqa: E402
+from quantflow.ir import capture
+from quantflow.passes import optimize
+from quantflow.testing import max_rel_err
+from quantflow.zoo import (
+    MODELS,
+    get_model,
+    reparam,
+)
 
 EXTRA = {"acnet_fmnist": reparam.acnet_fmnist, "dbb_fmnist": reparam.dbb_fmnist,
          "mobileone_fmnist": reparam.mobileone_fmnist}

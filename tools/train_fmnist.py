@@ -45,7 +45,7 @@ DEFAULT_EPOCHS: dict[str, int] = {
     "resnet_fmnist": 6,
     "mobilenetv2_fmnist": 6,
     "repvgg_fmnist": 6,
-    "unireplknet_fmnist": 5,
+    "unireplknet_fmnist": 4,
 }
 #: The test suite re-checks accuracy on this many leading test images (fast, deterministic).
 SUBSET = 2500

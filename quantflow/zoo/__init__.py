@@ -21,8 +21,8 @@ from torch import nn
 
 from quantflow.zoo.imagenet import imagenet_class_names, mobilenet_v2_imagenet
 from quantflow.zoo.mobilenetv2 import MobileNetV2, mobilenet_v2, mobilenetv2_fmnist
-from quantflow.zoo.resnet import ResNet, resnet18, resnet_fmnist
 from quantflow.zoo.reparam import repvgg_fmnist, unireplknet_fmnist
+from quantflow.zoo.resnet import ResNet, resnet18, resnet_fmnist
 
 __all__ = [
     "MODELS",
