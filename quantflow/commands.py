@@ -115,6 +115,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from quantflow.load import load_model, resolve_example_inputs
     from quantflow.passes import optimize
     from quantflow.targets.onnx_export import export_onnx
+    from quantflow.testing import max_rel_err
 
     loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
                         input_shape=args.input_shape)
@@ -127,7 +128,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         after = gm(*example)
     b = before[0] if isinstance(before, (tuple, list)) else before
     a = after[0] if isinstance(after, (tuple, list)) else after
-    err = float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+    err = max_rel_err(a, b)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.export.save(export_program(gm, example), out / "model.pt2")

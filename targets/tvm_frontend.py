@@ -41,6 +41,7 @@ import torch.ao.quantization.fx._decomposed
 from torch import fx
 
 from quantflow.errors import UnsupportedOpError
+from quantflow.ir import ConvArgs
 
 log = logging.getLogger("quantflow.targets.tvm")
 
@@ -190,21 +191,6 @@ class LoweringStats:
     float_layers: dict[str, str]  # node name -> why it stayed float
 
 
-def _conv_args(node: fx.Node) -> tuple[Any, ...]:
-    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    vals: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-    vals.update(dict(zip(names, node.args)))
-    vals.update(node.kwargs)
-    return tuple(vals[n] for n in names)
-
-
-def _pair(v: Any) -> list[int]:
-    if isinstance(v, int):
-        return [v, v]
-    v = [int(i) for i in v]
-    return v * 2 if len(v) == 1 else v
-
-
 def make_convert_map(consts: ConstTable, stats: LoweringStats) -> dict[str, Callable[..., Any]]:
     """Converters for `from_exported_program(custom_convert_map=...)`."""
     from tvm import relax
@@ -254,20 +240,20 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats) -> dict[str, Call
         return y
 
     def conv2d(node: fx.Node, imp: Any) -> Any:
-        x, w, b, stride, padding, dilation, groups = _conv_args(node)
-        layer, why = match_int_layer(node, x, w, b, consts)
+        c = ConvArgs.of(node)  # export drops trailing defaults; this normalizes them
+        layer, why = match_int_layer(node, c.x, c.weight, c.bias, consts)
         if layer is None:
             stats.float_layers[node.name] = why
             return imp._conv2d(node)
         bb = imp.block_builder
         xq, wq = imp.env[layer.x.q], imp.env[layer.w.q]
-        ph, pw = _pair(padding)
+        ph, pw = c.padding
         if ph or pw:
             # pad with the input zero point: real-valued zero at the border (see docstring)
             xq = bb.emit(relax.op.nn.pad(xq, [0, 0, 0, 0, ph, ph, pw, pw], "constant",
                                          float(int(layer.x.zero_point))))
-        acc = bb.emit(relax.op.nn.conv2d(xq, wq, strides=_pair(stride), padding=[0, 0],
-                                         dilation=_pair(dilation), groups=int(groups),
+        acc = bb.emit(relax.op.nn.conv2d(xq, wq, strides=list(c.stride), padding=[0, 0],
+                                         dilation=list(c.dilation), groups=c.groups,
                                          out_dtype="int32"))
         stats.int_layers.append(node.name)
         return finish(imp, acc, layer, [1, -1, 1, 1])
