@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import re
 import statistics
@@ -41,14 +42,17 @@ import torch
 from torch import fx
 
 from quantflow.errors import TargetUnavailableError
+from quantflow.targets import onnx_int4
 from quantflow.targets.base import Artifact, Latency, device_description, time_runs
-from quantflow.targets.onnx_export import export_onnx
+from quantflow.targets.onnx_export import export_onnx, required_opset
 
 try:
     import onnxruntime as ort
 except ImportError as exc:  # pragma: no cover - onnxruntime is a core dependency
     raise TargetUnavailableError("target 'ort' needs onnxruntime: pip install onnxruntime") \
         from exc
+
+log = logging.getLogger("quantflow.targets.ort")
 
 PRECISIONS = ("int8", "mixed", "fp32")
 
@@ -105,11 +109,18 @@ def fusion_aliases(model: onnx.ModelProto) -> dict[str, str]:
     return aliases
 
 
+_SUB_BYTE = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+
+
 def _initializer_bytes(model: onnx.ModelProto) -> int:
+    """Stored bytes of the initializers (4-bit types pack two values a byte)."""
     total = 0
     for init in model.graph.initializer:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-        total += int(np.prod(init.dims, dtype=np.int64)) * itemsize
+        n = int(np.prod(init.dims, dtype=np.int64))
+        if init.data_type in _SUB_BYTE:
+            total += (n + 1) // 2
+            continue
+        total += n * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
     return total
 
 
@@ -222,7 +233,18 @@ class OrtTarget:
             raise ValueError(f"ort: precision must be one of {PRECISIONS}, got {precision!r}")
         out_dir = Path(out_dir)
         path = out_dir / ("model_fp32.onnx" if precision == "fp32" else "model.onnx")
-        info = export_onnx(gm, example_inputs, path, opset=self.opset)
+        four_bit = any(n.op == "get_attr" and str(n.target).endswith(onnx_int4.SUFFIX)
+                       for n in gm.graph.nodes)
+        opset = self.opset
+        if four_bit and opset is None:  # INT4 storage needs opset 21 (onnx_int4)
+            opset = max(required_opset(gm)[0], onnx_int4.INT4_OPSET)
+        info = export_onnx(gm, example_inputs, path, opset=opset)
+        packed: list[str] = []
+        if four_bit and info.opset >= onnx_int4.INT4_OPSET:
+            packed = onnx_int4.pack_file(path)
+        elif four_bit:
+            log.warning("ort: opset %d < %d: 4-bit weights stay int8 on disk", info.opset,
+                        onnx_int4.INT4_OPSET)
         with tempfile.TemporaryDirectory() as tmp:
             optimized = str(Path(tmp) / "optimized.onnx")
             ort.InferenceSession(str(path), _session_options(1, optimized_path=optimized),
@@ -237,6 +259,7 @@ class OrtTarget:
             "graph_optimization_level": "ORT_ENABLE_ALL",
             "onnxruntime": ort.__version__,
             "weights_bytes": _initializer_bytes(exported),
+            "int4_packed_weights": len(packed),
             "fusion_aliases": aliases,
             **summary,
         }

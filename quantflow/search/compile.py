@@ -3,12 +3,15 @@
 Quality during the search is measured on the CALIBRATION data (accuracy with its labels, else
 top-1 agreement with FP32 in percent), never on the evaluation data: the report's accuracy on
 the evaluation data then stays an unbiased estimate of the chosen plan, as for uniform INT8.
-Budget: the best quality whose weights are no larger than uniform INT8's
-(`max_size_ratio=1.0`), with `CompileConfig.max_drop` (points) as the acceptance gate when
-given. A drop budget alone would make "cheapest within the drop" the objective, and on a
-target where small layers run faster in float (ORT on 28×28 inputs) that is mostly FP32:
-correct by the latency table, but not what `--bits mixed` on a quantization compiler is for.
-CLI flags for size / latency budgets map onto `quantflow.search.Budget` fields one to one.
+Budget (`search_budget`):
+- `--max-size` / `--max-latency` given: the best quality within them (`--max-drop`, if
+  given, is the acceptance gate); the flags map onto `quantflow.search.Budget` one to one.
+- only `--max-drop`: the SMALLEST weights whose drop on the calibration data is within
+  `SEARCH_DROP_MARGIN` × the budget, never larger than uniform INT8 and, where the target
+  measured a latency table, never slower than uniform INT8 by that table. (Minimizing
+  latency instead would pick mostly FP32 on ORT for small inputs, where float kernels beat
+  int8 ones: right by the table, but not what `--bits mixed` is for.)
+- neither: the best quality at the size of uniform INT8.
 """
 
 from __future__ import annotations
@@ -26,6 +29,25 @@ from quantflow.search.quantune import Budget
 from quantflow.spec import QuantPlan
 
 log = logging.getLogger("quantflow.search")
+
+
+#: the search aims at this fraction of --max-drop on the calibration data: the cheapest of
+#: many candidates that pass on a few hundred images tends to lose more on unseen data
+#: (winner's curse), and the gate is applied on the evaluation data
+SEARCH_DROP_MARGIN = 0.5
+
+
+def search_budget(config: Any, *, measured: bool) -> Budget:
+    """The search budget for a CompileConfig (module docstring)."""
+    size_bytes = config.max_size_mb * 1e6 if config.max_size_mb else None
+    if any(v is not None for v in (size_bytes, config.max_size_ratio, config.max_latency_ms)):
+        return Budget(max_drop=config.max_drop, max_size_bytes=size_bytes,
+                      max_size_ratio=config.max_size_ratio,
+                      max_latency_ms=config.max_latency_ms)
+    if config.max_drop is not None:  # smallest within the drop, never slower than INT8
+        return Budget(max_drop=config.max_drop * SEARCH_DROP_MARGIN, minimize="size",
+                      max_size_ratio=1.0, max_latency_ratio=1.0 if measured else None)
+    return Budget(max_size_ratio=1.0)  # best quality at the size of uniform INT8
 
 
 def mixed_plan(gm: fx.GraphModule, calib: Any, evaluation: Any, config: Any, out: Path
@@ -57,13 +79,7 @@ def mixed_plan(gm: fx.GraphModule, calib: Any, evaluation: Any, config: Any, out
     except (QuantflowError, ImportError) as exc:
         log.warning("search: target %s unavailable for latency tables (%s); using the BOPs "
                     "proxy", config.target, exc)
-    # the user's size/latency budgets; without any, "at most the size of uniform INT8"
-    size_ratio = config.max_size_ratio
-    if size_ratio is None and config.max_size_mb is None and config.max_latency_ms is None:
-        size_ratio = 1.0
-    budget = Budget(max_drop=config.max_drop,
-                    max_size_bytes=(config.max_size_mb * 1e6 if config.max_size_mb else None),
-                    max_size_ratio=size_ratio, max_latency_ms=config.max_latency_ms)
+    budget = search_budget(config, measured=latency == "measured")
     kwargs: dict[str, Any] = {"placement": config.placement, "labels": labels,
                               "data_key": calib.name, "latency": latency}
     if config.placement == "trt":  # TensorRT: symmetric int8 activations only

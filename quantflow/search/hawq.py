@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx
+from tqdm import tqdm
 
 from quantflow.ir import WEIGHTED_OPS, is_op
 from quantflow.qmath import fake_quant_weight, qparams_from_range
@@ -197,11 +199,13 @@ def hutchinson_traces(gm: fx.GraphModule, batches: Sequence[Sequence[torch.Tenso
                       labels: Sequence[torch.Tensor] | None = None, *, rel_tol: float = 0.05,
                       max_iter: int = 100, min_iter: int = 5, seed: int = 0,
                       abs_floor: float = 0.01, activations: bool = True,
-                      per_block: bool | None = None) -> HessianTraces:
+                      per_block: bool | None = None, progress: bool = False,
+                      max_seconds: float | None = None) -> HessianTraces:
     """Per-layer Hessian traces (weights and, if `activations`, layer inputs) by Hutchinson.
 
     Stops when every trace has stderr ≤ rel_tol · max(|trace|, abs_floor · largest |trace| of
-    its kind) (after `min_iter` draws), or after `max_iter` draws with `converged=False`.
+    its kind) (after `min_iter` draws), or after `max_iter` draws or `max_seconds` (checked
+    after `min_iter` draws) with `converged=False` and the achieved error in the log.
     Runs in the graph's dtype (use fp64 to verify).
 
     per_block: one Hessian-vector product per block (low variance, 2L extra backward passes
@@ -221,6 +225,9 @@ def hutchinson_traces(gm: fx.GraphModule, batches: Sequence[Sequence[torch.Tenso
     history: list[dict[str, float]] = []
     converged = False
     it = 0
+    bar = tqdm(total=max_iter, desc="hawq: Hutchinson draws", disable=not progress, leave=False)
+    start = time.perf_counter()
+    worst = math.inf
     for it in range(1, max_iter + 1):
         vw = {n: _rademacher(w0[n].shape, w0[n].dtype, gen) for n in layers}
         est = {key: 0.0 for key in samples}
@@ -260,14 +267,21 @@ def hutchinson_traces(gm: fx.GraphModule, batches: Sequence[Sequence[torch.Tenso
         # its layers' sensitivity is negligible either way (and a trace ≈ 0 never converges)
         floor = {kind: abs_floor * max(abs(m) for (k, _), (m, _) in stats.items() if k == kind)
                  for kind in {k for k, _ in stats}}
-        if it >= min_iter and all(se <= rel_tol * max(abs(m), floor[k])
-                                  for (k, _), (m, se) in stats.items()):
+        worst = max(se / max(abs(m), floor[k], 1e-300) for (k, _), (m, se) in stats.items())
+        bar.update(1)
+        bar.set_postfix(worst_rel_stderr=f"{worst:.3g}", target=rel_tol)
+        if it >= min_iter and worst <= rel_tol:
             converged = True
             break
+        if it >= min_iter and max_seconds is not None \
+                and time.perf_counter() - start > max_seconds:
+            break
+    bar.close()
     if not converged:
-        log.warning("hawq: Hessian traces did not converge to rel_tol=%g in %d iterations; "
-                    "using the current estimates (raise max_iter for tighter ones)",
-                    rel_tol, max_iter)
+        log.warning("hawq: Hessian traces did not converge to rel_tol=%g in %d draws (%.0f s; "
+                    "worst relative stderr %.3g); using the current estimates (raise max_iter "
+                    "or the time budget for tighter ones)", rel_tol, it,
+                    time.perf_counter() - start, worst)
 
     def _est(kind: str, n: str, numel: int) -> TraceEstimate:
         m, se = _mean_stderr(samples[(kind, n)]) if samples[(kind, n)] else (0.0, 0.0)

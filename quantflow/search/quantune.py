@@ -13,10 +13,12 @@
    "random" and "grid" strategies visit the same pool in random or enumeration order: the
    baselines of the benchmark.
 
-Objective (higher is better) of a trial:
-- some size/latency budget: the measured quality (the cost budget is a hard filter), and a
-  trial over `max_drop` still ranks by quality but does not satisfy the budget;
-- only `max_drop`: the cheapest (latency if measured, else size) trial within the drop wins;
+Objective (higher is better) of a trial, by `Budget.mode`:
+- "quality" (a size/latency budget, or none at all): the measured quality; the cost budget is
+  a hard filter, and a trial over `max_drop` still ranks by quality but does not satisfy it;
+- "size" / "latency" (`minimize=`, or only `max_drop` given): the cheapest trial within the
+  drop wins, any size/latency limits still apply as hard filters (e.g. "smallest, but never
+  slower than uniform INT8": `Budget(max_drop=1, minimize="size", max_latency_ratio=1)`);
   trials over the drop rank below every trial within it.
 The cost model learns −drop (quality relative to FP32), which transfers across models.
 """
@@ -37,14 +39,34 @@ from quantflow.search.space import Candidate, GlobalConfig, SearchSpace
 log = logging.getLogger("quantflow.search")
 
 
+OBJECTIVES = ("quality", "size", "latency")
+
+
 @dataclass(frozen=True)
 class Budget:
-    """What the user allows. Defaults: nothing beyond the size of uniform INT8."""
+    """What the user allows, and what to optimize within it.
+
+    `minimize`: None picks automatically (see `mode`); "size" / "latency" means the cheapest
+    candidate whose drop is within `max_drop` (which is then required); "quality" means the
+    best quality within the size/latency limits. `max_latency_ratio` is relative to the
+    measured table latency of uniform W8A8 (it needs a measured table; with the BOPs proxy it
+    is ignored, as is `max_latency_ms`).
+    """
 
     max_drop: float | None = None  # accuracy (or agreement) points
     max_size_bytes: float | None = None
     max_size_ratio: float | None = None  # × the weight bytes of uniform W8
     max_latency_ms: float | None = None
+    max_latency_ratio: float | None = None  # × the table latency of uniform W8A8
+    minimize: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.minimize is not None and self.minimize not in OBJECTIVES:
+            raise ValueError(f"Budget.minimize must be one of {OBJECTIVES}, got "
+                             f"{self.minimize!r}")
+        if self.minimize in ("size", "latency") and self.max_drop is None:
+            raise ValueError(f"Budget(minimize={self.minimize!r}) needs max_drop: the cheapest "
+                             "candidate with no quality bound is simply the smallest option")
 
     def size_limit(self, space: SearchSpace) -> float | None:
         limits = [v for v in (self.max_size_bytes,
@@ -52,10 +74,43 @@ class Budget:
                               else self.max_size_ratio * space.int8_size()) if v is not None]
         return min(limits) if limits else None
 
+    def latency_limit(self, space: SearchSpace) -> float | None:
+        """End-to-end table latency limit (ms), or None without a measured table."""
+        if space.latency is None:
+            return None
+        w8 = space.latency_ms(uniform(space, "W8A8")) if "W8A8" in space.options else None
+        limits = [v for v in (self.max_latency_ms,
+                              None if self.max_latency_ratio is None or w8 is None
+                              else self.max_latency_ratio * w8) if v is not None]
+        return min(limits) if limits else None
+
+    def constraints(self, space: SearchSpace) -> tuple[list[np.ndarray], list[float]]:
+        """[L, K] cost tables and the limits on their sums (latency without its rest)."""
+        tables, limits = [], []
+        size = self.size_limit(space)
+        if size is not None:
+            tables.append(space.size)
+            limits.append(size)
+        lat = self.latency_limit(space)
+        if lat is not None and space.latency is not None:
+            tables.append(space.latency)
+            limits.append(lat - space.latency_rest)
+        return tables, limits
+
     @property
     def has_cost_budget(self) -> bool:
         return any(v is not None for v in (self.max_size_bytes, self.max_size_ratio,
-                                            self.max_latency_ms))
+                                            self.max_latency_ms, self.max_latency_ratio))
+
+    def mode(self, space: SearchSpace) -> str:
+        """What is optimized: explicit `minimize`, else quality when a size/latency budget (or
+        no drop budget) is given, else the cheapest within the drop (latency when measured)."""
+        if self.minimize is not None:
+            return "latency" if self.minimize == "latency" and space.latency is not None \
+                else ("size" if self.minimize == "latency" else self.minimize)
+        if self.has_cost_budget or self.max_drop is None:
+            return "quality"
+        return "latency" if space.latency is not None else "size"
 
     def effective(self) -> Budget:
         """No budget at all means: the best quality at the size of uniform INT8."""
@@ -81,19 +136,23 @@ class Trial:
 
 
 def objective(t: Trial, budget: Budget, space: SearchSpace) -> float:
-    """Higher is better (see module docstring)."""
-    if budget.has_cost_budget or budget.max_drop is None:
+    """Higher is better (see module docstring and `Budget.mode`)."""
+    mode = budget.mode(space)
+    if mode == "quality":
         return t.quality
+    assert budget.max_drop is not None  # Budget.__post_init__ / mode guarantee it
     if t.drop > budget.max_drop:
         return -1e6 - t.drop
-    cost = t.latency_ms if t.latency_ms is not None else t.size_bytes
-    ref = space.latency_ms(Candidate(space.globs[0], ("W8A8",) * len(space.layers))) \
-        if t.latency_ms is not None and "W8A8" in space.options else space.int8_size()
-    return -float(cost) / max(float(ref or 1.0), 1e-12)
+    if mode == "latency" and t.latency_ms is not None:
+        cost, ref = t.latency_ms, space.latency_ms(uniform(space, "W8A8"))
+    else:
+        cost, ref = t.size_bytes, space.int8_size()
+    # among equally cheap candidates the better one wins (the quality term is < 1e-3)
+    return -float(cost) / max(float(ref or 1.0), 1e-12) + 1e-6 * t.quality
 
 
 def satisfies(t: Trial, budget: Budget, space: SearchSpace) -> bool:
-    ok = space.feasible(t.candidate, budget.size_limit(space), budget.max_latency_ms)
+    ok = space.feasible(t.candidate, budget.size_limit(space), budget.latency_limit(space))
     return ok and (budget.max_drop is None or t.drop <= budget.max_drop + 1e-9)
 
 
@@ -103,29 +162,25 @@ def satisfies(t: Trial, budget: Budget, space: SearchSpace) -> bool:
 def seeds(space: SearchSpace, budget: Budget, sweep: int = 6) -> list[Candidate]:
     """Exact ILP allocations per global configuration (see module docstring)."""
     n_layers = len(space.layers)
-    costs, limits = [], []
-    size_limit = budget.size_limit(space)
-    if size_limit is not None:
-        costs.append(space.size)
-        limits.append(size_limit)
-    if budget.max_latency_ms is not None and space.latency is not None:
-        costs.append(space.latency)
-        limits.append(budget.max_latency_ms - space.latency_rest)
+    tables, limits = budget.constraints(space)
+    mode = budget.mode(space)
     by_scheme: dict[tuple[bool, str], list[tuple[str, ...]]] = {}
     for key, sens in space.sens.items():
         choices: list[tuple[str, ...]] = []
-        if costs:
-            budgets = [(np.asarray(costs), np.asarray(limits))]
-        else:  # accuracy budget only: sweep the cost axis from cheapest to most expensive
-            axis = space.latency if space.latency is not None else space.size
+        if mode == "quality":
+            budgets = [(tables, limits)]
+        else:  # cheapest within a drop: sweep the cost axis from cheapest to most expensive
+            axis = space.latency if mode == "latency" and space.latency is not None \
+                else space.size
             lo, hi = axis.min(axis=1).sum(), axis.max(axis=1).sum()
-            budgets = [(axis[None], np.asarray([b])) for b in np.linspace(lo, hi, sweep)]
+            budgets = [(tables + [axis], limits + [b]) for b in np.linspace(lo, hi, sweep)]
         for c, b in budgets:
-            try:
-                a = solve_milp(sens, c, b)
+            try:  # no constraint at all: every layer takes its least sensitive option
+                a = solve_milp(sens, np.asarray(c), np.asarray(b)) if c else None
             except InfeasibleBudgetError:
                 continue
-            opts = tuple(space.options[k] for k in a.choice)
+            idx = a.choice if a is not None else list(np.argmin(sens, axis=1))
+            opts = tuple(space.options[k] for k in idx)
             if opts not in choices:
                 choices.append(opts)
         by_scheme[key] = choices
@@ -148,16 +203,50 @@ def mutate(space: SearchSpace, c: Candidate, rng: np.random.Generator, n_changes
     return Candidate(c.glob, tuple(opts))
 
 
-def random_candidate(space: SearchSpace, rng: np.random.Generator) -> Candidate:
-    g = space.globs[int(rng.integers(len(space.globs)))]
-    return Candidate(g, tuple(space.options[int(rng.integers(len(space.options)))]
-                              for _ in space.layers))
+def random_feasible(space: SearchSpace, budget: Budget, rng: np.random.Generator,
+                    max_tries: int = 100) -> Candidate:
+    """A random candidate within the size/latency budget, by sequential sampling.
+
+    Layers are visited in a random order; each draws uniformly among the options that keep
+    the budget reachable (what is spent so far + this option + the cheapest option of every
+    layer still to visit). Rejection sampling of uniform candidates would almost never hit a
+    tight budget (at 0.6 × INT8 size a single FP32 layer can exceed it), so this is the
+    baseline "random search over the feasible space" and the pool's random part. With one
+    cost table every draw is feasible; with two (size and latency) their cheapest options can
+    differ, so a draw is checked and redrawn (`max_tries`).
+    """
+    tables, limits = budget.constraints(space)
+    n_layers, n_opts = len(space.layers), len(space.options)
+    lim = np.asarray(limits) * (1 + 1e-9)
+    cheapest = np.asarray([t.min(axis=1) for t in tables]).reshape(len(tables), n_layers)
+    if (cheapest.sum(axis=1) > lim).any():
+        raise InfeasibleBudgetError(f"no candidate fits the budget {budget}: even the cheapest "
+                                    "option of every layer exceeds it; fix: raise the budget")
+    cost = np.stack(tables) if tables else np.zeros((0, n_layers, n_opts))
+    for _ in range(max_tries):
+        g = space.globs[int(rng.integers(len(space.globs)))]
+        choice = np.zeros(n_layers, dtype=int)
+        spent = np.zeros(len(tables))
+        remaining = cheapest.sum(axis=1)
+        for i in rng.permutation(n_layers):
+            remaining = remaining - cheapest[:, i]
+            ok = np.flatnonzero((spent[:, None] + cost[:, i, :] + remaining[:, None]
+                                 <= lim[:, None]).all(axis=0))
+            # none reachable in every table at once: take the cheapest in the tightest table
+            k = int(rng.choice(ok)) if ok.size else int(np.argmin(cost[int(np.argmax(
+                (spent + remaining) / lim)), i]))
+            choice[i] = k
+            spent = spent + cost[:, i, k]
+        if (spent <= lim).all():
+            return Candidate(g, tuple(space.options[k] for k in choice))
+    raise InfeasibleBudgetError(f"no random candidate met the budget {budget} in {max_tries} "
+                                "draws (size and latency limits pull apart); fix: loosen one")
 
 
 def candidate_pool(space: SearchSpace, budget: Budget, start: Sequence[Candidate], n: int,
                    rng: np.random.Generator, max_tries: int = 50) -> list[Candidate]:
     """`start` plus up to n feasible, distinct mutations / random candidates."""
-    size, lat = budget.size_limit(space), budget.max_latency_ms
+    size, lat = budget.size_limit(space), budget.latency_limit(space)
     pool: dict[str, Candidate] = {c.key(): c for c in start}
     target = len(pool) + n
     for _ in range(n * max_tries):
@@ -167,7 +256,7 @@ def candidate_pool(space: SearchSpace, budget: Budget, start: Sequence[Candidate
             base = start[int(rng.integers(len(start)))]
             c = mutate(space, base, rng, int(rng.integers(1, 4)))
         else:
-            c = random_candidate(space, rng)
+            c = random_feasible(space, budget, rng)
         if c.key() not in pool and space.feasible(c, size, lat):
             pool[c.key()] = c
     return list(pool.values())
