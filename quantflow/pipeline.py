@@ -243,7 +243,16 @@ def compile(
     report["layers"] = _layers(qgm, plan, art_q.meta)
     report["stages"] = stage.seconds
     report["compile_seconds"] = round(time.perf_counter() - t_start, 2)
-    report["gate"] = _gate(report["quality"], config.max_drop)
+    if "search" in report and "median_ms" in report["latency"].get("quantized", {}):
+        # the search priced candidates with per-layer tables: say how the real model compares
+        predicted = report["search"]["best"]["latency_ms"]
+        measured = report["latency"]["quantized"]["median_ms"]
+        report["search"]["latency_check"] = {
+            "table_ms": predicted, "measured_ms": measured,
+            "measured_over_table": (round(measured / predicted, 3) if predicted else None)}
+    report["gate"] = _gate(report["quality"], config.max_drop,
+                           report["latency"].get("quantized", {}).get("median_ms"),
+                           config.max_latency_ms)
     report.save(out / "report.json")
     if not report["gate"]["passed"]:
         raise BudgetExceededError(report["gate"]["reason"] + f" (report: {out / 'report.json'})")
@@ -262,40 +271,64 @@ def _jsonable(v: object) -> bool:
     return isinstance(v, (int, float, str, bool, list, dict, type(None)))
 
 
+#: samples of the evaluation data the torch simulation runs on (see `_evaluate`)
+SIM_SAMPLES = 1000
+
+
 def _evaluate(gm: fx.GraphModule, qgm: fx.GraphModule, target: object, art_fp32: object,
               art_q: object, data: Dataset, batch: int) -> dict[str, object]:
-    """FP32 reference (torch), torch simulation, and the real artifact on the target."""
+    """FP32 reference (torch), torch simulation, and the real artifact on the target.
+
+    The simulation runs on the first `SIM_SAMPLES` samples only: it exists to check the
+    artifact against it (runtime-vs-simulation SQNR), and fake-quant in torch is the slowest
+    part of an evaluation (Fashion-MNIST test set: ~60 s of 10k vs ~6 s for the ORT artifact).
+    """
     ref = ev.predict(gm, data.x)
-    sim = ev.predict(qgm, data.x)
+    n_sim = min(SIM_SAMPLES, int(data.x.shape[0]))
+    sim = ev.predict(qgm, data.x[:n_sim])
     run_f = lambda xs: target.run(art_fp32, xs)  # type: ignore[attr-defined]
     run_q = lambda xs: target.run(art_q, xs)  # type: ignore[attr-defined]
     rt_f = ev.predict_runtime(run_f, data.x, batch)
     rt_q = ev.predict_runtime(run_q, data.x, batch)
     q_fp32 = ev.quality(rt_f, data.y, ref)
     q_quant = ev.quality(rt_q, data.y, rt_f)
-    q_sim = ev.quality(sim, data.y, ref)
+    q_sim = ev.quality(sim, None if data.y is None else data.y[:n_sim], ref[:n_sim])
     drop = None
     if q_fp32.accuracy is not None and q_quant.accuracy is not None:
         drop = round(q_fp32.accuracy - q_quant.accuracy, 4)
     return {"fp32": q_fp32.to_dict(), "quantized": q_quant.to_dict(),
             "simulation": q_sim.to_dict(), "accuracy_drop": drop,
-            "runtime_vs_simulation_sqnr_db": round(ev.sqnr_db(sim, rt_q), 2),
+            "runtime_vs_simulation_sqnr_db": round(ev.sqnr_db(sim, rt_q[:n_sim]), 2),
             "eval_data": data.name, "eval_samples": int(data.x.shape[0])}
 
 
-def _gate(quality: dict[str, object], max_drop: float | None) -> dict[str, object]:
-    """Accuracy drop in points when labels exist, else 100·(1 − top-1 agreement)."""
-    if max_drop is None:
-        return {"max_drop": None, "passed": True, "reason": None}
-    drop = quality.get("accuracy_drop")
-    measure = "accuracy drop"
-    if drop is None:
-        agreement = quality["quantized"]["agreement"]  # type: ignore[index]
-        drop, measure = 100.0 * (1.0 - float(agreement)), "top-1 disagreement with FP32"
-    passed = float(drop) <= max_drop  # type: ignore[arg-type]
-    reason = None if passed else f"{measure} {float(drop):.2f} points > --max-drop {max_drop}"  # type: ignore[arg-type]
-    return {"max_drop": max_drop, "measure": measure, "value": drop, "passed": passed,
-            "reason": reason}
+def _gate(quality: dict[str, object], max_drop: float | None, latency_ms: float | None = None,
+          max_latency_ms: float | None = None) -> dict[str, object]:
+    """The CI gate: accuracy drop in points when labels exist, else 100·(1 − top-1 agreement),
+    within `max_drop`; and the MEASURED latency (not the search's table) within
+    `max_latency_ms` when both are given."""
+    out: dict[str, object] = {"max_drop": max_drop, "passed": True, "reason": None}
+    reasons = []
+    if max_drop is not None:
+        drop = quality.get("accuracy_drop")
+        measure = "accuracy drop"
+        if drop is None:
+            agreement = quality["quantized"]["agreement"]  # type: ignore[index]
+            drop, measure = 100.0 * (1.0 - float(agreement)), "top-1 disagreement with FP32"
+        out.update(measure=measure, value=drop)
+        if float(drop) > max_drop:  # type: ignore[arg-type]
+            reasons.append(f"{measure} {float(drop):.2f} points > --max-drop {max_drop}")  # type: ignore[arg-type]
+    if max_latency_ms is not None:
+        out.update(max_latency_ms=max_latency_ms, latency_ms=latency_ms)
+        if latency_ms is None:
+            reasons.append("latency could not be measured here, so --max-latency "
+                           f"{max_latency_ms} ms is unchecked")
+        elif latency_ms > max_latency_ms:
+            reasons.append(f"measured latency {latency_ms:.3f} ms > --max-latency "
+                           f"{max_latency_ms} ms")
+    if reasons:
+        out.update(passed=False, reason="; ".join(reasons))
+    return out
 
 
 def _layers(qgm: fx.GraphModule, plan: QuantPlan, meta: dict[str, object]) -> list[dict[str, object]]:

@@ -5,8 +5,9 @@ Schema "quantflow.report/1" (all sizes in bytes, latencies in ms, accuracies in 
   target      target name;  bits  "8" | "mixed";  device  CPU/GPU description
   passes      {before: {conv, batch_norm, linear, ops}, after: {...}, fired: {pass: n}, seconds}
   calibration {calibrator, equalize, samples, data, candidates: {name: sqnr_db}}
-  quality     {fp32: Quality, quantized: Quality (runtime), simulation: Quality (torch),
-               accuracy_drop: points | null, eval_data, eval_samples}
+  quality     {fp32: Quality, quantized: Quality (runtime), simulation: Quality (torch, on
+               the first 1000 samples), accuracy_drop: points | null,
+               runtime_vs_simulation_sqnr_db, eval_data, eval_samples}
               Quality = {samples, accuracy, agreement, sqnr_db, kl}
   size        {fp32_bytes, quantized_bytes, ratio}   (artifact files on disk)
   latency     {fp32: Latency, quantized: Latency, speedup}
@@ -15,8 +16,10 @@ Schema "quantflow.report/1" (all sizes in bytes, latencies in ms, accuracies in 
   runtime     target-specific facts (e.g. ORT: integer kernels found, layers left in float)
   artifacts   {role: path}
   stages      {stage: seconds};  compile_seconds  total wall time
-  gate        {max_drop, passed, reason}
-  search      mixed precision only: the search summary
+  gate        {max_drop, measure, value, passed, reason[, latency_ms]}: drop on the evaluation
+              data within --max-drop and, with --max-latency, measured latency within it
+  search      mixed precision only: the search summary (quantflow.search.SearchResult.to_dict
+              without trials/hessian) + latency_check {table_ms, measured_ms}
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ class Report:
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.data.get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.data
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.data, indent=2, default=_json_default) + "\n")
@@ -111,9 +117,21 @@ def render(d: dict[str, Any]) -> str:
     if "compile_seconds" in d:
         lines.append(f"  compile     {d['compile_seconds']:.1f} s  "
                      + "  ".join(f"{k} {v:.1f}s" for k, v in d.get("stages", {}).items()))
+    sr = d.get("search")
+    if sr:
+        best = sr["best"]
+        lines.append(f"  search      {sr['real_evaluations']} evaluations "
+                     f"({sr['reused_evaluations']} from the database) in {sr['seconds']:.0f} s; "
+                     f"chosen {best['config']}, {best['size_bytes'] / 1e6:.3f} MB weights")
+        lc = sr.get("latency_check")
+        if lc and lc.get("table_ms") is not None:
+            lines.append(f"  search lat  table predicted {lc['table_ms']:.3f} ms, measured "
+                         f"{lc['measured_ms']:.3f} ms")
     g = d.get("gate")
-    if g and g.get("max_drop") is not None:
-        lines.append(f"  gate        max drop {g['max_drop']} points: "
+    if g and (g.get("max_drop") is not None or not g.get("passed", True)):
+        what = f"max drop {g['max_drop']} points" if g.get("max_drop") is not None \
+            else "budget"
+        lines.append(f"  gate        {what}: "
                      f"{'PASSED' if g['passed'] else 'FAILED — ' + str(g.get('reason'))}")
     if "artifacts" in d:
         lines.append("  artifacts   " + "  ".join(f"{k}={v}" for k, v in d["artifacts"].items()))

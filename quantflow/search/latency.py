@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import fx
+from tqdm import tqdm
 
 from quantflow.ir import WEIGHTED_OPS, is_op
 from quantflow.search.space import OPTION_BITS
@@ -112,7 +113,8 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
                   layers: Sequence[str], options: Sequence[str],
                   quantize_with: Callable[[dict[str, str]], fx.GraphModule], target: Any, *,
                   model_hash: str, cache_dir: Path | None = None, runs: int = 30,
-                  warmup: int = 5, threads: int | None = None) -> LatencyTable:
+                  warmup: int = 5, threads: int | None = None,
+                  progress: bool = False) -> LatencyTable:
     """Measured per-layer latency table on `target` (see module docstring), cached.
 
     quantize_with(assignment): the quantized graph for {layer: option} (unlisted: FP32).
@@ -145,7 +147,8 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
 
         if per_layer:
             method = "per_layer_profile"
-            for k, opt in enumerate(options):
+            for k, opt in enumerate(tqdm(options, desc=f"latency table ({target.name})",
+                                         disable=not progress, leave=False)):
                 lat = profile({n: opt for n in layers} if opt != "FP32" else {}, f"o{k}", True)
                 per = lat.per_layer_ms or {}
                 attributed = 0.0
@@ -160,11 +163,15 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
         else:
             method = "differential"
             base = profile({}, "fp32", False).median_ms
+            bar = tqdm(total=len(layers) * len(options), disable=not progress, leave=False,
+                       desc=f"latency table ({target.name}, per layer)")
             for k, opt in enumerate(options):
                 for i, n in enumerate(layers):
+                    bar.update(1)
                     if opt == "FP32":
                         continue
                     ms[i, k] = profile({n: opt}, f"o{k}_{i}", False).median_ms - base
+            bar.close()
             rest = [base] * len(options)
     table = LatencyTable(tuple(layers), tuple(options), ms, tuple(rest), device, target.name,
                          method)

@@ -191,7 +191,7 @@ def search_mixed(
 
     if target is not None and latency == "measured":
         table = measure_table(gm, example, layers, options, quantize_with, target,
-                              model_hash=m_hash, cache_dir=latency_cache)
+                              model_hash=m_hash, cache_dir=latency_cache, progress=progress)
     else:
         table = bops_table(gm, example, layers, options)
     if budget.max_latency_ms is not None and table.method == "bops_proxy":
