@@ -56,8 +56,13 @@ def quality(logits: torch.Tensor, labels: torch.Tensor | None = None,
                    sqnr_db=sqnr_db(reference, logits), kl=kl_divergence(reference, logits))
 
 
-def predict(fn: Callable[[torch.Tensor], Any], x: torch.Tensor, batch_size: int = 256
-            ) -> torch.Tensor:
+#: small batches keep activations in cache: mobilenetv2_fmnist's INT8 simulation of 1000
+#: images takes 1.1 s in batches of 100, 1.6 s of 256, 4.9 s of 1000 (1 core)
+PREDICT_BATCH = 100
+
+
+def predict(fn: Callable[[torch.Tensor], Any], x: torch.Tensor,
+            batch_size: int = PREDICT_BATCH) -> torch.Tensor:
     """Run `fn` over `x` in batches and concatenate the (first) outputs."""
     outs = []
     with torch.no_grad():

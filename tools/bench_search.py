@@ -65,7 +65,7 @@ from quantflow.spec import int8_plan
 from quantflow.zoo import get_model
 
 
-def accuracy(g: fx.GraphModule, x: torch.Tensor, y: torch.Tensor, bs: int = 500) -> float:
+def accuracy(g: fx.GraphModule, x: torch.Tensor, y: torch.Tensor, bs: int = 100) -> float:
     with torch.no_grad():
         pred = torch.cat([g(x[i:i + bs]).argmax(-1) for i in range(0, x.shape[0], bs)])
     return 100.0 * float((pred == y).double().mean())
