@@ -124,3 +124,16 @@ def test_compile_maps_flags_to_budgets() -> None:
     b = search_budget(CompileConfig(bits="mixed", max_latency_ms=2.0), measured=True)
     assert (b.max_latency_ms, b.max_size_ratio, b.max_drop) == (2.0, None, None)
     assert search_budget(CompileConfig(bits="mixed"), measured=True) == Budget(max_size_ratio=1.0)
+
+
+def test_latency_validation_takes_the_first_candidate_measured_within_the_limit() -> None:
+    from quantflow.search.validate import TOLERANCE, first_within
+
+    measured = {"a": 1.5, "b": 1.0 * (1 + TOLERANCE / 2), "c": 0.5}
+    chosen, checks = first_within(["a", "b", "c"], measured.__getitem__, 1.0,
+                                  lambda k: 0.9, str, top=3)
+    assert chosen == "b"  # "a" is over the limit; "c" is never timed
+    assert [(c.config, c.accepted) for c in checks] == [("a", False), ("b", True)]
+    chosen, checks = first_within(["a", "b", "c"], {"a": 2.0, "b": 3.0, "c": 0.1}.__getitem__,
+                                  1.0, lambda k: None, str, top=2)
+    assert chosen is None and len(checks) == 2  # only the top 2 are tried

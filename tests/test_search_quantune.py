@@ -181,6 +181,15 @@ def test_compile_pipeline_bits_mixed(setup: tuple, tmp_path: Path,
     search = rep["search"]
     assert search["latency_method"] == "per_layer_profile"
     assert search["satisfied"] and search["best"]["drop"] <= 2.0
+    # --max-drop alone: smallest plan not slower than uniform INT8 when timed end to end
+    assert search["budget"]["minimize"] == "size"
+    checks = search["latency_checks"]
+    assert checks and all(c["measured_ms"] > 0 for c in checks)
+    if checks[-1]["accepted"]:
+        assert checks[-1]["config"] == search["best"]["config"]
+    else:  # none passed: the fallback is uniform W8A8
+        assert "W8A8x" in search["best"]["config"] and "W4A8" not in search["best"]["config"]
+    assert search["latency_check"]["measured_ms"] == rep["latency"]["quantized"]["median_ms"]
     plan = QuantPlan.load(tmp_path / "out" / "plan.json")
     labels_by_layer = json.loads((tmp_path / "out" / "search.json").read_text())["layers"]
     assert {r["layer"]: r["option"] for r in labels_by_layer} == {

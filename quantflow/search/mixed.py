@@ -19,6 +19,8 @@ Contract (what the compile pipeline relies on):
   latency, size), the per-layer table (sensitivity, option, bits, latency gain), the
   Hessian traces. `stats` (the activation statistics it calibrated) are returned too so the
   caller can quantize the chosen plan without calibrating again.
+- Latency limits are validated end to end (`validate`): the best candidates are lowered and
+  timed on the target, the first within the limit wins, else uniform W8A8.
 - Progress bars: calibration, Hessian draws (with the worst relative error), search.
 - Resumable: every real evaluation is in the database (`db`) the moment it finishes; a rerun
   with the same graph and data (hashes) reuses them instead of evaluating again.
@@ -54,6 +56,7 @@ from quantflow.search.space import (
     layer_plan,
     size_table,
 )
+from quantflow.search.validate import LatencyCheck, end_to_end_ms, first_within
 from quantflow.spec import CALIBRATORS, QuantPlan
 
 log = logging.getLogger("quantflow.search")
@@ -78,6 +81,7 @@ class SearchResult:
     reused_evaluations: int
     seconds: float
     stats: dict[str, TensorStats] = field(repr=False, default_factory=dict)
+    latency_checks: list[LatencyCheck] = field(default_factory=list)
 
     @staticmethod
     def _trial(t: qt.Trial) -> dict[str, Any]:
@@ -94,6 +98,7 @@ class SearchResult:
             "reused_evaluations": self.reused_evaluations,
             "seconds": round(self.seconds, 2),
             "latency_method": self.latency.method,
+            "latency_checks": [c.to_dict() for c in self.latency_checks],
             "pareto": [self._trial(t) for t in self.pareto],
             "trials": [self._trial(t) for t in self.trials],
             "layers": self.layers,
@@ -162,6 +167,7 @@ def search_mixed(
     hawq_tol: float = 0.1,
     hawq_max_iter: int = 30,
     warm_start: bool = True,
+    validate_top: int = 3,
     seed: int = 0,
     progress: bool = True,
 ) -> SearchResult:
@@ -251,12 +257,46 @@ def search_mixed(
     if not ok:
         log.warning("mixed-precision search: no evaluated configuration meets the budget %s; "
                     "returning the best found (drop %.2f points)", budget, best.drop)
+    checks: list[LatencyCheck] = []
+    if ok and space.latency is not None and target is not None \
+            and (budget.max_latency_ms is not None or budget.max_latency_ratio is not None):
+        best, checks = _validate_latency(gm, stats, placement, example, target, space, budget,
+                                         ok, evaluate, validate_top)
+        trials = trials + [t for t in [best] if t not in trials]
     return SearchResult(
         plan=space.plan(best.candidate), best=best, satisfied=bool(ok),
         reference_quality=ref_q, trials=trials, pareto=qt.pareto_front(trials),
         layers=_layer_rows(space, traces, table, best.candidate), traces=traces,
         latency=table, budget=budget, real_evaluations=sum(not t.reused for t in trials),
-        reused_evaluations=reused, seconds=time.perf_counter() - t0, stats=stats)
+        reused_evaluations=reused, seconds=time.perf_counter() - t0, stats=stats,
+        latency_checks=checks)
+
+
+def _validate_latency(gm: fx.GraphModule, stats: dict[str, TensorStats], placement: str,
+                      example: Sequence[torch.Tensor], target: Any, space: SearchSpace,
+                      budget: qt.Budget, ok: list[qt.Trial],
+                      evaluate: Callable[[Candidate], qt.Trial], top: int
+                      ) -> tuple[qt.Trial, list[LatencyCheck]]:
+    """The best trial whose END-TO-END latency is within the limit (see `validate`)."""
+    ranked = sorted(ok, key=lambda t: -qt.objective(t, budget, space))
+    w8 = qt.uniform(space, "W8A8", ranked[0].candidate.glob)
+
+    def measure(c: Candidate) -> float:
+        return end_to_end_ms(quantize(gm, space.plan(c), stats, placement), example, target)
+
+    limits = [budget.max_latency_ms] if budget.max_latency_ms is not None else []
+    if budget.max_latency_ratio is not None:
+        limits.append(budget.max_latency_ratio * measure(w8))
+    chosen, checks = first_within(ranked, lambda t: measure(t.candidate), min(limits),
+                                  lambda t: t.latency_ms, lambda t: t.candidate.label(), top)
+    if chosen is not None:
+        return chosen, checks
+    fallback = evaluate(w8)
+    log.warning("mixed-precision search: none of the %d best candidates is within %.3f ms when "
+                "measured end to end (%s); falling back to uniform W8A8 (drop %.2f points)",
+                len(checks), min(limits),
+                ", ".join(f"{c.measured_ms:.3f} ms" for c in checks), fallback.drop)
+    return fallback, checks
 
 
 def _first_samples(batches: list[tuple[torch.Tensor, ...]],
