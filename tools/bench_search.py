@@ -358,7 +358,8 @@ def markdown(res: list[dict[str, Any]]) -> str:
         if lp:
             lines += ["", (f"Latency-aware vs BOPs-proxy allocation (ORT, {lp['device']}, "
                            f"table: {lp['table_method']}; proxy budget {lp['bops_ratio']} × "
-                           "W8A8 BOPs):"),
+                           "W8A8 BOPs" + ("; measured in an earlier run of this benchmark"
+                                          if lp.get("from_earlier_run") else "") + "):"),
                       "", "| allocation | Σ Ω | table ms | measured ms | accuracy | options |",
                       "|---|---|---|---|---|---|"]
             for k in ("bops_proxy", "latency_aware"):
