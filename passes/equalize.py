@@ -59,6 +59,7 @@ from quantflow.ir import (
     get_tensor,
     is_const,
 )
+from quantflow.passes.cleanup import dead_code
 
 aten = torch.ops.aten
 log = logging.getLogger("quantflow.passes")
@@ -313,6 +314,8 @@ def _equalize(gm: fx.GraphModule, relu6: bool) -> bool:
              for p in [_find_pair(gm, n, relu6, st)] if p is not None]
     _sweep(pairs, st)
     _write_back(gm, st)
+    if st.touched:  # the replaced weights would otherwise stay in the module (and its size)
+        dead_code(gm)
     return bool(st.touched)
 
 

@@ -316,7 +316,7 @@ def model_size_bytes(gm: fx.GraphModule) -> int:
     info: QuantInfo | None = gm.meta.get("quantflow")
     four_bit = {f"_qf_{k}_weight_int4" for k, (b, _) in (info.weight_bits.items() if info
                                                           else []) if b == 4}
-    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and n.users}
     for name in used:
         t = operator.attrgetter(name)(gm)
         if isinstance(t, torch.Tensor):

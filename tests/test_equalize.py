@@ -216,3 +216,18 @@ def test_equalization_improves_per_tensor_int8(kind: str) -> None:
     # ranges spread over 4 decades leave most channels with a handful of INT8 levels; after
     # equalization every channel of a pair has the same range, so the error must drop a lot
     assert after > before + 10, (before, after)
+
+
+def test_replaced_weights_leave_the_module() -> None:
+    """The pre-equalization weights are deleted, so sizes and attributes do not double."""
+    from quantflow.quantize import model_size_bytes
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    skew(net[0], net[2], seed=1)
+    gm = capture(net, (torch.randn(2, 3, 12, 12),))
+    size, n_attrs = model_size_bytes(gm), len(list(gm.named_buffers()) +
+                                              list(gm.named_parameters()))
+    assert equalize(gm)
+    assert model_size_bytes(gm) == size
+    assert len(list(gm.named_buffers()) + list(gm.named_parameters())) == n_attrs
