@@ -126,14 +126,15 @@ def choose_plan(gm: fx.GraphModule, calib: Dataset, config: CompileConfig
     if config.plan_path:
         plan = QuantPlan.load(config.plan_path)
         g = copy.deepcopy(gm)
-        if plan.equalize:
-            cle(g)
+        if plan.equalize and cle(g):
+            g.recompile()  # a pass leaves recompiling to its caller (run_pipeline does)
         stats = cal.collect_stats(g, cal.batched(calib.x, config.calib_batch), progress=True)
         return g, plan, stats, {}
     variants: list[tuple[bool, fx.GraphModule]] = [(False, gm)]
     if config.equalize != "off":
         g_eq = copy.deepcopy(gm)
         if cle(g_eq):
+            g_eq.recompile()
             variants = [(True, g_eq)] if config.equalize == "on" else [(False, gm), (True, g_eq)]
     calibrators = CALIBRATORS if config.calibrator == "auto" else (config.calibrator,)
     scores: dict[str, float] = {}

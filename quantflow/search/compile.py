@@ -17,6 +17,7 @@ Budget (`search_budget`):
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,15 @@ def mixed_plan(gm: fx.GraphModule, calib: Any, evaluation: Any, config: Any, out
                           dict[str, Any]]:
     """(graph, plan, stats, candidate scores, report section) for `--bits mixed`."""
     from quantflow.evaluate import predict
+    from quantflow.pipeline import choose_plan
     from quantflow.targets import get_target
 
+    # start where uniform INT8 would: its calibrator and cross-layer equalization choice
+    # (the search space has no equalization axis; MobileNetV2 on ImageNet needs it), and the
+    # uniform INT8 plan is the search's first candidate, so mixed is never worse on the
+    # calibration data than what --bits 8 would ship
+    gm, int8, stats, _ = choose_plan(gm, calib, config)
+    int8_calibrator = int8.default.act.calibrator if int8.default.act else None
     x, y = calib.x, calib.y
     ref_logits = predict(gm, x)
 
@@ -81,7 +89,9 @@ def mixed_plan(gm: fx.GraphModule, calib: Any, evaluation: Any, config: Any, out
                     "proxy", config.target, exc)
     budget = search_budget(config, measured=latency == "measured")
     kwargs: dict[str, Any] = {"placement": config.placement, "labels": labels,
-                              "data_key": calib.name, "latency": latency}
+                              "data_key": f"{calib.name}|cle={int8.equalize}",
+                              "latency": latency, "stats": stats,
+                              "baseline_calibrator": int8_calibrator}
     if config.placement == "trt":  # TensorRT: symmetric int8 activations only
         kwargs["schemes"] = (True,)
     else:  # onnxruntime runs int8 (symmetric) activations through float kernels: measured
@@ -102,4 +112,5 @@ def mixed_plan(gm: fx.GraphModule, calib: Any, evaluation: Any, config: Any, out
     summary = {k: v for k, v in res.to_dict().items() if k not in ("trials", "hessian")}
     summary["files"] = {"search": str(out / "search.json"),
                         "layers": str(out / "search_layers.md")}
-    return gm, res.plan, res.stats, scores, summary
+    summary["int8_baseline"] = {"calibrator": int8_calibrator, "equalize": int8.equalize}
+    return gm, replace(res.plan, equalize=int8.equalize), res.stats, scores, summary

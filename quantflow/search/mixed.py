@@ -10,7 +10,9 @@ Contract (what the compile pipeline relies on):
 - `eval_fn(graph) -> float`: quality in points, higher is better (accuracy % on labelled
   evaluation data, or top-1 agreement % with FP32). It is called once on `gm` itself (the
   reference) and once per real evaluation of a quantized graph.
-- `budget`: `Budget(max_drop, max_size_bytes, max_size_ratio, max_latency_ms)`.
+- `budget`: `Budget(max_drop, max_size_bytes, max_size_ratio, max_latency_ms, ...)`.
+- `baseline_calibrator`: uniform W8A8 with this calibrator is evaluated first (the compile
+  pipeline passes the one uniform INT8 would use).
 - `target`: a `quantflow.targets` Target; with `latency="measured"` the per-layer latency
   table is measured on it (cached per device) and `max_latency_ms` applies; without one,
   latency is the BOPs proxy and only reported.
@@ -168,6 +170,7 @@ def search_mixed(
     hawq_max_iter: int = 30,
     warm_start: bool = True,
     validate_top: int = 3,
+    baseline_calibrator: str | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> SearchResult:
@@ -246,9 +249,13 @@ def search_mixed(
     else:
         cm = RandomCostModel(seed)
     try:
+        # uniform W8A8 with the caller's calibrator (what --bits 8 ships) is evaluated first:
+        # the search can then only return something at least as good on its own data
+        base = [qt.uniform(space, "W8A8", g) for g in globs
+                if g.calibrator == baseline_calibrator and "W8A8" in options][:1]
         trials = qt.run_search(space, pool, evaluate, budget, strategy=strategy,
-                               max_evals=max_evals, cost_model=cm, first=start[:1], seed=seed,
-                               progress=progress, prior=qt.hawq_prior(space, budget))
+                               max_evals=max_evals, cost_model=cm, first=base + start[:1],
+                               seed=seed, progress=progress, prior=qt.hawq_prior(space, budget))
     finally:
         if not isinstance(db, EvalDB):
             database.close()
