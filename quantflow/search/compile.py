@@ -82,7 +82,12 @@ def mixed_plan(gm: fx.GraphModule, calib: Any, evaluation: Any, config: Any, out
     try:
         from quantflow.pipeline import target_options
 
-        target = get_target(config.target, **target_options(config))
+        # one thread unless --threads says otherwise: with two threads on a 2-core machine
+        # any other process stalls the thread barrier, and the tables and end-to-end checks
+        # varied 40x (10 ms vs 0.25 ms for resnet_fmnist); one thread ranks the same way
+        opts = target_options(config)
+        opts.setdefault("threads", 1)
+        target = get_target(config.target, **opts)
         latency = "measured"
     except (QuantflowError, ImportError) as exc:
         log.warning("search: target %s unavailable for latency tables (%s); using the BOPs "
