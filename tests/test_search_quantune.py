@@ -195,3 +195,38 @@ def test_compile_pipeline_bits_mixed(setup: tuple, tmp_path: Path,
     assert {r["layer"]: r["option"] for r in labels_by_layer} == {
         k: v.label() for k, v in plan.layers.items()}
     assert (tmp_path / "cache" / "quantflow" / "search.sqlite").is_file()
+
+
+class _SlowMixedTarget:
+    """A target on which only uniform W8A8 is fast end to end (mixed plans pay transitions)."""
+
+    name = "fake"
+    threads = 1
+
+    def lower(self, gm: fx.GraphModule, example_inputs: object, out_dir: Path, *,
+              precision: str) -> fx.GraphModule:
+        return gm
+
+    def profile(self, art: fx.GraphModule, inputs: object, **kw: object) -> object:
+        from types import SimpleNamespace
+
+        info = art.meta.get("quantflow")
+        uniform = info is not None and {lp.label() for lp in info.layers.values()} == {"W8A8"}
+        return SimpleNamespace(median_ms=1.0 if uniform else 5.0)
+
+
+def test_latency_limit_validated_end_to_end_falls_back_to_int8(setup: tuple,
+                                                               tmp_path: Path) -> None:
+    """Candidates the per-layer table calls fast but that are slow end to end are rejected;
+    with none left, uniform W8A8 is evaluated (database still open) and returned."""
+    gm, batches, labels, x_test, y_test, _model = setup
+    small = {k: v for k, v in SMALL.items() if k != "latency"}
+    res = search_mixed(gm, batches, lambda g: _acc(g, x_test, y_test),
+                       Budget(max_drop=50.0, minimize="size", max_size_ratio=1.0,
+                              max_latency_ratio=1.0),
+                       _SlowMixedTarget(), labels=labels, max_evals=5, latency="measured",
+                       db=tmp_path / "db.sqlite", latency_cache=tmp_path / "lat",
+                       **small)  # type: ignore[arg-type]
+    assert res.latency_checks and res.latency_checks[0].limit_ms == pytest.approx(1.0 * 1.0)
+    assert set(res.best.candidate.options) == {"W8A8"}
+    assert all(not c.accepted for c in res.latency_checks if "W4A8" in c.config)

@@ -256,20 +256,21 @@ def search_mixed(
         trials = qt.run_search(space, pool, evaluate, budget, strategy=strategy,
                                max_evals=max_evals, cost_model=cm, first=base + start[:1],
                                seed=seed, progress=progress, prior=qt.hawq_prior(space, budget))
+        ok = [t for t in trials if qt.satisfies(t, budget, space)]
+        best = max(ok or trials, key=lambda t: qt.objective(t, budget, space))
+        if not ok:
+            log.warning("mixed-precision search: no evaluated configuration meets the budget "
+                        "%s; returning the best found (drop %.2f points)", budget, best.drop)
+        checks: list[LatencyCheck] = []
+        if ok and space.latency is not None and target is not None \
+                and (budget.max_latency_ms is not None or budget.max_latency_ratio is not None):
+            # may evaluate the uniform W8A8 fallback: the database must still be open
+            best, checks = _validate_latency(gm, stats, placement, example, target, space,
+                                             budget, ok, evaluate, validate_top)
+            trials = trials + [t for t in [best] if t not in trials]
     finally:
         if not isinstance(db, EvalDB):
             database.close()
-    ok = [t for t in trials if qt.satisfies(t, budget, space)]
-    best = max(ok or trials, key=lambda t: qt.objective(t, budget, space))
-    if not ok:
-        log.warning("mixed-precision search: no evaluated configuration meets the budget %s; "
-                    "returning the best found (drop %.2f points)", budget, best.drop)
-    checks: list[LatencyCheck] = []
-    if ok and space.latency is not None and target is not None \
-            and (budget.max_latency_ms is not None or budget.max_latency_ratio is not None):
-        best, checks = _validate_latency(gm, stats, placement, example, target, space, budget,
-                                         ok, evaluate, validate_top)
-        trials = trials + [t for t in [best] if t not in trials]
     return SearchResult(
         plan=space.plan(best.candidate), best=best, satisfied=bool(ok),
         reference_quality=ref_q, trials=trials, pareto=qt.pareto_front(trials),
