@@ -203,12 +203,15 @@ class _SlowMixedTarget:
     name = "fake"
     threads = 1
 
-    def lower(self, gm: fx.GraphModule, example_inputs: object, out_dir: Path, *,
+    def lower(self, gm: fx.GraphModule, example_inputs: list[torch.Tensor], out_dir: Path, *,
               precision: str) -> fx.GraphModule:
+        assert example_inputs[0].shape[0] == 1  # latency is timed at batch 1
         return gm
 
-    def profile(self, art: fx.GraphModule, inputs: object, **kw: object) -> object:
+    def profile(self, art: fx.GraphModule, inputs: list[np.ndarray], **kw: object) -> object:
         from types import SimpleNamespace
+
+        assert inputs[0].shape[0] == 1
 
         info = art.meta.get("quantflow")
         uniform = info is not None and {lp.label() for lp in info.layers.values()} == {"W8A8"}

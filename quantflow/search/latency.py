@@ -99,9 +99,11 @@ def bops_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], layer
 
 
 def _cache_file(cache_dir: Path, model_hash: str, target: str, device: str,
-                options: Sequence[str], threads: int | None = None) -> Path:
+                options: Sequence[str], threads: int | None = None,
+                shapes: list[list[int]] | None = None) -> Path:
     key = hashlib.sha256(json.dumps([model_hash, target, device, list(options)]
-                                    + ([] if threads is None else [threads])).encode())
+                                    + ([] if threads is None else [threads])
+                                    + ([] if shapes is None else [shapes])).encode())
     return cache_dir / f"{model_hash}_{target}_{key.hexdigest()[:12]}.json"
 
 
@@ -125,7 +127,8 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     device = device_description()
     cache = _cache_file(cache_dir or default_cache_dir(), model_hash, target.name, device,
                         options, threads if threads is not None
-                        else getattr(target, "threads", None))
+                        else getattr(target, "threads", None),
+                        [list(t.shape) for t in example_inputs])
     if cache.is_file():
         table = LatencyTable.from_dict(json.loads(cache.read_text()))
         if list(table.layers) == list(layers):

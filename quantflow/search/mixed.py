@@ -179,6 +179,9 @@ def search_mixed(
     budget = (budget or qt.Budget()).effective()
     batches = [tuple(b) for b in calib_batches]
     example = batches[0]
+    # latency is measured at batch 1 (what the report and deployments time); the tables and
+    # end-to-end checks were once taken at the calibration batch (32) by mistake
+    one = tuple(t[:1] for t in example)
     if stats is None:
         stats = collect_stats(gm, batches, progress=progress)
     per_sample = max(1, sum(int(t[0].numel()) for t in example))
@@ -199,7 +202,7 @@ def search_mixed(
         return quantize(gm, plan, stats, placement)
 
     if target is not None and latency == "measured":
-        table = measure_table(gm, example, layers, options, quantize_with, target,
+        table = measure_table(gm, one, layers, options, quantize_with, target,
                               model_hash=m_hash, cache_dir=latency_cache, progress=progress)
     else:
         table = bops_table(gm, example, layers, options)
@@ -265,7 +268,7 @@ def search_mixed(
         if ok and space.latency is not None and target is not None \
                 and (budget.max_latency_ms is not None or budget.max_latency_ratio is not None):
             # may evaluate the uniform W8A8 fallback: the database must still be open
-            best, checks = _validate_latency(gm, stats, placement, example, target, space,
+            best, checks = _validate_latency(gm, stats, placement, one, target, space,
                                              budget, ok, evaluate, validate_top)
             trials = trials + [t for t in [best] if t not in trials]
     finally:
