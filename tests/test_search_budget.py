@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from quantflow.search.allocate import InfeasibleBudgetError
-from quantflow.search.compile import SEARCH_DROP_MARGIN, search_budget
+from quantflow.search.compile import LATENCY_SLACK, SEARCH_DROP_MARGIN, search_budget
 from quantflow.search.quantune import (
     Budget,
     Trial,
@@ -114,7 +114,7 @@ def test_compile_maps_flags_to_budgets() -> None:
     from quantflow.pipeline import CompileConfig
 
     b = search_budget(CompileConfig(bits="mixed", max_drop=1.0), measured=True)
-    assert (b.minimize, b.max_size_ratio, b.max_latency_ratio) == ("size", 1.0, 1.0)
+    assert (b.minimize, b.max_size_ratio, b.max_latency_ratio) == ("size", 1.0, LATENCY_SLACK)
     assert b.max_drop == pytest.approx(1.0 * SEARCH_DROP_MARGIN)
     b = search_budget(CompileConfig(bits="mixed", max_drop=1.0), measured=False)
     assert b.max_latency_ratio is None

@@ -256,8 +256,14 @@ def search_mixed(
         # the search can then only return something at least as good on its own data
         base = [qt.uniform(space, "W8A8", g) for g in globs
                 if g.calibrator == baseline_calibrator and "W8A8" in options][:1]
+        # minimizing a cost: the cheapest seed of the baseline's scheme is worth a look first
+        cheapest = [min((c for c in start if not base or c.glob == base[0].glob),
+                        key=lambda c: (space.size_bytes(c) if budget.mode(space) == "size"
+                                       else space.latency_ms(c) or 0.0), default=start[0])] \
+            if budget.mode(space) != "quality" else []
         trials = qt.run_search(space, pool, evaluate, budget, strategy=strategy,
-                               max_evals=max_evals, cost_model=cm, first=base + start[:1],
+                               max_evals=max_evals, cost_model=cm,
+                               first=base + cheapest + start[:1],
                                seed=seed, progress=progress, prior=qt.hawq_prior(space, budget))
         ok = [t for t in trials if qt.satisfies(t, budget, space)]
         best = max(ok or trials, key=lambda t: qt.objective(t, budget, space))
@@ -269,7 +275,8 @@ def search_mixed(
                 and (budget.max_latency_ms is not None or budget.max_latency_ratio is not None):
             # may evaluate the uniform W8A8 fallback: the database must still be open
             best, checks = _validate_latency(gm, stats, placement, one, target, space,
-                                             budget, ok, evaluate, validate_top)
+                                             budget, ok, evaluate, validate_top,
+                                             base[0] if base else None)
             trials = trials + [t for t in [best] if t not in trials]
     finally:
         if not isinstance(db, EvalDB):
@@ -286,11 +293,11 @@ def search_mixed(
 def _validate_latency(gm: fx.GraphModule, stats: dict[str, TensorStats], placement: str,
                       example: Sequence[torch.Tensor], target: Any, space: SearchSpace,
                       budget: qt.Budget, ok: list[qt.Trial],
-                      evaluate: Callable[[Candidate], qt.Trial], top: int
-                      ) -> tuple[qt.Trial, list[LatencyCheck]]:
+                      evaluate: Callable[[Candidate], qt.Trial], top: int,
+                      baseline: Candidate | None = None) -> tuple[qt.Trial, list[LatencyCheck]]:
     """The best trial whose END-TO-END latency is within the limit (see `validate`)."""
     ranked = sorted(ok, key=lambda t: -qt.objective(t, budget, space))
-    w8 = qt.uniform(space, "W8A8", ranked[0].candidate.glob)
+    w8 = baseline or qt.uniform(space, "W8A8", ranked[0].candidate.glob)
 
     def measure(c: Candidate) -> float:
         return end_to_end_ms(quantize(gm, space.plan(c), stats, placement), example, target)
