@@ -111,13 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")
 
     p = sub.add_parser("profile", help="measure latency of a compiled artifact",
-                       description="Latency of an .onnx artifact on this machine.")
-    p.add_argument("artifact", help="model.onnx written by `quantflow compile`")
-    p.add_argument("--target", choices=("ort", "tvm", "trt"), default="ort")
+                       description="Latency of a compiled artifact on this machine: median, "
+                       "p90, threads, device, and with --per-layer the time per layer.")
+    p.add_argument("artifact", help="model.onnx, a TVM model.so / manifest.json, or the "
+                   "directory written by `quantflow compile`")
+    p.add_argument("--target", choices=("ort", "tvm", "trt"),
+                   help="runtime (default: detected from the artifact)")
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int)
-    p.add_argument("--per-layer", action="store_true", help="per-node times (ORT profiler)")
+    p.add_argument("--per-layer", action="store_true",
+                   help="per-layer times (ORT profiler; TVM: per kernel, named after fx layers)")
 
     sub.add_parser("zoo", help="list the built-in models")
     return parser

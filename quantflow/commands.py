@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from quantflow.errors import InputError
 from quantflow.pipeline import CompileConfig, Dataset, compile
+from quantflow.targets.base import Artifact
 
 #: zoo dataset -> (built-in calibration set, built-in evaluation set)
 DATASET_SPLITS = {
@@ -141,36 +143,77 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    import onnx
-
-    from quantflow.targets import Artifact, get_target
+    """Latency of a compiled artifact: QDQ .onnx (ort, trt) or a TVM library with its
+    manifest (`model.so`, `manifest.json`, or the `quantflow compile --target tvm` directory).
+    Inputs are random normal samples of the artifact's static input shapes."""
+    from quantflow.targets import get_target
 
     path = Path(args.artifact)
     if not path.exists():
         raise InputError(f"artifact {path} does not exist")
-    if path.suffix != ".onnx":
-        raise InputError(f"{path}: `quantflow profile` measures .onnx artifacts; for TVM use "
-                         "the report of `quantflow compile --target tvm`")
-    model = onnx.load(str(path), load_external_data=False)
-    inputs, names = [], []
-    for i in model.graph.input:
-        dims = [d.dim_value if d.dim_value > 0 else 1 for d in i.type.tensor_type.shape.dim]
-        inputs.append(np.random.default_rng(0).standard_normal(dims).astype(np.float32))
-        names.append(i.name)
-    art = Artifact(target=args.target, precision="unknown", files={"model": str(path)},
-                   input_names=tuple(names), output_names=tuple(o.name for o in model.graph.output))
-    target = get_target(args.target, **({"threads": args.threads} if args.threads else {}))
-    kw = {"warmup": args.warmup, "runs": args.runs}
+    kind = _artifact_kind(path)
+    if args.target is not None and (args.target == "tvm") != (kind == "tvm"):
+        raise InputError(f"{path} is a{'' if kind == 'tvm' else 'n'} {kind} artifact, not "
+                         f"--target {args.target}; fix: drop --target (it is detected)")
+    target_name = args.target or kind
+    if kind == "tvm":
+        from quantflow.targets.tvm import load_artifact
+
+        art = load_artifact(path)
+        specs = art.meta["input_specs"]
+    else:
+        art, specs = _onnx_artifact(path if path.suffix == ".onnx" else path / "model.onnx",
+                                    target_name)
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal(s["shape"]).astype(s["dtype"]) for s in specs]
+    target = get_target(target_name, **({"threads": args.threads} if args.threads else {}))
+    kw: dict[str, Any] = {"warmup": args.warmup, "runs": args.runs}
     if args.per_layer:
         kw["per_layer"] = True
     lat = target.profile(art, inputs, **kw)
-    print(f"{path}: median {lat.median_ms:.3f} ms, p90 {lat.p90_ms:.3f} ms over {lat.runs} runs "
-          f"(warm-up {lat.warmup}), {lat.threads} threads, batch {lat.batch}")
+    print(f"{art.path} ({target_name}, {art.precision}): median {lat.median_ms:.3f} ms, "
+          f"p90 {lat.p90_ms:.3f} ms over {lat.runs} runs (warm-up {lat.warmup}), "
+          f"{lat.threads} threads, batch {lat.batch}")
     print(f"device: {lat.device}")
+    for when in ("untuned_latency", "tuned_latency"):  # TVM: measured by `compile`
+        if when in art.meta:
+            print(f"at compile time, {when.replace('_', ' ')}: "
+                  f"median {art.meta[when]['median_ms']:.3f} ms")
     if lat.per_layer_ms:
+        total = sum(lat.per_layer_ms.values())
+        print(f"per layer ({len(lat.per_layer_ms)} entries, sum {total:.3f} ms; top 25):")
         for name, ms in sorted(lat.per_layer_ms.items(), key=lambda kv: -kv[1])[:25]:
             print(f"  {ms:9.4f} ms  {name}")
     return 0
+
+
+def _artifact_kind(path: Path) -> str:
+    """ort for QDQ ONNX, tvm for a TVM library / manifest / compile directory."""
+    if path.suffix == ".onnx":
+        return "ort"
+    if path.suffix in (".so", ".json"):
+        return "tvm"
+    if path.is_dir():
+        if (path / "manifest.json").exists():
+            return "tvm"
+        if (path / "model.onnx").exists():
+            return "ort"
+    raise InputError(f"{path}: not a compiled artifact; fix: pass model.onnx, a TVM model.so "
+                     "or manifest.json, or the directory `quantflow compile` wrote")
+
+
+def _onnx_artifact(path: Path, target: str) -> tuple[Artifact, list[dict[str, Any]]]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    specs: list[dict[str, Any]] = [
+        {"name": i.name, "dtype": "float32",
+         "shape": [d.dim_value if d.dim_value > 0 else 1 for d in i.type.tensor_type.shape.dim]}
+        for i in model.graph.input]
+    art = Artifact(target=target, precision="unknown", files={"model": str(path)},
+                   input_names=tuple(s["name"] for s in specs),
+                   output_names=tuple(o.name for o in model.graph.output))
+    return art, specs
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:

@@ -8,12 +8,17 @@ Pipeline (`TVMTarget.lower`):
    Why not the QDQ-ONNX route: `relax.frontend.onnx` imports QDQ as fp32 convs between
    quantize/dequantize (simulation only), and the int rewrite would then have to rediscover
    which DQ feeds which conv; the fx graph says it directly.
+   With `vnni` (default: when tuning for an AVX512-VNNI host), uint8 convs with in channels
+   % 4 == 0 and out channels % 16 == 0 become an NHWC conv over a weight packed in 16 x 4
+   blocks (`tvm_frontend.vnni_conv2d_nhwc`), the only form MetaSchedule's x86 VNNI rule can
+   tensorize into vpdpbusd; TVM's NCHW int8 conv tunes to about FP32 speed (docs/benchmarks.md).
 2. `tvm_tune.prepare` (legalize, fold constants, fuse) and, with `tune_trials > 0`,
    MetaSchedule tuning cached per (model, target) (`tvm_tune.tune`).
 3. `tvm.compile` for the host CPU (`llvm -mcpu=<this CPU>`, num-cores) or, with
    `device="aarch64"`, a cross-compiled bundle (`tvm_edge`), and `export_library`.
 4. `out_dir/manifest.json`: inputs/outputs (name, shape, dtype), sha256 of every file, target,
-   integer/float layer lists, tuning record and untuned/tuned latencies. Like the ort target,
+   integer/float layer lists, kernel -> fx layer names (`kernel_layers`, read by per-layer
+   profiles), tuning record and untuned/tuned latencies. Like the ort target,
    fp32 and quantized artifacts share `out_dir` (the pipeline lowers both there): fp32 writes
    `model_fp32.so` + `manifest_fp32.json`, int8/mixed write `model.so` + `manifest.json`.
 
@@ -22,6 +27,11 @@ Numerics: integer layers reproduce the torch simulation up to requantize roundin
 
 Threads: TVM's pool reads TVM_NUM_THREADS when it starts; `profile(threads=N)` reconfigures it
 with the runtime's `config_threadpool`.
+
+Profiling a library later (`quantflow profile model.so`): `load_artifact` reads it back with
+its manifest (sha256 checked); `profile(per_layer=True)` times every kernel call through the
+VM instrument and names it after its fx layer (`conv2d_3`, `conv2d_3 (pad)`) where the
+manifest's `kernel_layers` knows it, by TVM's fused-kernel name otherwise.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from quantflow.errors import TargetUnavailableError
+from quantflow.errors import InputError, TargetUnavailableError
 from quantflow.targets.base import Artifact, Latency, device_description, time_runs
 
 PRECISIONS = ("int8", "mixed", "fp32")
@@ -110,6 +120,9 @@ class TVMTarget:
     cache_dir: Path | None = None
     num_cores: int | None = None
     threads: int | None = None  # TVM thread pool size for run/profile (None: TVM's default)
+    #: integer convs in the VNNI layout (`tvm_frontend.vnni_conv2d_nhwc`); None: when tuning
+    #: for a host CPU with AVX512-VNNI (untuned, the layout only adds transposes)
+    vnni: bool | None = None
     name: str = "tvm"
     _vms: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -132,6 +145,14 @@ class TVMTarget:
             return aarch64_target(self.num_cores)
         return host_target(self.num_cores)
 
+    def use_vnni(self, target: Any) -> bool:
+        if self.vnni is not None:
+            return self.vnni
+        from tvm.target import codegen
+
+        return (self.device == "host" and self.tune_trials > 0
+                and bool(codegen.target_has_features("avx512vnni", target)))
+
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
               out_dir: Path, *, precision: str = "int8") -> Artifact:
         if precision not in PRECISIONS:
@@ -149,13 +170,16 @@ class TVMTarget:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         target = self.target()
-        mod, stats = to_relax(gm, example_inputs)
-        mod = tvm_tune.prepare(mod, target)
+        mod, stats = to_relax(gm, example_inputs, vnni=self.use_vnni(target))
+        fused = tvm_tune.fuse(mod, target)
+        kernel_layers = tvm_tune.kernel_layers(fused, stats.weights)
+        mod = tvm_tune.fuse_tir(fused, target)
         inputs_spec, outputs_spec = io_specs(gm, example_inputs)
         meta: dict[str, Any] = {
             "device": self.device, "target": json.dumps(target.export(), default=str),
             "int_layers": stats.int_layers, "float_layers": stats.float_layers,
-            "tune_trials": self.tune_trials,
+            "tune_trials": self.tune_trials, "kernel_layers": kernel_layers,
+            "vnni_layers": stats.vnni_layers,
         }
         np_inputs = [t.detach().numpy() for t in example_inputs]
         if self.tune_trials > 0:  # host only (__post_init__)
@@ -256,7 +280,9 @@ class TVMTarget:
                             threads=threads or self._threads(), batch=batch,
                             device=device_description())
             if per_layer:
-                lat = replace(lat, per_layer_ms=per_kernel_ms(vm, args, runs=max(3, runs // 5)))
+                kernels = per_kernel_ms(vm, args, runs=max(3, runs // 5))
+                lat = replace(lat, per_layer_ms=by_layer(kernels,
+                                                         artifact.meta.get("kernel_layers", {})))
         finally:
             if previous is not None:
                 set_threads(previous)
@@ -296,14 +322,66 @@ def per_kernel_ms(vm: Any, args: list[Any], *, runs: int) -> dict[str, float]:
     return {k: float(np.median(v)) for k, v in samples.items()}
 
 
+def load_artifact(path: str | Path) -> Artifact:
+    """The host artifact `TVMTarget.lower` wrote, from its library (`model.so`,
+    `model_fp32.so`), its manifest (`manifest*.json`) or the output directory (the quantized
+    one). The library must match the manifest's sha256."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "manifest.json"
+    if path.suffix == ".json":
+        manifest_path = path
+    else:
+        manifests = [m for m in sorted(path.parent.glob("manifest*.json"))
+                     if path.name in json.loads(m.read_text()).get("sha256", {})]
+        if not manifests:
+            raise InputError(f"{path}: no manifest*.json next to it lists this library; "
+                             "fix: profile the directory `quantflow compile --target tvm` wrote")
+        manifest_path = manifests[0]
+    if not manifest_path.exists():
+        raise InputError(f"{manifest_path} does not exist; fix: pass the library or manifest "
+                         "written by `quantflow compile --target tvm`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        libs = [n for n in manifest["sha256"] if n.startswith("model") and n.endswith(".so")]
+        inputs, outputs = manifest["inputs"], manifest["outputs"]
+    except (ValueError, KeyError) as exc:
+        raise InputError(f"{manifest_path}: not a quantflow TVM manifest ({exc})") from exc
+    if len(libs) != 1:
+        raise InputError(f"{manifest_path}: expected one model*.so in sha256, found {libs}")
+    lib = manifest_path.parent / libs[0]
+    if not lib.exists():
+        raise InputError(f"{lib} (listed in {manifest_path}) does not exist")
+    if sha256_file(lib) != manifest["sha256"][libs[0]]:
+        raise InputError(f"{lib} does not match the sha256 in {manifest_path}; fix: re-run "
+                         "`quantflow compile --target tvm` (the library was rebuilt or replaced)")
+    return Artifact(target="tvm", precision=str(manifest.get("precision", "unknown")),
+                    files={"model": str(lib), "manifest": str(manifest_path)},
+                    input_names=tuple(i["name"] for i in inputs),
+                    output_names=tuple(o["name"] for o in outputs),
+                    meta={**manifest.get("meta", {}), "input_specs": inputs})
+
+
+def by_layer(kernel_ms: dict[str, float], kernel_layers: dict[str, str]) -> dict[str, float]:
+    """Per-kernel times keyed by fx layer name where the manifest's `kernel_layers` names the
+    kernel (`tvm_tune.kernel_layers`), by kernel name otherwise; kernels that map to the same
+    name are summed."""
+    out: dict[str, float] = {}
+    for kernel, ms in kernel_ms.items():
+        name = kernel_layers.get(kernel, kernel)
+        out[name] = out.get(name, 0.0) + ms
+    return out
+
+
 def make_target(*, device: str = "host", tune_trials: int = 0,
                 cache_dir: str | Path | None = None, num_cores: int | None = None,
-                threads: int | None = None) -> TVMTarget:
+                threads: int | None = None, vnni: bool | None = None) -> TVMTarget:
     """`get_target("tvm", tune_trials=..., cache_dir=..., device="host"|"aarch64", threads=...)`.
 
     num_cores: the `num-cores` the kernels are compiled/tuned for (default: all logical
-    cores here, 4 for aarch64); threads: the runtime thread pool for run/profile.
+    cores here, 4 for aarch64); threads: the runtime thread pool for run/profile; vnni: see
+    `TVMTarget.vnni`.
     """
     return TVMTarget(device=device, tune_trials=int(tune_trials),
                      cache_dir=Path(cache_dir) if cache_dir is not None else None,
-                     num_cores=num_cores, threads=threads)
+                     num_cores=num_cores, threads=threads, vnni=vnni)

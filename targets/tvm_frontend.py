@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -75,6 +75,45 @@ def bias_matches_scale(bias_scale: np.ndarray, sx: float, sw: np.ndarray) -> boo
     """True if the int32 bias is in accumulator units (scale sx * sw[o])."""
     want = np.float32(sx) * sw.astype(np.float32)
     return bool(np.allclose(bias_scale, want, rtol=BIAS_SCALE_RTOL, atol=0.0))
+
+
+#: VNNI block: vpdpbusd multiplies 4 consecutive uint8 inputs by a 16 x 4 int8 block
+VNNI_LANES, VNNI_K = 16, 4
+
+
+def pack_vnni_weight(wq: np.ndarray) -> np.ndarray:
+    """OIHW int8 -> [O/16, KH, KW, I/4, 16, 4]: each 16 (out) x 4 (in) block contiguous, the
+    operand layout of TVM's `dot_16x4_vnni` intrinsic (needs O % 16 == 0, I % 4 == 0)."""
+    o, i, kh, kw = wq.shape
+    w = wq.reshape(o // VNNI_LANES, VNNI_LANES, i // VNNI_K, VNNI_K, kh, kw)
+    return np.ascontiguousarray(w.transpose(0, 4, 5, 2, 1, 3))
+
+
+def vnni_conv2d_nhwc(data: Any, wp: Any, strides: Sequence[int], dilation: Sequence[int]) -> Any:
+    """TE: int32 NHWC conv of padded uint8 NHWC `data` with a `pack_vnni_weight` weight.
+
+    The innermost reduction (4 input channels) and the 16 output channels of one weight block
+    are separate iterators over contiguous memory, which is what MetaSchedule's x86 VNNI rule
+    needs to tensorize the block into vpdpbusd (TVM's own NCHW conv cannot be).
+    """
+    from tvm import te
+
+    n, hp, wdp, _c = data.shape
+    o0, kh_, kw_, i0, o1, i1 = wp.shape
+    (sh, sw), (dh, dw) = strides, dilation
+    oh = (hp - dh * (kh_ - 1) - 1) // sh + 1
+    ow = (wdp - dw * (kw_ - 1) - 1) // sw + 1
+    kh = te.reduce_axis((0, kh_), "kh")
+    kw = te.reduce_axis((0, kw_), "kw")
+    c0 = te.reduce_axis((0, i0), "c0")
+    c1 = te.reduce_axis((0, i1), "c1")
+    return te.compute(
+        (n, oh, ow, o0 * o1),
+        lambda b, h, w, oc: te.sum(
+            data[b, h * sh + kh * dh, w * sw + kw * dw, c0 * VNNI_K + c1].astype("int32")
+            * wp[oc // VNNI_LANES, kh, kw, c0, oc % VNNI_LANES, c1].astype("int32"),
+            axis=[kh, kw, c0, c1]),
+        name="conv2d_vnni")
 
 
 # ----------------------------------------------------------------------------- matching
@@ -189,10 +228,22 @@ def match_int_layer(node: fx.Node, x_arg: Any, w_arg: Any, b_arg: Any,
 class LoweringStats:
     int_layers: list[str]
     float_layers: dict[str, str]  # node name -> why it stayed float
+    #: (weight, fx node name) of every conv/linear with a constant weight, so
+    #: `tvm_tune.kernel_layers` can name each compiled kernel after the layer whose weight it
+    #: is called with (the int8 weight for integer layers, the float weight otherwise)
+    weights: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    #: integer convs lowered as `vnni_conv2d_nhwc`
+    vnni_layers: list[str] = field(default_factory=list)
 
 
-def make_convert_map(consts: ConstTable, stats: LoweringStats) -> dict[str, Callable[..., Any]]:
-    """Converters for `from_exported_program(custom_convert_map=...)`."""
+def make_convert_map(consts: ConstTable, stats: LoweringStats, *, vnni: bool = False
+                     ) -> dict[str, Callable[..., Any]]:
+    """Converters for `from_exported_program(custom_convert_map=...)`.
+
+    vnni: integer convs that fit the VNNI block (uint8 input, groups 1, in channels % 4, out
+    channels % 16) run as `vnni_conv2d_nhwc` between two transposes, so tuning can use
+    vpdpbusd; the transposes fuse into the pad before and the epilogue after.
+    """
     from tvm import relax
 
     def const(a: np.ndarray) -> Any:
@@ -239,11 +290,17 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats) -> dict[str, Call
             y = bb.emit(relax.op.add(y, relax.op.reshape(b, chan_shape)))
         return y
 
+    def record_float_weight(w: Any, name: str) -> None:
+        t = consts.get(w)
+        if t is not None:  # a weight dequantized in the graph folds to an unknown constant
+            stats.weights.append((t.numpy(), name))
+
     def conv2d(node: fx.Node, imp: Any) -> Any:
         c = ConvArgs.of(node)  # export drops trailing defaults; this normalizes them
         layer, why = match_int_layer(node, c.x, c.weight, c.bias, consts)
         if layer is None:
             stats.float_layers[node.name] = why
+            record_float_weight(c.weight, node.name)
             return imp._conv2d(node)
         bb = imp.block_builder
         xq, wq = imp.env[layer.x.q], imp.env[layer.w.q]
@@ -251,11 +308,25 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats) -> dict[str, Call
         if ph or pw:
             # pad with the input zero point: real-valued zero at the border (see docstring)
             xq = bb.emit(relax.op.nn.pad(xq, [0, 0, 0, 0, ph, ph, pw, pw], "constant",
-                                         float(int(layer.x.zero_point))))
+                                         float(int(layer.x.zero_point))),
+                         name_hint=f"{node.name}_pad")
+        stats.int_layers.append(node.name)
+        o, i = layer.wq.shape[:2]
+        if vnni and c.groups == 1 and layer.x.dtype == torch.uint8 \
+                and o % VNNI_LANES == 0 and i % VNNI_K == 0:
+            wp = pack_vnni_weight(layer.wq)
+            stats.weights.append((wp, node.name))
+            stats.vnni_layers.append(node.name)
+            x_nhwc = bb.emit(relax.op.permute_dims(xq, [0, 2, 3, 1]))
+            acc = bb.emit(bb.call_te(vnni_conv2d_nhwc, x_nhwc, const(wp), list(c.stride),
+                                     list(c.dilation), primfunc_name_hint="conv2d_vnni"),
+                          name_hint=node.name)
+            y = finish(imp, acc, layer, [1, 1, 1, -1])
+            return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
         acc = bb.emit(relax.op.nn.conv2d(xq, wq, strides=list(c.stride), padding=[0, 0],
                                          dilation=list(c.dilation), groups=c.groups,
-                                         out_dtype="int32"))
-        stats.int_layers.append(node.name)
+                                         out_dtype="int32"), name_hint=node.name)
+        stats.weights.append((layer.wq, node.name))
         return finish(imp, acc, layer, [1, -1, 1, 1])
 
     def linear(node: fx.Node, imp: Any) -> Any:
@@ -264,12 +335,14 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats) -> dict[str, Call
         layer, why = match_int_layer(node, x, w, b, consts)
         if layer is None:
             stats.float_layers[node.name] = why
+            record_float_weight(w, node.name)
             return imp._linear(node)
         bb = imp.block_builder
         xq, wq = imp.env[layer.x.q], imp.env[layer.w.q]
         wt = bb.emit(relax.op.permute_dims(wq, [1, 0]))
-        acc = bb.emit(relax.op.matmul(xq, wt, out_dtype="int32"))
+        acc = bb.emit(relax.op.matmul(xq, wt, out_dtype="int32"), name_hint=node.name)
         stats.int_layers.append(node.name)
+        stats.weights.append((layer.wq, node.name))
         return finish(imp, acc, layer, [-1])
 
     def batch_norm(node: fx.Node, imp: Any) -> Any:
@@ -306,15 +379,18 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats) -> dict[str, Call
     }
 
 
-def to_relax(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> tuple[Any, LoweringStats]:
-    """Export `gm` and import it into a Relax IRModule (integer layers where possible)."""
+def to_relax(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, vnni: bool = False
+             ) -> tuple[Any, LoweringStats]:
+    """Export `gm` and import it into a Relax IRModule (integer layers where possible;
+    `vnni`: see `make_convert_map`)."""
     from tvm.relax.frontend.torch import from_exported_program
 
     ep = torch.export.export(gm, tuple(example_inputs))
     stats = LoweringStats(int_layers=[], float_layers={})
     try:
         mod = from_exported_program(ep, run_ep_decomposition=False,
-                                    custom_convert_map=make_convert_map(ConstTable(ep), stats))
+                                    custom_convert_map=make_convert_map(ConstTable(ep), stats,
+                                                                       vnni=vnni))
     except (AssertionError, KeyError, ValueError) as exc:
         culprits = [n.name for n in ep.graph.nodes if n.op == "call_function"
                     and getattr(n.target, "__name__", "\0") in str(exc)]

@@ -19,6 +19,10 @@ so every build fails. The tuning process itself imports the package too (TuneCon
 run as the worker initializer, installs that package without executing its `__init__` and
 imports only the CPU (x86, Arm) intrinsic modules.
 
+VNNI: TVM 0.27's `dot_16x4_vnni` tensor intrinsic does not compile with the LLVM it ships
+(operand types), so MetaSchedule silently discarded every VNNI candidate; `register_vnni_dot`
+replaces it, in the tuning process, in every builder worker and before a database is applied.
+
 No torch import here: the initializer runs in every popen worker.
 """
 
@@ -27,11 +31,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sys
 import time
 import types
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 log = logging.getLogger("quantflow.targets.tvm")
 
@@ -40,23 +47,72 @@ DONE = "done.json"
 
 
 def skip_gpu_intrinsics() -> None:
-    """Popen-worker initializer: register only the CPU tensor intrinsics (see module doc)."""
+    """Popen-worker initializer: register only the CPU tensor intrinsics (see module doc),
+    with the VNNI dot product fixed for this LLVM (`register_vnni_dot`)."""
     import importlib
 
     import tvm.s_tir
 
     name = "tvm.s_tir.tensor_intrin"
-    if name in sys.modules:
+    if name not in sys.modules:
+        pkg = types.ModuleType(name)
+        pkg.__path__ = [str(Path(tvm.s_tir.__file__).parent / "tensor_intrin")]
+        sys.modules[name] = pkg
+        for sub in ("x86", "arm_cpu"):
+            importlib.import_module(f"{name}.{sub}")
+    register_vnni_dot()
+
+
+_VNNI_FIXED = False
+
+
+def register_vnni_dot() -> None:
+    """Re-register TVM's `dot_16x4_vnni` tensor intrinsic so that it compiles.
+
+    TVM 0.27 calls `llvm.x86.avx512.vpdpbusd.512` with three <16 x i32> operands; the LLVM it
+    ships declares the two multiplicands as <64 x i8>, so every tensorized candidate fails
+    LLVM verification ("Call parameter type does not match function signature") and tuned
+    int8 kernels never use VNNI. Same description (u8[4] . i8[16, 4] -> i32[16]), operands
+    reinterpreted as byte vectors. MetaSchedule's x86 VNNI rule (chosen for any target with
+    avx512vnni) refers to the intrinsic by this name, so overriding it is enough; tuning
+    records replay it by name, so every process that builds tuned kernels calls this.
+    """
+    global _VNNI_FIXED
+    if _VNNI_FIXED:
         return
-    pkg = types.ModuleType(name)
-    pkg.__path__ = [str(Path(tvm.s_tir.__file__).parent / "tensor_intrin")]
-    sys.modules[name] = pkg
-    for sub in ("x86", "arm_cpu"):
-        importlib.import_module(f"{name}.{sub}")
+    from tvm.s_tir import TensorIntrin
+    from tvm.s_tir.tensor_intrin.x86 import VNNI_DOT_16x4_INTRIN, dot_product_16x4_u8i8i32_desc
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def vnni_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
+        A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
+        B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
+        C = T.match_buffer(c, (16,), "int32", offset_factor=1)
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64"),
+                B.vload([0, 0], dtype="int8x64"),
+                dtype="int32x16")
+
+    TensorIntrin.register(VNNI_DOT_16x4_INTRIN, dot_product_16x4_u8i8i32_desc, vnni_impl,
+                          override=True)
+    _VNNI_FIXED = True
 
 
 def prepare(mod: Any, target: Any) -> Any:
     """Legalize + fold + fuse into TIR kernels: the module that tuning and compiling share."""
+    return fuse_tir(fuse(mod, target), target)
+
+
+def fuse(mod: Any, target: Any) -> Any:
+    """The first half of `prepare`: fused Relax functions, still with their variable names
+    (read by `kernel_layers`). Same passes as `relax.get_pipeline("zero")` up to FuseOps."""
     import tvm
     from tvm import relax
 
@@ -65,8 +121,78 @@ def prepare(mod: Any, target: Any) -> Any:
             relax.transform.DecomposeOpsForInference(),
             relax.transform.CanonicalizeBindings(),
             relax.transform.DeadCodeElimination(),
-            relax.get_pipeline("zero"),
+            relax.transform.LegalizeOps(),
+            relax.transform.AnnotateTIROpPattern(),
+            relax.transform.FoldConstant(),
+            relax.transform.FuseOps(),
         ])(mod)
+
+
+def fuse_tir(fused: Any, target: Any) -> Any:
+    """The second half of `prepare`: each fused function becomes one TIR kernel of the same
+    name (the name the VM reports when it calls the kernel)."""
+    from tvm import relax
+
+    with target:
+        return relax.transform.FuseTIR()(fused)
+
+
+def kernel_layers(fused: Any, weights: list[tuple[np.ndarray, str]]) -> dict[str, str]:
+    """Kernel call -> fx layer name, from the output of `fuse`.
+
+    Keys are the VM's kernel names as `targets.tvm.per_kernel_ms` reports them: the kernel
+    name, then `#n` for its n-th call within one run (FuseOps shares one function between
+    identical call sites, e.g. float convs of equal shape). Call sites are main's bindings in
+    order, the order the VM executes them. A call is named after the layer whose weight
+    (`tvm_frontend.LoweringStats.weights`; by content, since the importer binds parameters as
+    new constants and FoldConstant transposes linear weights) it receives as a constant
+    argument; a pad kernel whose output goes to exactly one named call is `<layer> (pad)`.
+    Other kernels (pools, reshapes, standalone quantizes) are left out.
+    """
+    from tvm import relax
+    from tvm.ir.expr import Constant
+
+    by_content: dict[str, list[str]] = {}
+    for w, label in weights:
+        for arr in ((w, w.T) if w.ndim == 2 else (w,)):
+            by_content.setdefault(_digest(arr), []).append(label)
+    seen: dict[str, int] = {}
+    out: dict[str, str] = {}
+    sites: list[tuple[str, Any, list[Any]]] = []  # (key, output var, call arguments)
+    for block in fused["main"].body.blocks:
+        for binding in block.bindings:
+            call = binding.value
+            if not isinstance(call, relax.Call):
+                continue
+            if isinstance(call.op, relax.GlobalVar):
+                gv, args = call.op, list(call.args)
+            elif getattr(call.op, "name", "") == "relax.call_tir":
+                gv, args = call.args[0], list(call.args[1].fields)
+            else:
+                continue
+            name = str(gv.name_hint)
+            n = seen.get(name, 0)
+            seen[name] = n + 1
+            key = f"{name}#{n}" if n else name
+            sites.append((key, binding.var, args))
+            for a in args:
+                labels = by_content.get(_digest(a.value.numpy())) if isinstance(a, Constant) \
+                    else None
+                if labels:  # equal weights in two layers: first come, first named
+                    out[key] = labels.pop(0)
+                    break
+    for key, var, _args in sites:
+        if key in out or not re.search(r"(^|_)pad\d*(_|#|$)", key):
+            continue
+        users = [out[k] for k, _v, args in sites if k in out and any(a.same_as(var) for a in args)]
+        if len(users) == 1:
+            out[key] = f"{users[0]} (pad)"
+    return out
+
+
+def _digest(a: np.ndarray) -> str:
+    arr = np.ascontiguousarray(a)
+    return f"{arr.dtype}{arr.shape}" + hashlib.sha1(arr.tobytes()).hexdigest()
 
 
 def cache_key(mod: Any, target: Any) -> str:
@@ -107,11 +233,11 @@ def tune(mod: Any, target: Any, trials_per_task: int, cache_dir: Path | None) ->
         return info
     work_dir.mkdir(parents=True, exist_ok=True)
     skip_gpu_intrinsics()  # the tuning process itself imports them too (TuneContext)
-    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
-    if ms_log.level == logging.NOTSET:
-        # MetaSchedule copies its global level to a stdout handler (one task table per
-        # trial batch); keep the console quiet, the full logs go to work_dir/logs
-        ms_log.setLevel(logging.WARNING)
+    if not log.isEnabledFor(logging.DEBUG):
+        # MetaSchedule copies its global level to a stdout handler (one task table per trial
+        # batch) and its logging config sets that level to DEBUG after the first tuning, so
+        # set it before every one; the full logs go to work_dir/logs either way
+        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     tasks = ms.relax_integration.extract_tasks(mod, target)
     n_tasks = len(tasks)
     t0 = time.perf_counter()
@@ -157,6 +283,7 @@ def apply_database(mod: Any, target: Any, work_dir: str) -> tuple[Any, int]:
     import tvm_ffi
     from tvm import relax
 
+    skip_gpu_intrinsics()  # replaying a trace looks tensor intrinsics up by name
     with target:
         tuned = relax.transform.MetaScheduleApplyDatabase(work_dir)(mod)
     changed = sum(
