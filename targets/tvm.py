@@ -57,6 +57,10 @@ DEVICES = ("host", "aarch64")
 
 
 def _import_tvm() -> Any:
+    # TVM sizes its thread pool, and caps every later resize, at TVM_NUM_THREADS or else half
+    # the logical cores on x86 (it assumes hyper-threading: 1 of 2 cores here); default to all
+    # logical cores, like the ort target, so that profile(threads=N) can use them
+    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
     try:
         import tvm
     except ImportError as exc:
@@ -103,11 +107,19 @@ def io_specs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
 
 def set_threads(threads: int) -> int:
     """Resize TVM's CPU thread pool (mode 1 = all 'big' cores, i.e. every core on x86);
-    returns the previous size."""
+    returns the previous size. TVM silently caps the size at the pool's maximum, fixed when
+    the runtime starts (`_import_tvm`); asking for more raises."""
     import tvm_ffi
 
-    before = int(tvm_ffi.get_global_func("runtime.NumThreads")())
+    num_threads = tvm_ffi.get_global_func("runtime.NumThreads")
+    before = int(num_threads())
     tvm_ffi.get_global_func("runtime.config_threadpool")(1, int(threads))
+    if int(num_threads()) != threads:
+        got = int(num_threads())
+        tvm_ffi.get_global_func("runtime.config_threadpool")(1, before)
+        raise TargetUnavailableError(
+            f"tvm target: the TVM thread pool cannot grow to {threads} threads (it stays at "
+            f"{got}); fix: start the process with TVM_NUM_THREADS={threads}")
     return before
 
 
@@ -277,8 +289,7 @@ class TVMTarget:
         previous = set_threads(threads) if threads is not None else None
         try:
             lat = time_runs(lambda: main(*args), warmup=warmup, runs=runs,
-                            threads=threads or self._threads(), batch=batch,
-                            device=device_description())
+                            threads=self._threads(), batch=batch, device=device_description())
             if per_layer:
                 kernels = per_kernel_ms(vm, args, runs=max(3, runs // 5))
                 lat = replace(lat, per_layer_ms=by_layer(kernels,

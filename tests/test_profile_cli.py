@@ -4,6 +4,7 @@ named after the fx layers (tvm_tune.kernel_layers)."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -101,3 +102,15 @@ def test_profile_rejects_wrong_target_and_tampered_library(compiled: Path, tmp_p
         fh.write(b"\0")
     assert main(["profile", str(copy / "model.so")]) == 3
     assert "sha256" in capsys.readouterr().err
+
+
+def test_profile_threads_are_real(compiled: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """TVM caps its pool at half the cores on x86 unless TVM_NUM_THREADS says otherwise; the
+    target raises it to all cores, and a request beyond the pool fails instead of timing
+    fewer threads than it reports."""
+    cores = os.cpu_count() or 1
+    stats, _layers, _out = profile([str(compiled), "--runs", "3", "--warmup", "1",
+                                    "--threads", str(cores)], capsys)
+    assert stats["threads"] == cores
+    assert main(["profile", str(compiled), "--runs", "3", "--threads", str(cores + 1)]) == 6
+    assert "TVM_NUM_THREADS" in capsys.readouterr().err
