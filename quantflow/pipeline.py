@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -229,7 +230,10 @@ def compile(
         kw = {"warmup": config.profile_warmup, "runs": config.profile_runs}
         try:
             lat_f = target.profile(art_fp32, x0, **kw)
-            lat_q = target.profile(art_q, x0, **kw)
+            # per-layer times where the runtime offers them (a separate, profiled pass: they
+            # never enter the wall-clock numbers)
+            per_layer = "per_layer" in inspect.signature(target.profile).parameters  # type: ignore[attr-defined]
+            lat_q = target.profile(art_q, x0, **kw, **({"per_layer": True} if per_layer else {}))
             report["latency"] = {"fp32": lat_f.to_dict(), "quantized": lat_q.to_dict(),
                                  "speedup": round(lat_f.median_ms / max(lat_q.median_ms, 1e-9),
                                                   3)}

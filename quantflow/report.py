@@ -11,7 +11,9 @@ Schema "quantflow.report/1" (all sizes in bytes, latencies in ms, accuracies in 
               Quality = {samples, accuracy, agreement, sqnr_db, kl}
   size        {fp32_bytes, quantized_bytes, ratio}   (artifact files on disk)
   latency     {fp32: Latency, quantized: Latency, speedup}
-              Latency = {median_ms, p90_ms, mean_ms, runs, warmup, threads, batch, device}
+              Latency = {median_ms, p90_ms, mean_ms, runs, warmup, threads, batch, device,
+                         per_layer_ms: {fx node: ms} | null (quantized, where the runtime
+                         profiles per layer: ORT, TVM)}
   layers      [{name, op, plan, weight_bits, runs_integer, sensitivity}]
   runtime     target-specific facts (e.g. ORT: integer kernels found, layers left in float)
   artifacts   {role: path}
@@ -110,6 +112,11 @@ def render(d: dict[str, Any]) -> str:
                      f"(median; p90 {f['p90_ms']:.3f} / {qz['p90_ms']:.3f}) "
                      f"x{lat['speedup']:.2f} faster, {qz['threads']} threads")
         lines.append(f"  device      {qz['device']}")
+        per = qz.get("per_layer_ms") or {}
+        if per:
+            top = sorted(per.items(), key=lambda kv: -kv[1])[:5]
+            lines.append("  slowest     " + ", ".join(f"{k} {v:.3f} ms" for k, v in top)
+                         + " (quantized, per layer)")
     rt = d.get("runtime", {})
     if rt.get("float_compute_ops"):
         lines.append(f"  warning     layers left in float by the runtime: "

@@ -71,6 +71,11 @@ def test_compile_writes_checked_artifacts_and_report(files: dict[str, Path],
     for key in ("fp32", "quantized"):
         lat = r["latency"][key]
         assert 0 < lat["median_ms"] <= lat["p90_ms"] and lat["threads"] >= 1
+    # per-layer times of the quantized artifact, under the graph's own (fx) layer names
+    per = r["latency"]["quantized"]["per_layer_ms"]
+    convs = [layer["name"] for layer in r["layers"]]
+    assert per and set(convs) <= set(per) and all(v >= 0 for v in per.values())
+    assert "slowest" in text
     # file sizes of a 2k-parameter model are dominated by graph overhead; weights must shrink
     assert r["size"]["weights_quantized_bytes"] < 0.7 * r["size"]["weights_fp32_bytes"]
     for f in ("model.onnx", "model_fp32.onnx", "plan.json"):
