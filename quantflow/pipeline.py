@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -172,6 +171,7 @@ def compile(
     `config.max_drop`.
     """
     from quantflow.targets import get_target
+    from quantflow.targets.base import profiles_per_layer
 
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -232,7 +232,7 @@ def compile(
             lat_f = target.profile(art_fp32, x0, **kw)
             # per-layer times where the runtime offers them (a separate, profiled pass: they
             # never enter the wall-clock numbers)
-            per_layer = "per_layer" in inspect.signature(target.profile).parameters  # type: ignore[attr-defined]
+            per_layer = profiles_per_layer(target)
             lat_q = target.profile(art_q, x0, **kw, **({"per_layer": True} if per_layer else {}))
             report["latency"] = {"fp32": lat_f.to_dict(), "quantized": lat_q.to_dict(),
                                  "speedup": round(lat_f.median_ms / max(lat_q.median_ms, 1e-9),

@@ -103,6 +103,13 @@ def time_runs(fn: Callable[[], object], *, warmup: int, runs: int, threads: int,
                    threads=threads, batch=batch, device=device or device_description())
 
 
+def profiles_per_layer(target: Any) -> bool:
+    """Whether `target.profile` takes `per_layer=True` (ORT, TVM; not TensorRT)."""
+    import inspect
+
+    return "per_layer" in inspect.signature(target.profile).parameters
+
+
 @runtime_checkable
 class Target(Protocol):
     """What every backend provides. See targets/ort.py for the reference implementation."""

@@ -21,7 +21,6 @@ which is what the measured table is for.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -122,7 +121,7 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
 
     quantize_with(assignment): the quantized graph for {layer: option} (unlisted: FP32).
     """
-    from quantflow.targets.base import device_description
+    from quantflow.targets.base import device_description, profiles_per_layer
 
     device = device_description()
     cache = _cache_file(cache_dir or default_cache_dir(), model_hash, target.name, device,
@@ -138,7 +137,7 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     kw: dict[str, Any] = {"warmup": warmup, "runs": runs}
     if threads is not None:
         kw["threads"] = threads
-    per_layer = "per_layer" in inspect.signature(target.profile).parameters
+    per_layer = profiles_per_layer(target)
     ms = np.zeros((len(layers), len(options)))
     rest = []
     with tempfile.TemporaryDirectory() as tmp:

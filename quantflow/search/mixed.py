@@ -256,11 +256,12 @@ def search_mixed(
         # the search can then only return something at least as good on its own data
         base = [qt.uniform(space, "W8A8", g) for g in globs
                 if g.calibrator == baseline_calibrator and "W8A8" in options][:1]
-        # minimizing a cost: the cheapest seed of the baseline's scheme is worth a look first
-        cheapest = [min((c for c in start if not base or c.glob == base[0].glob),
-                        key=lambda c: (space.size_bytes(c) if budget.mode(space) == "size"
-                                       else space.latency_ms(c) or 0.0), default=start[0])] \
-            if budget.mode(space) != "quality" else []
+        mode = budget.mode(space)
+        cheapest: list[Candidate] = []
+        if mode != "quality":  # minimizing a cost: the baseline scheme's cheapest seed first
+            same = [c for c in start if not base or c.glob == base[0].glob]
+            cost = space.size_bytes if mode == "size" else (lambda c: space.latency_ms(c) or 0.0)
+            cheapest = [min(same, key=cost)] if same else start[:1]
         trials = qt.run_search(space, pool, evaluate, budget, strategy=strategy,
                                max_evals=max_evals, cost_model=cm,
                                first=base + cheapest + start[:1],
