@@ -49,6 +49,13 @@ class TargetUnavailableError(QuantflowError):
     exit_code = 6
 
 
+class TargetRuntimeError(QuantflowError):
+    """The target's runtime is there but failed to lower or run a model (the message says which
+    model variant and what the runtime said)."""
+
+    exit_code = 6
+
+
 class BudgetExceededError(QuantflowError):
     """The compiled model violates the user's budget (--max-drop and friends). For CI gates."""
 
@@ -62,7 +69,7 @@ EXIT_CODES = {
     "input error (model or data file)": InputError.exit_code,
     "capture error / unsupported op": CaptureError.exit_code,
     "pass error (equivalence broken)": PassError.exit_code,
-    "target unavailable": TargetUnavailableError.exit_code,
+    "target unavailable, or its runtime failed": TargetUnavailableError.exit_code,
     "budget exceeded (accuracy drop over --max-drop, size or latency over budget)":
         BudgetExceededError.exit_code,
     "interrupted (Ctrl-C)": 130,

@@ -137,3 +137,15 @@ def test_latency_validation_takes_the_first_candidate_measured_within_the_limit(
     chosen, checks = first_within(["a", "b", "c"], {"a": 2.0, "b": 3.0, "c": 0.1}.__getitem__,
                                   1.0, lambda k: None, str, top=2)
     assert chosen is None and len(checks) == 2  # only the top 2 are tried
+
+
+@pytest.mark.parametrize("calibrator", ["minmax", "percentile", "entropy", "mse"])
+def test_16_bit_activations_are_never_clipped(calibrator: str) -> None:
+    """A16 takes the whole observed range whatever the candidate's calibrator; A8 keeps it."""
+    from quantflow.search.space import GlobalConfig, layer_plan
+
+    g = GlobalConfig(calibrator=calibrator)
+    a16, a8 = layer_plan("W8A16", g).act, layer_plan("W8A8", g).act
+    assert a16 is not None and a8 is not None
+    assert (a16.bits, a16.calibrator) == (16, "minmax")
+    assert (a8.bits, a8.calibrator) == (8, calibrator)

@@ -101,3 +101,39 @@ def test_measured_table_attribution_and_cache(gm: fx.GraphModule, tmp_path: Path
     measure_table(gm, x, ["conv2d", "linear"], opts, quantize_with, target,
                   model_hash="other", cache_dir=tmp_path)
     assert target.lowered == 8, "another model hash is another table"
+
+
+class RuntimeFailure(Exception):
+    """Like onnxruntime's exceptions: derived from Exception only."""
+
+
+class FailingTarget(FakeTarget):
+    """Lowers fine, fails to run any variant with 4-bit weights."""
+
+    def profile(self, artifact: Artifact, inputs: Any, **kw: Any) -> Latency:
+        if "W4A8" in artifact.meta["labels"].values():
+            raise RuntimeFailure("INT4 kernel missing")
+        return super().profile(artifact, inputs, **kw)
+
+
+def test_runtime_failure_names_the_variant(gm: fx.GraphModule, tmp_path: Path) -> None:
+    from quantflow.calibrate import collect_stats
+    from quantflow.errors import TargetRuntimeError
+    from quantflow.quantize import quantize
+    from quantflow.search.space import GlobalConfig, layer_plan
+    from quantflow.spec import QuantPlan
+
+    x = (torch.randn(4, 2, 5, 5),)
+    stats = collect_stats(gm, [x])
+    g0 = GlobalConfig()
+
+    def quantize_with(assign: dict[str, str]) -> fx.GraphModule:
+        return quantize(gm, QuantPlan(default=layer_plan("W8A8", g0), layers={
+            n: layer_plan(assign.get(n, "FP32"), g0) for n in ("conv2d", "linear")}), stats)
+
+    with pytest.raises(TargetRuntimeError, match=r"fake failed .* W4A8 variant.*"
+                       r"RuntimeFailure: INT4 kernel missing") as err:
+        measure_table(gm, x, ["conv2d", "linear"], ["W8A8", "W4A8", "FP32"], quantize_with,
+                      FailingTarget(), model_hash="abc", cache_dir=tmp_path)
+    assert isinstance(err.value.__cause__, RuntimeFailure)
+    assert not list(tmp_path.rglob("*.json")), "a failed table must not be cached"

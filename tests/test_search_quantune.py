@@ -233,3 +233,26 @@ def test_latency_limit_validated_end_to_end_falls_back_to_int8(setup: tuple,
     assert res.latency_checks and res.latency_checks[0].limit_ms == pytest.approx(1.0 * 1.0)
     assert set(res.best.candidate.options) == {"W8A8"}
     assert all(not c.accepted for c in res.latency_checks if "W4A8" in c.config)
+
+
+class _BrokenRuntimeTarget(_SlowMixedTarget):
+    """A runtime that fails to time anything, with its own exception class."""
+
+    def profile(self, art: fx.GraphModule, inputs: list[np.ndarray], **kw: object) -> object:
+        raise OSError("device lost")
+
+
+def test_failing_runtime_falls_back_to_proxy_only_without_latency_budget(
+        setup: tuple, tmp_path: Path) -> None:
+    from quantflow.errors import TargetRuntimeError
+
+    gm, batches, labels, x_test, y_test, _model = setup
+    small = {k: v for k, v in SMALL.items() if k != "latency"}
+    common: dict = {"labels": labels, "max_evals": 3, "latency": "measured",
+                    "db": tmp_path / "db.sqlite", "latency_cache": tmp_path / "lat", **small}
+    res = search_mixed(gm, batches, lambda g: _acc(g, x_test, y_test),
+                       Budget(max_size_ratio=1.0), _BrokenRuntimeTarget(), **common)
+    assert res.latency.method == "bops_proxy" and not res.latency_checks
+    with pytest.raises(TargetRuntimeError, match="device lost"):
+        search_mixed(gm, batches, lambda g: _acc(g, x_test, y_test),
+                     Budget(max_latency_ms=1.0), _BrokenRuntimeTarget(), **common)

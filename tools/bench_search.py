@@ -59,7 +59,7 @@ from quantflow.search.costmodel import RandomCostModel, XGBCostModel
 from quantflow.search.database import EvalDB, Record, model_hash, tensor_hash
 from quantflow.search.hawq import hutchinson_traces
 from quantflow.search.mixed import build_space
-from quantflow.search.space import Candidate, global_configs
+from quantflow.search.space import SPACE_VERSION, Candidate, global_configs
 from quantflow.search.zeroq import distill
 from quantflow.spec import int8_plan
 from quantflow.zoo import get_model
@@ -104,7 +104,8 @@ def _fp32_and_space(name: str, args: argparse.Namespace, model: torch.nn.Module 
     return {"captured": captured, "gm": gm, "stats": stats, "traces": traces, "space": space,
             "x_cal": x_cal, "x_test": x_test, "y_test": y_test,
             "fp32": accuracy(gm, x_test, y_test), "m_hash": model_hash(gm),
-            "d_hash": tensor_hash([x_cal, x_test], f"bench|{args.eval_n}")}
+            "d_hash": tensor_hash([x_cal, x_test],
+                                  f"bench|{args.eval_n}|space={SPACE_VERSION}")}
 
 
 def bench_model(name: str, args: argparse.Namespace, db: EvalDB,

@@ -36,6 +36,7 @@ import torch
 from torch import fx
 from tqdm import tqdm
 
+from quantflow.errors import QuantflowError, TargetRuntimeError
 from quantflow.ir import WEIGHTED_OPS, is_op
 from quantflow.search.space import OPTION_BITS
 
@@ -145,9 +146,20 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
             out = Path(tmp) / sub
             out.mkdir()
             g = quantize_with(assign) if assign else gm
-            art = target.lower(g, example_inputs, out, precision="mixed" if assign else "fp32")
-            return target.profile(art, x, per_layer=per, **kw) if per \
-                else target.profile(art, x, **kw)
+            try:
+                art = target.lower(g, example_inputs, out,
+                                   precision="mixed" if assign else "fp32")
+                return target.profile(art, x, per_layer=per, **kw) if per \
+                    else target.profile(art, x, **kw)
+            except QuantflowError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the runtimes raise their own classes
+                # (onnxruntime's derive from Exception only); name the variant, keep the cause
+                what = ", ".join(sorted(set(assign.values()))) or "FP32"
+                raise TargetRuntimeError(
+                    f"latency table: {target.name} failed to lower or time the {what} variant "
+                    f"of the model ({type(exc).__name__}: {exc}); the search can fall back to "
+                    "the BOPs proxy without a latency budget") from exc
 
         if per_layer:
             method = "per_layer_profile"

@@ -43,6 +43,7 @@ import torch
 from torch import fx
 
 from quantflow.calibrate import TensorStats, collect_stats
+from quantflow.errors import TargetRuntimeError
 from quantflow.quantize import quantize
 from quantflow.search import quantune as qt
 from quantflow.search.costmodel import CostModel, RandomCostModel, XGBCostModel
@@ -52,6 +53,7 @@ from quantflow.search.latency import LatencyTable, bops_table, measure_table
 from quantflow.search.space import (
     OPTION_BITS,
     OPTIONS,
+    SPACE_VERSION,
     Candidate,
     SearchSpace,
     global_configs,
@@ -192,7 +194,8 @@ def search_mixed(
                                max_iter=hawq_max_iter, seed=seed, progress=progress,
                                max_seconds=hawq_max_seconds)
     m_hash = model_hash(gm)
-    d_hash = tensor_hash([t for b in batches for t in b], f"{data_key}|{placement}")
+    d_hash = tensor_hash([t for b in batches for t in b],
+                         f"{data_key}|{placement}|space={SPACE_VERSION}")
     globs = global_configs(calibrators, schemes, granularities)
     layers = [n for n in layer_weights(gm) if n in traces.weight]
 
@@ -201,10 +204,17 @@ def search_mixed(
                          layers={n: layer_plan(assign.get(n, "FP32"), glob) for n in layers})
         return quantize(gm, plan, stats, placement)
 
+    table: LatencyTable | None = None
     if target is not None and latency == "measured":
-        table = measure_table(gm, one, layers, options, quantize_with, target,
-                              model_hash=m_hash, cache_dir=latency_cache, progress=progress)
-    else:
+        try:
+            table = measure_table(gm, one, layers, options, quantize_with, target,
+                                  model_hash=m_hash, cache_dir=latency_cache, progress=progress)
+        except TargetRuntimeError as exc:
+            if budget.max_latency_ms is not None:
+                raise  # a latency budget has no meaning without measurements
+            log.warning("search: %s; pricing candidates with the BOPs proxy instead", exc)
+            target = None  # nothing left to validate end to end on it either
+    if table is None:
         table = bops_table(gm, example, layers, options)
     if budget.max_latency_ms is not None and table.method == "bops_proxy":
         raise ValueError("a latency budget needs a target to measure per-layer latency on "

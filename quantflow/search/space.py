@@ -27,6 +27,9 @@ from quantflow.spec import CALIBRATORS, GRANULARITIES, LayerPlan, QSpec, QuantPl
 OPTIONS = ("W8A8", "W8A16", "W4A8", "FP32")
 #: (weight bits, activation bits); 32 means float
 OPTION_BITS = {"W8A8": (8, 8), "W8A16": (8, 16), "W4A8": (4, 8), "FP32": (32, 32)}
+#: what the options mean (`layer_plan`); part of every database key, so evaluations stored by
+#: an older meaning are never reused. 2: A16 always takes min-max ranges.
+SPACE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,12 @@ def layer_plan(option: str, g: GlobalConfig) -> LayerPlan:
     # 4-bit weights need MSE clipping: with 15 levels a few outliers waste most of the grid
     weight = QSpec(bits=wbits, signed=True, symmetric=True, granularity=g.weight_granularity,
                    axis=0, calibrator="mse" if wbits == 4 else "minmax")
+    # 16-bit activations take the full observed range: with 65536 levels clipping buys no
+    # resolution, and a clipped range saturates on inputs unlike the calibration data
+    # (bench_results/imagenet_fidelity: MobileNetV2 flips an FP32 prediction with a 0.57
+    # top-2 margin under percentile-clipped A16)
     act = QSpec(bits=abits, signed=g.act_symmetric, symmetric=g.act_symmetric,
-                granularity="tensor", calibrator=g.calibrator)
+                granularity="tensor", calibrator="minmax" if abits == 16 else g.calibrator)
     return LayerPlan(weight, act)
 
 
