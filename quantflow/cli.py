@@ -149,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"quantflow: error: {InputError(str(exc))}", file=sys.stderr)
         return InputError.exit_code
-    except Exception:  # a bug: show it all, ask for a report
+    except Exception:  # noqa: BLE001 - the last resort: a bug; show it all, ask for a report
         traceback.print_exc()
         print("quantflow: internal error (a bug in quantflow; please report it with the "
               "traceback above)", file=sys.stderr)

@@ -19,6 +19,7 @@ Conventions every pass and analysis relies on:
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,8 @@ import torch
 from torch import fx, nn
 
 from quantflow.errors import CaptureError
+
+log = logging.getLogger("quantflow")
 
 aten = torch.ops.aten
 
@@ -52,8 +55,8 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Grap
     try:
         ep = torch.export.export(model, traced, dynamic_shapes=dynamic)
         return unlift(ep)
-    except Exception:  # noqa: BLE001  (retry static; the static error is the one to report)
-        pass
+    except Exception as exc:  # noqa: BLE001 - retry static; the static error is reported
+        log.debug("capture: dynamic-batch export failed (%s); retrying with static shapes", exc)
     try:  # fresh tensors: the failed attempt may have left dynamic-dim marks on the inputs
         ep = torch.export.export(model, tuple(t.clone() for t in inputs))
     except Exception as exc:  # torch raises many types; keep its message, add the fix

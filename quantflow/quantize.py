@@ -89,6 +89,11 @@ def _activation_inputs(n: fx.Node, placement: str) -> list[fx.Node]:
     return []
 
 
+def reads_quantized(n: fx.Node, placement: str = "ort") -> bool:
+    """Whether a quantized plan makes `n` read quantized inputs (a layer, add, pool, ...)."""
+    return bool(_activation_inputs(n, placement))
+
+
 def _output_tensor(n: fx.Node) -> fx.Node:
     """The tensor that represents `n`'s output: after a fused activation that is its only user."""
     users = list(n.users)

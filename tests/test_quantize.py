@@ -75,7 +75,7 @@ def test_weights_int8_per_channel_and_bias_int32() -> None:
 
 
 def test_simulation_matches_manual_fake_quant_of_weights() -> None:
-    gm, x, stats = _setup()
+    gm, _x, stats = _setup()
     plan = int8_plan().with_layer("linear", LayerPlan(ORT_WEIGHT, None))  # weight-only head
     q = quantize(gm, plan, stats)
     w = gm.fc.weight

@@ -55,7 +55,7 @@ def main() -> int:
             entry = MODELS[name]
             try:
                 model = get_model(name)
-            except Exception:  # untrained: random weights + random BN stats still prove it
+            except FileNotFoundError:  # untrained: random weights + random BN stats still prove it
                 model = entry.factory().eval()
                 _randomize_bn(model)
             shape = entry.input_shape

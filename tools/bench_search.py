@@ -260,7 +260,8 @@ def latency_vs_proxy(gm: fx.GraphModule, stats: dict[str, Any], space: Any, m_ha
     """
     from quantflow.search.allocate import solve_milp
     from quantflow.search.latency import bops_table, measure_table
-    from quantflow.search.space import layer_plan
+    from quantflow.search.space import SearchSpace, layer_plan
+    from quantflow.search.transitions import layer_edges
     from quantflow.spec import QuantPlan
     from quantflow.targets import get_target
 
@@ -271,20 +272,37 @@ def latency_vs_proxy(gm: fx.GraphModule, stats: dict[str, Any], space: Any, m_ha
         return quantize(gm, QuantPlan(default=layer_plan("W8A8", g0), layers={
             n: layer_plan(assign.get(n, "FP32"), g0) for n in space.layers}), stats)
 
+    edges = layer_edges(gm, space.layers, (example,))
     table = measure_table(gm, (example,), space.layers, space.options, quantize_with, target,
                           model_hash=m_hash, cache_dir=Path(args.out) / "latency_cache",
-                          runs=args.latency_runs, threads=1)
+                          runs=args.latency_runs, threads=1, edges=edges)
+    priced = SearchSpace(space.layers, space.options, space.globs, space.sens, space.size,
+                         table.ms, table.rest_for("W8A8"), edges, table.switch_ms_per_kelem)
     bops = bops_table(gm, (example,), space.layers, space.options)
     sens = space.sens[g0.scheme_key]
     w8 = space.options.index("W8A8")
+
+    def table_ms(choice: tuple[int, ...]) -> float:
+        """The table's latency of an allocation, Q/DQ switches included."""
+        lat = priced.latency_ms(Candidate(g0, tuple(space.options[k] for k in choice)))
+        assert lat is not None
+        return lat
+
     proxy = solve_milp(sens, bops.ms, args.bops_ratio * bops.ms[:, w8].sum())
-    lat_budget = float(table.ms[np.arange(len(space.layers)), list(proxy.choice)].sum())
-    aware = solve_milp(sens, table.ms, lat_budget)
+    # the same table latency as the proxy's pick, with and without the switch term
+    lat_budget = table_ms(proxy.choice) - priced.latency_rest
+    eff = priced.latency_eff
+    assert eff is not None
+    aware = solve_milp(sens, eff, lat_budget, priced.switches([eff]))
+    no_switch = float(table.ms[np.arange(len(space.layers)), list(proxy.choice)].sum())
+    blind = solve_milp(sens, table.ms, no_switch)
     out: dict[str, Any] = {"table_method": table.method, "device": table.device,
-                           "bops_ratio": args.bops_ratio}
+                           "bops_ratio": args.bops_ratio,
+                           "switch_ms_per_kelem": table.switch_ms_per_kelem}
     import tempfile
 
-    for label, alloc in (("bops_proxy", proxy), ("latency_aware", aware)):
+    for label, alloc in (("bops_proxy", proxy), ("latency_aware", aware),
+                         ("latency_aware_no_switches", blind)):
         assign = {n: space.options[k] for n, k in zip(space.layers, alloc.choice)}
         g = quantize_with(assign)
         with tempfile.TemporaryDirectory() as tmp:
@@ -292,8 +310,7 @@ def latency_vs_proxy(gm: fx.GraphModule, stats: dict[str, Any], space: Any, m_ha
             ms = target.profile(art, [example.numpy()], warmup=10, runs=args.latency_runs,
                                 threads=1).median_ms
         out[label] = {"sensitivity": alloc.sensitivity, "measured_ms": ms,
-                      "table_ms": float(table.ms[np.arange(len(space.layers)),
-                                                 list(alloc.choice)].sum() + table.rest_for()),
+                      "table_ms": table_ms(alloc.choice),
                       "accuracy": accuracy(g, x_test, y_test),
                       "options": {o: list(alloc.choice).count(space.options.index(o))
                                   for o in space.options}}
@@ -363,7 +380,13 @@ def markdown(res: list[dict[str, Any]]) -> str:
                                           if lp.get("from_earlier_run") else "") + "):"),
                       "", "| allocation | Σ Ω | table ms | measured ms | accuracy | options |",
                       "|---|---|---|---|---|---|"]
-            for k in ("bops_proxy", "latency_aware"):
+            if "switch_ms_per_kelem" in lp:
+                lines += ["", (f"Q/DQ switch cost τ = {lp['switch_ms_per_kelem']:.4g} ms per "
+                               "1000 crossing elements (measured from the alternating plans); "
+                               "table ms includes it.")]
+            for k in ("bops_proxy", "latency_aware", "latency_aware_no_switches"):
+                if k not in lp:
+                    continue
                 v = lp[k]
                 lines.append(f"| {k} | {v['sensitivity']:.3g} | {v['table_ms']:.3f} | "
                              f"{v['measured_ms']:.3f} | {v['accuracy']:.2f} | {v['options']} |")
@@ -406,10 +429,24 @@ def main() -> None:
     p.add_argument("--bops-ratio", type=float, default=0.5)
     p.add_argument("--bootstrap", action=argparse.BooleanOptionalAction, default=True,
                    help="Thompson sampling by Poisson-bootstrapped XGBoost refits")
+    p.add_argument("--latency-only", action="store_true",
+                   help="re-measure only the latency-vs-proxy section into the existing "
+                        "<out>/<model>.json (needs a quiet machine)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.latency_only:
+        for name in args.models:
+            r = json.loads((out / f"{name}.json").read_text())
+            ctx = _fp32_and_space(name, args, None)
+            r["latency_vs_proxy"] = latency_vs_proxy(
+                ctx["gm"], ctx["stats"], ctx["space"], ctx["m_hash"], ctx["x_cal"][:1],
+                ctx["x_test"], ctx["y_test"], args)
+            (out / f"{name}.json").write_text(json.dumps(r, indent=1) + "\n")
+        results = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
+        (out / "search.md").write_text(markdown(results))
+        return
     db = EvalDB(args.db or out / "bench.sqlite")
     for name in args.models:
         r = bench_model(name, args, db)

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from quantflow.errors import QuantflowError, TargetRuntimeError
 from quantflow.ir import WEIGHTED_OPS, is_op
 from quantflow.search.space import OPTION_BITS
+from quantflow.search.transitions import Edges, alternating
 
 log = logging.getLogger("quantflow.search")
 
@@ -54,16 +55,20 @@ class LatencyTable:
     device: str
     target: str
     method: str  # "per_layer_profile", "differential", "bops_proxy"
+    #: τ of `transitions.py`: ms per 1000 elements crossing between int8 and float layers
+    switch_ms_per_kelem: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": list(self.layers), "options": list(self.options),
                 "ms": self.ms.tolist(), "rest": list(self.rest), "device": self.device,
-                "target": self.target, "method": self.method}
+                "target": self.target, "method": self.method,
+                "switch_ms_per_kelem": self.switch_ms_per_kelem}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> LatencyTable:
         return LatencyTable(tuple(d["layers"]), tuple(d["options"]), np.asarray(d["ms"]),
-                            tuple(d["rest"]), d["device"], d["target"], d["method"])
+                            tuple(d["rest"]), d["device"], d["target"], d["method"],
+                            float(d.get("switch_ms_per_kelem", 0.0)))
 
     def rest_for(self, option: str = "W8A8") -> float:
         return self.rest[self.options.index(option)] if option in self.options \
@@ -101,7 +106,8 @@ def bops_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], layer
 def _cache_file(cache_dir: Path, model_hash: str, target: str, device: str,
                 options: Sequence[str], threads: int | None = None,
                 shapes: list[list[int]] | None = None) -> Path:
-    key = hashlib.sha256(json.dumps([model_hash, target, device, list(options)]
+    # "v2": tables carry the switch cost (transitions.py); older files lack it
+    key = hashlib.sha256(json.dumps(["v2", model_hash, target, device, list(options)]
                                     + ([] if threads is None else [threads])
                                     + ([] if shapes is None else [shapes])).encode())
     return cache_dir / f"{model_hash}_{target}_{key.hexdigest()[:12]}.json"
@@ -117,10 +123,12 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
                   quantize_with: Callable[[dict[str, str]], fx.GraphModule], target: Any, *,
                   model_hash: str, cache_dir: Path | None = None, runs: int = 30,
                   warmup: int = 5, threads: int | None = None,
-                  progress: bool = False) -> LatencyTable:
+                  progress: bool = False, edges: Edges | None = None) -> LatencyTable:
     """Measured per-layer latency table on `target` (see module docstring), cached.
 
     quantize_with(assignment): the quantized graph for {layer: option} (unlisted: FP32).
+    edges: where int8 and float layers can meet; with them (and W8A8 and FP32 among the
+    options, per-layer profiling) the switch cost τ is measured too (`transitions.py`).
     """
     from quantflow.targets.base import device_description, profiles_per_layer
 
@@ -141,6 +149,7 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     per_layer = profiles_per_layer(target)
     ms = np.zeros((len(layers), len(options)))
     rest = []
+    switch = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         def profile(assign: dict[str, str], sub: str, per: bool) -> Any:
             out = Path(tmp) / sub
@@ -153,7 +162,7 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
                     else target.profile(art, x, **kw)
             except QuantflowError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - the runtimes raise their own classes
+            except Exception as exc:  # the runtimes raise their own classes
                 # (onnxruntime's derive from Exception only); name the variant, keep the cause
                 what = ", ".join(sorted(set(assign.values()))) or "FP32"
                 raise TargetRuntimeError(
@@ -176,6 +185,18 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
                     attributed += t
                 rest.append(max(sum(per.values()) - attributed, 0.0)
                             + max(lat.median_ms - sum(per.values()), 0.0))
+            if edges is not None and {"W8A8", "FP32"} <= set(options) and len(layers) > 1:
+                # τ: what the alternating plans cost beyond the table, per crossing element
+                w8 = options.index("W8A8")
+                excess, kelems = 0.0, 0.0
+                for p, assign in enumerate(alternating(layers)):
+                    lat = profile(assign, f"alt{p}", True)
+                    per = lat.per_layer_ms or {}
+                    total = sum(per.values()) + max(lat.median_ms - sum(per.values()), 0.0)
+                    table_ms = sum(ms[i, options.index(assign[n])] for i, n in enumerate(layers))
+                    excess += total - table_ms - rest[w8]
+                    kelems += edges.crossing_kelems([assign[n] for n in layers])
+                switch = max(excess / kelems, 0.0) if kelems > 0 else 0.0
         else:
             method = "differential"
             base = profile({}, "fp32", False).median_ms
@@ -190,7 +211,7 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
             bar.close()
             rest = [base] * len(options)
     table = LatencyTable(tuple(layers), tuple(options), ms, tuple(rest), device, target.name,
-                         method)
+                         method, switch)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(table.to_dict(), indent=1) + "\n")
     return table

@@ -60,6 +60,7 @@ from quantflow.search.space import (
     layer_plan,
     size_table,
 )
+from quantflow.search.transitions import layer_edges
 from quantflow.search.validate import LatencyCheck, end_to_end_ms, first_within
 from quantflow.spec import CALIBRATORS, QuantPlan
 
@@ -128,8 +129,8 @@ class SearchResult:
 
 
 def build_space(gm: fx.GraphModule, traces: HessianTraces, example_inputs: Sequence[torch.Tensor],
-                options: Sequence[str], globs: list, latency: LatencyTable | None
-                ) -> SearchSpace:
+                options: Sequence[str], globs: list, latency: LatencyTable | None,
+                placement: str = "ort") -> SearchSpace:
     """The space with its HAWQ sensitivity tables (one per scheme) and cost tables."""
     layers = [n for n in layer_weights(gm) if n in traces.weight]
     sens = {}
@@ -140,7 +141,9 @@ def build_space(gm: fx.GraphModule, traces: HessianTraces, example_inputs: Seque
     size = size_table([traces.weight[n].numel for n in layers], options)
     lat = latency.ms if latency is not None else None
     rest = latency.rest_for("W8A8") if latency is not None else 0.0
-    return SearchSpace(layers, tuple(options), globs, sens, size, lat, rest)
+    switch = latency.switch_ms_per_kelem if latency is not None else 0.0
+    edges = layer_edges(gm, layers, example_inputs, placement) if switch else None
+    return SearchSpace(layers, tuple(options), globs, sens, size, lat, rest, edges, switch)
 
 
 def search_mixed(
@@ -208,7 +211,8 @@ def search_mixed(
     if target is not None and latency == "measured":
         try:
             table = measure_table(gm, one, layers, options, quantize_with, target,
-                                  model_hash=m_hash, cache_dir=latency_cache, progress=progress)
+                                  model_hash=m_hash, cache_dir=latency_cache, progress=progress,
+                                  edges=layer_edges(gm, layers, one, placement))
         except TargetRuntimeError as exc:
             if budget.max_latency_ms is not None:
                 raise  # a latency budget has no meaning without measurements
@@ -221,7 +225,7 @@ def search_mixed(
                          "(target=..., latency='measured'); the BOPs proxy has no unit of time")
     # the proxy table is only reported (per-layer table); measured ones price candidates
     space = build_space(gm, traces, example, options, globs,
-                        None if table.method == "bops_proxy" else table)
+                        None if table.method == "bops_proxy" else table, placement)
 
     database = db if isinstance(db, EvalDB) else EvalDB(db)
     reused = 0

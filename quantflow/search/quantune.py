@@ -92,8 +92,9 @@ class Budget:
             tables.append(space.size)
             limits.append(size)
         lat = self.latency_limit(space)
-        if lat is not None and space.latency is not None:
-            tables.append(space.latency)
+        if lat is not None and space.latency_eff is not None:
+            # layer-to-layer switch costs come on top (SearchSpace.switches)
+            tables.append(space.latency_eff)
             limits.append(lat - space.latency_rest)
         return tables, limits
 
@@ -170,13 +171,14 @@ def seeds(space: SearchSpace, budget: Budget, sweep: int = 6) -> list[Candidate]
         if mode == "quality":
             budgets = [(tables, limits)]
         else:  # cheapest within a drop: sweep the cost axis from cheapest to most expensive
-            axis = space.latency if mode == "latency" and space.latency is not None \
+            axis = space.latency_eff if mode == "latency" and space.latency_eff is not None \
                 else space.size
             lo, hi = axis.min(axis=1).sum(), axis.max(axis=1).sum()
             budgets = [(tables + [axis], limits + [b]) for b in np.linspace(lo, hi, sweep)]
         for c, b in budgets:
             try:  # no constraint at all: every layer takes its least sensitive option
-                a = solve_milp(sens, np.asarray(c), np.asarray(b)) if c else None
+                a = solve_milp(sens, np.asarray(c), np.asarray(b), space.switches(c)) \
+                    if c else None
             except InfeasibleBudgetError:
                 continue
             idx = a.choice if a is not None else list(np.argmin(sens, axis=1))
@@ -237,8 +239,11 @@ def random_feasible(space: SearchSpace, budget: Budget, rng: np.random.Generator
                 (spent + remaining) / lim)), i]))
             choice[i] = k
             spent = spent + cost[:, i, k]
-        if (spent <= lim).all():
-            return Candidate(g, tuple(space.options[k] for k in choice))
+        c = Candidate(g, tuple(space.options[k] for k in choice))
+        # the draw is additive; layer-to-layer switch costs can still push latency over
+        if (spent <= lim).all() and space.feasible(c, budget.size_limit(space),
+                                                   budget.latency_limit(space)):
+            return c
     raise InfeasibleBudgetError(f"no random candidate met the budget {budget} in {max_tries} "
                                 "draws (size and latency limits pull apart); fix: loosen one")
 
