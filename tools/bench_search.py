@@ -261,7 +261,7 @@ def latency_vs_proxy(gm: fx.GraphModule, stats: dict[str, Any], space: Any, m_ha
     from quantflow.search.allocate import solve_milp
     from quantflow.search.latency import bops_table, measure_table
     from quantflow.search.space import SearchSpace, layer_plan
-    from quantflow.search.transitions import layer_edges
+    from quantflow.search.transitions import alternating, layer_edges
     from quantflow.spec import QuantPlan
     from quantflow.targets import get_target
 
@@ -301,19 +301,29 @@ def latency_vs_proxy(gm: fx.GraphModule, stats: dict[str, Any], space: Any, m_ha
                            "switch_ms_per_kelem": table.switch_ms_per_kelem}
     import tempfile
 
+    def measured(g: fx.GraphModule) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            art = target.lower(g, (example,), Path(tmp), precision="mixed")
+            return float(target.profile(art, [example.numpy()], warmup=10,
+                                        runs=args.latency_runs, threads=1).median_ms)
+
     for label, alloc in (("bops_proxy", proxy), ("latency_aware", aware),
                          ("latency_aware_no_switches", blind)):
         assign = {n: space.options[k] for n, k in zip(space.layers, alloc.choice)}
         g = quantize_with(assign)
-        with tempfile.TemporaryDirectory() as tmp:
-            art = target.lower(g, (example,), Path(tmp), precision="mixed")
-            ms = target.profile(art, [example.numpy()], warmup=10, runs=args.latency_runs,
-                                threads=1).median_ms
-        out[label] = {"sensitivity": alloc.sensitivity, "measured_ms": ms,
+        out[label] = {"sensitivity": alloc.sensitivity, "measured_ms": measured(g),
                       "table_ms": table_ms(alloc.choice),
                       "accuracy": accuracy(g, x_test, y_test),
                       "options": {o: list(alloc.choice).count(space.options.index(o))
                                   for o in space.options}}
+    # where the table goes wrong: uniform plans vs the two plans with a switch on every edge
+    checks = {"W8A8": {n: "W8A8" for n in space.layers}, "FP32": {}}
+    checks.update({f"alternating {p}": a for p, a in enumerate(alternating(space.layers))})
+    out["table_vs_measured"] = {
+        label: {"table_ms": table_ms(tuple(space.options.index(a.get(n, "FP32"))
+                                           for n in space.layers)),
+                "measured_ms": measured(quantize_with(a))}
+        for label, a in checks.items()}
     return out
 
 
@@ -374,22 +384,26 @@ def markdown(res: list[dict[str, Any]]) -> str:
                      f"{r['hawq_spearman_vs_accuracy']:.2f}")
         lp = r.get("latency_vs_proxy")
         if lp:
+            if "switch_ms_per_kelem" in lp:
+                lines += ["", (f"Q/DQ switch cost τ = {lp['switch_ms_per_kelem']:.4g} ms per "
+                               "1000 crossing elements (measured from the alternating plans); "
+                               "table ms below includes it.")]
             lines += ["", (f"Latency-aware vs BOPs-proxy allocation (ORT, {lp['device']}, "
                            f"table: {lp['table_method']}; proxy budget {lp['bops_ratio']} × "
                            "W8A8 BOPs" + ("; measured in an earlier run of this benchmark"
                                           if lp.get("from_earlier_run") else "") + "):"),
                       "", "| allocation | Σ Ω | table ms | measured ms | accuracy | options |",
                       "|---|---|---|---|---|---|"]
-            if "switch_ms_per_kelem" in lp:
-                lines += ["", (f"Q/DQ switch cost τ = {lp['switch_ms_per_kelem']:.4g} ms per "
-                               "1000 crossing elements (measured from the alternating plans); "
-                               "table ms includes it.")]
             for k in ("bops_proxy", "latency_aware", "latency_aware_no_switches"):
                 if k not in lp:
                     continue
                 v = lp[k]
                 lines.append(f"| {k} | {v['sensitivity']:.3g} | {v['table_ms']:.3f} | "
                              f"{v['measured_ms']:.3f} | {v['accuracy']:.2f} | {v['options']} |")
+            tv = lp.get("table_vs_measured")
+            if tv:
+                lines += ["", "Table vs end-to-end median (ms): " + "; ".join(
+                    f"{k} {v['table_ms']:.3f} vs {v['measured_ms']:.3f}" for k, v in tv.items())]
         if r["zeroq"]:
             lines += ["", "ZeroQ (uniform INT8 accuracy by calibration source):", "",
                       "| calibrator | real | distilled | gaussian noise |", "|---|---|---|---|"]
