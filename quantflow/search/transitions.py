@@ -16,10 +16,10 @@ layers / float on odd, and the reverse) are profiled like the uniform ones and �
 excess over the table, summed, costs per crossing element (floored at 0). W8A16 ↔ FP32 edges
 also pay a Q16/DQ16 pair; the two-domain model ignores that (W8A16 rarely pays on ORT).
 
-Measured on ONNX Runtime (x86, batch 1; `tools/bench_search.py`): τ = 0 for resnet_fmnist,
-mobilenetv2_fmnist and ImageNet MobileNetV2. The alternating plans run FASTER than the
-uniform-plan tables predict (resnet_fmnist: 0.21 ms measured vs 0.35 ms by the table, uniform
-W8A8 0.19 ms): the Q/DQ at a crossing is cheap next to a conv, and float convs inside a mixed
+Measured on ONNX Runtime (x86, batch 1; `tools/bench_search.py`, docs/benchmarks.md): τ = 0
+for resnet_fmnist and mobilenetv2_fmnist (and ImageNet MobileNetV2 in a one-off check). The
+alternating plans run FASTER than the uniform-plan tables predict (they come out about as fast
+as uniform W8A8): the Q/DQ at a crossing is cheap next to a conv, and float convs inside a mixed
 plan cost far less than in the uniform FP32 plan the table measured them in. τ is floored at
 0 rather than allowed to reward switches; the end-to-end check (`validate.py`) stays the
 arbiter of latency limits.
