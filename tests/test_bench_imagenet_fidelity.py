@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
-
 import pytest
 import torch
+from tool_loader import load_tool
 
 from quantflow.spec import int8_plan
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_imagenet_fidelity",
-                                                  ROOT / "tools" / "bench_imagenet_fidelity.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_plans_quantize_one_part_at_a_time() -> None:
-    plans = _load().plans(int8_plan("percentile"))
+    plans = load_tool("bench_imagenet_fidelity").plans(int8_plan("percentile"))
     d = {k: p.default for k, p in plans.items()}
     assert d["FP32 layers"].is_float
     assert d["W8 weights only"].act is None and d["W8 weights only"].weight is not None
@@ -43,11 +27,11 @@ def test_row_counts_flips_per_split_and_their_margins() -> None:
     out = ref.clone()
     out[1] = torch.tensor([0.0, 0.9, 1.0])  # a near-tie flips (calibration half)
     out[3] = torch.tensor([1.2, 0.0, 1.0])  # a clear one flips (evaluation half)
-    r = _load().row("x", ref, out, n_calib=2)
+    r = load_tool("bench_imagenet_fidelity").row("x", ref, out, n_calib=2)
     assert (r["flips_calib"], r["flips_eval"], r["n_eval"]) == (1, 1, 2)
     assert r["agreement_drop_eval"] == 50.0 and r["agreement_drop_all"] == 50.0
     p = ref.softmax(-1)
     want = sorted(float(p[i].topk(2).values[0] - p[i].topk(2).values[1]) for i in (1, 3))
     assert r["flip_margins"] == pytest.approx([round(m, 3) for m in want])
-    same = _load().row("same", ref, ref.clone(), n_calib=2)
+    same = load_tool("bench_imagenet_fidelity").row("same", ref, ref.clone(), n_calib=2)
     assert same["sqnr_db"] is None and same["flips_calib"] == same["flips_eval"] == 0
