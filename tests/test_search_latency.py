@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,19 +73,28 @@ class FakeTarget:
                        per_layer_ms=per if per_layer else None)
 
 
-def test_measured_table_attribution_and_cache(gm: fx.GraphModule, tmp_path: Path) -> None:
+def _quantizer(gm: fx.GraphModule, x: tuple[torch.Tensor, ...]
+               ) -> Callable[[dict[str, str]], fx.GraphModule]:
+    """quantize_with(assignment) for Net: unlisted layers FP32, other ops W8A8."""
     from quantflow.calibrate import collect_stats
     from quantflow.quantize import quantize
     from quantflow.search.space import GlobalConfig, layer_plan
     from quantflow.spec import QuantPlan
 
-    x = (torch.randn(4, 2, 5, 5),)
+
     stats = collect_stats(gm, [x])
     g0 = GlobalConfig()
 
     def quantize_with(assign: dict[str, str]) -> fx.GraphModule:
         return quantize(gm, QuantPlan(default=layer_plan("W8A8", g0), layers={
             n: layer_plan(assign.get(n, "FP32"), g0) for n in ("conv2d", "linear")}), stats)
+
+    return quantize_with
+
+
+def test_measured_table_attribution_and_cache(gm: fx.GraphModule, tmp_path: Path) -> None:
+    x = (torch.randn(4, 2, 5, 5),)
+    quantize_with = _quantizer(gm, x)
 
     target = FakeTarget()
     opts = ["W8A8", "W8A16", "W4A8", "FP32"]
@@ -117,19 +127,10 @@ class FailingTarget(FakeTarget):
 
 
 def test_runtime_failure_names_the_variant(gm: fx.GraphModule, tmp_path: Path) -> None:
-    from quantflow.calibrate import collect_stats
     from quantflow.errors import TargetRuntimeError
-    from quantflow.quantize import quantize
-    from quantflow.search.space import GlobalConfig, layer_plan
-    from quantflow.spec import QuantPlan
 
     x = (torch.randn(4, 2, 5, 5),)
-    stats = collect_stats(gm, [x])
-    g0 = GlobalConfig()
-
-    def quantize_with(assign: dict[str, str]) -> fx.GraphModule:
-        return quantize(gm, QuantPlan(default=layer_plan("W8A8", g0), layers={
-            n: layer_plan(assign.get(n, "FP32"), g0) for n in ("conv2d", "linear")}), stats)
+    quantize_with = _quantizer(gm, x)
 
     with pytest.raises(TargetRuntimeError, match=r"fake failed .* W4A8 variant.*"
                        r"RuntimeFailure: INT4 kernel missing") as err:
