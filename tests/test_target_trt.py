@@ -428,6 +428,10 @@ def test_fp32_baseline_gets_its_own_bundle(data: torch.Tensor, tmp_path: Path) -
     assert art.meta["build_flags"]["int8"] is False and art.meta["build_flags"]["fp16"] is False
     cmd = shlex.split(Path(art.files["trtexec"]).read_text())
     assert "--int8" not in cmd and "--fp16" not in cmd
+    # the shipped build_engine.py defaults to the same (non-default) flags
+    script = _load_build_script(Path(art.files["build_script"]))
+    assert script.DEFAULTS == art.meta["build_flags"]
+    assert script.DEFAULTS["int8"] is False
     assert "float (FP32 baseline)" in Path(art.files["readme"]).read_text()
     with torch.no_grad():
         ref = [t.numpy() for t in gm(data)]
