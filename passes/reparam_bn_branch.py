@@ -34,8 +34,7 @@ import torch
 from torch import fx
 
 from quantflow.ir import CONV_OPS, ConvArgs
-from quantflow.passes.reparam_math import bn_scale_shift, identity_kernel
-from quantflow.passes.reparam_parallel import (
+from quantflow.passes.reparam_graph import (
     Constants,
     conv_constants,
     enclosing_add_tree,
@@ -45,6 +44,7 @@ from quantflow.passes.reparam_parallel import (
     make_conv,
     through_single_bn,
 )
+from quantflow.passes.reparam_math import bn_scale_shift, identity_kernel
 from quantflow.passes.reparam_sequential import pointwise_chain
 
 aten = torch.ops.aten

@@ -42,20 +42,20 @@ import torch
 from torch import fx
 
 from quantflow.ir import CONV_OPS
-from quantflow.passes.reparam_math import (
-    F64,
-    bias_through,
-    bn_scale_shift,
-    compose_pointwise,
-    conv_macs,
-)
-from quantflow.passes.reparam_parallel import (
+from quantflow.passes.reparam_graph import (
     Constants,
     conv_constants,
     erase_dead,
     fake_val,
     is_erased,
     make_conv,
+)
+from quantflow.passes.reparam_math import (
+    F64,
+    bias_through,
+    bn_scale_shift,
+    compose_pointwise,
+    conv_macs,
 )
 
 aten = torch.ops.aten
