@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -149,3 +151,39 @@ def test_16_bit_activations_are_never_clipped(calibrator: str) -> None:
     assert a16 is not None and a8 is not None
     assert (a16.bits, a16.calibrator) == (16, "minmax")
     assert (a8.bits, a8.calibrator) == (8, calibrator)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("flags", "w8a16"), [({"max_drop": 1.0}, False),
+                                              ({"max_size_ratio": 0.8}, True)])
+def test_ort_drops_w8a16_only_when_latency_is_capped_at_int8(
+        flags: dict, w8a16: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-drop alone caps latency at INT8's; on ORT a W8A16 layer (float conv between
+    Q16/DQ16) cannot meet that, so it is not offered; with a size budget it stays."""
+    import torch
+    from torch import nn
+
+    from quantflow.ir import capture
+    from quantflow.pipeline import CompileConfig, Dataset
+    from quantflow.search import compile as sc
+
+    seen: dict = {}
+
+    def fake_search(*args: object, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(sc, "search_mixed", fake_search)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    x = torch.randn(16, 1, 8, 8)
+    gm = capture(net.eval(), (x[:1],))
+    config = CompileConfig(bits="mixed", calibrator="minmax", equalize="off", **flags)
+    with pytest.raises(_Stop):
+        sc.mixed_plan(gm, Dataset(x, None, "rand"), None, config, tmp_path)
+    options = seen.get("options", OPTIONS)
+    assert ("W8A16" in options) is w8a16
+    assert {"W8A8", "W4A8", "FP32"} <= set(options)
