@@ -69,14 +69,14 @@ MIN_TRT = "8.6"
 #: The standalone build script shipped in every bundle and run in-process when TensorRT exists:
 #: `trt_build_engine.py`, plain Python >= 3.9 + tensorrt, no quantflow import (it must run on a
 #: bare device). Its `DEFAULTS = {...}` line is rewritten with the lowering's flags.
-BUILD_SCRIPT = (Path(__file__).resolve().parent / "trt_build_engine.py").read_text()
+BUILD_SCRIPT = Path(__file__).resolve().parent / "trt_build_engine.py"
 _DEFAULTS_LINE = re.compile(r"^DEFAULTS: dict\[str, Any\] = \{[^}]*\}", re.MULTILINE)
 
 
 def build_script(defaults: dict[str, Any]) -> str:
     """The bundle's build_engine.py with `defaults` (one line) as its default flags."""
     text, n = _DEFAULTS_LINE.subn(lambda _: f"DEFAULTS: dict[str, Any] = {defaults!r}",
-                                  BUILD_SCRIPT)
+                                  BUILD_SCRIPT.read_text())
     assert n == 1, "trt_build_engine.py must have exactly one DEFAULTS line"
     return text
 

@@ -262,6 +262,7 @@ def latency_vs_proxy(gm: fx.GraphModule, stats: dict[str, Any], space: Any, m_ha
     from quantflow.search.latency import bops_table, measure_table
     from quantflow.search.space import SearchSpace, layer_plan
     from quantflow.search.transitions import alternating, layer_edges
+    from quantflow.search.validate import end_to_end_ms
     from quantflow.spec import QuantPlan
     from quantflow.targets import get_target
 
@@ -299,13 +300,8 @@ def latency_vs_proxy(gm: fx.GraphModule, stats: dict[str, Any], space: Any, m_ha
     out: dict[str, Any] = {"table_method": table.method, "device": table.device,
                            "bops_ratio": args.bops_ratio,
                            "switch_ms_per_kelem": table.switch_ms_per_kelem}
-    import tempfile
-
-    def measured(g: fx.GraphModule) -> float:
-        with tempfile.TemporaryDirectory() as tmp:
-            art = target.lower(g, (example,), Path(tmp), precision="mixed")
-            return float(target.profile(art, [example.numpy()], warmup=10,
-                                        runs=args.latency_runs, threads=1).median_ms)
+    def measured(g: fx.GraphModule) -> float:  # the target already runs one thread
+        return end_to_end_ms(g, (example,), target, runs=args.latency_runs, warmup=10)
 
     for label, alloc in (("bops_proxy", proxy), ("latency_aware", aware),
                          ("latency_aware_no_switches", blind)):
@@ -418,6 +414,12 @@ def markdown(res: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _write_markdown(out: Path) -> None:
+    """search.md over every model benchmarked into `out` so far."""
+    results = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
+    (out / "search.md").write_text(markdown(results))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["resnet_fmnist", "mobilenetv2_fmnist"])
@@ -458,8 +460,7 @@ def main() -> None:
                 ctx["gm"], ctx["stats"], ctx["space"], ctx["m_hash"], ctx["x_cal"][:1],
                 ctx["x_test"], ctx["y_test"], args)
             (out / f"{name}.json").write_text(json.dumps(r, indent=1) + "\n")
-        results = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
-        (out / "search.md").write_text(markdown(results))
+        _write_markdown(out)
         return
     db = EvalDB(args.db or out / "bench.sqlite")
     for name in args.models:
@@ -472,9 +473,7 @@ def main() -> None:
             if old.get("model_hash") == r["model_hash"] and old.get("latency_vs_proxy"):
                 r["latency_vs_proxy"] = {**old["latency_vs_proxy"], "from_earlier_run": True}
         (out / f"{name}.json").write_text(json.dumps(r, indent=1) + "\n")
-        # the combined report covers every model benchmarked into this folder so far
-        results = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
-        (out / "search.md").write_text(markdown(results))
+        _write_markdown(out)
         print(markdown([r]))
     db.close()
 

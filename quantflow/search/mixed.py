@@ -60,7 +60,7 @@ from quantflow.search.space import (
     layer_plan,
     size_table,
 )
-from quantflow.search.transitions import layer_edges
+from quantflow.search.transitions import Edges, layer_edges
 from quantflow.search.validate import LatencyCheck, end_to_end_ms, first_within
 from quantflow.spec import CALIBRATORS, QuantPlan
 
@@ -130,8 +130,9 @@ class SearchResult:
 
 def build_space(gm: fx.GraphModule, traces: HessianTraces, example_inputs: Sequence[torch.Tensor],
                 options: Sequence[str], globs: list, latency: LatencyTable | None,
-                placement: str = "ort") -> SearchSpace:
-    """The space with its HAWQ sensitivity tables (one per scheme) and cost tables."""
+                edges: Edges | None = None) -> SearchSpace:
+    """The space with its HAWQ sensitivity tables (one per scheme) and cost tables; `edges`
+    (`transitions.layer_edges`) price the Q/DQ switches the latency table measured."""
     layers = [n for n in layer_weights(gm) if n in traces.weight]
     sens = {}
     for g in globs:
@@ -142,8 +143,8 @@ def build_space(gm: fx.GraphModule, traces: HessianTraces, example_inputs: Seque
     lat = latency.ms if latency is not None else None
     rest = latency.rest_for("W8A8") if latency is not None else 0.0
     switch = latency.switch_ms_per_kelem if latency is not None else 0.0
-    edges = layer_edges(gm, layers, example_inputs, placement) if switch else None
-    return SearchSpace(layers, tuple(options), globs, sens, size, lat, rest, edges, switch)
+    return SearchSpace(layers, tuple(options), globs, sens, size, lat, rest,
+                       edges if switch else None, switch)
 
 
 def search_mixed(
@@ -208,11 +209,13 @@ def search_mixed(
         return quantize(gm, plan, stats, placement)
 
     table: LatencyTable | None = None
+    edges: Edges | None = None
     if target is not None and latency == "measured":
+        edges = layer_edges(gm, layers, one, placement)
         try:
             table = measure_table(gm, one, layers, options, quantize_with, target,
                                   model_hash=m_hash, cache_dir=latency_cache, progress=progress,
-                                  edges=layer_edges(gm, layers, one, placement))
+                                  edges=edges)
         except TargetRuntimeError as exc:
             if budget.max_latency_ms is not None:
                 raise  # a latency budget has no meaning without measurements
@@ -225,7 +228,7 @@ def search_mixed(
                          "(target=..., latency='measured'); the BOPs proxy has no unit of time")
     # the proxy table is only reported (per-layer table); measured ones price candidates
     space = build_space(gm, traces, example, options, globs,
-                        None if table.method == "bops_proxy" else table, placement)
+                        None if table.method == "bops_proxy" else table, edges)
 
     database = db if isinstance(db, EvalDB) else EvalDB(db)
     reused = 0

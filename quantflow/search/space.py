@@ -36,6 +36,13 @@ OPTION_BITS = {"W8A8": (8, 8), "W8A16": (8, 16), "W4A8": (4, 8), "FP32": (32, 32
 #: options whose layers run int8 kernels (ORT QLinearConv, TensorRT int8 convs): int8 in, int8
 #: out; the others compute in float, and a tensor crossing between the two pays a Q or DQ
 INT8_DOMAIN = frozenset({"W8A8", "W4A8"})
+
+
+def int8_mask(options: Sequence[str]) -> np.ndarray:
+    """[K] bool: which of `options` compute in the int8 domain."""
+    return np.asarray([o in INT8_DOMAIN for o in options], dtype=bool)
+
+
 #: what the options mean (`layer_plan`); part of every database key, so evaluations stored by
 #: an older meaning are never reused. 2: A16 always takes min-max ranges.
 SPACE_VERSION = 2
@@ -136,20 +143,19 @@ class SearchSpace:
         of the always-int8 ops (adds, pools); what the allocation sums."""
         if self.latency is None or self.edges is None:
             return self.latency
-        flt = np.asarray([o not in INT8_DOMAIN for o in self.options], dtype=np.float64)
+        flt = (~int8_mask(self.options)).astype(np.float64)
         return self.latency + np.outer(self.edges.fixed * self.switch_ms_per_kelem / 1000.0,
                                        flt)
 
     def switches(self, tables: Sequence[np.ndarray]) -> Switches | None:
         """Layer-to-layer switch costs for the allocation, on the rows of `tables` that are the
         latency table (None when there is nothing to charge)."""
-        eff = self.latency_eff
         if self.edges is None or not self.switch_ms_per_kelem or not len(self.edges.pairs):
             return None
+        eff = self.latency_eff
         w = self.switch_ms_per_kelem * self.edges.pairs[:, 2] / 1000.0
         weight = np.asarray([w if t is eff else np.zeros_like(w) for t in tables])
-        return Switches(self.edges.pairs[:, :2], weight,
-                        np.asarray([o in INT8_DOMAIN for o in self.options]))
+        return Switches(self.edges.pairs[:, :2], weight, int8_mask(self.options))
 
     def index(self, c: Candidate) -> np.ndarray:
         pos = {o: i for i, o in enumerate(self.options)}

@@ -5,8 +5,8 @@ so a chain of them passes integer tensors with nothing in between. FP32 layers, 
 ones (ORT has no int16 conv: DQ → float conv → Q16), compute in float. Where a tensor goes
 from one domain to the other the runtime adds a QuantizeLinear or DequantizeLinear over the
 whole tensor. The per-layer latency tables are measured on uniform plans, where no such
-crossing exists, so they cannot see it; a candidate that alternates int8 and float layers is
-then predicted fast and measured slow (docs/benchmarks.md, "Latency-aware vs proxy").
+crossing exists, so they cannot see it: if crossings cost time, a candidate that alternates
+int8 and float layers would be priced too low.
 
 Model: predicted(c) = Σ_l table[l, c_l] + rest + τ · Σ_{edges (i, j): domain(c_i) ≠ domain(c_j)}
 numel(i → j) / 1000, where an edge links a layer to the nearest layers feeding its input
@@ -37,7 +37,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from quantflow.ir import is_const
 from quantflow.quantize import reads_quantized
-from quantflow.search.space import INT8_DOMAIN
+from quantflow.search.space import int8_mask
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Edges:
 
     def crossing_kelems(self, choice: Sequence[str]) -> float:
         """Thousands of elements that cross between domains under a per-layer `choice`."""
-        d = np.asarray([c in INT8_DOMAIN for c in choice], dtype=bool)
+        d = int8_mask(choice)
         total = float(self.fixed[~d].sum())
         if len(self.pairs):
             cross = d[self.pairs[:, 0]] != d[self.pairs[:, 1]]
