@@ -174,9 +174,11 @@ def test_int8_uses_integer_kernels_and_matches_simulation(int8_artifact) -> None
 
 
 class OneConv(nn.Module):
-    def __init__(self) -> None:
+    """One quantized conv (+ReLU) to 32 channels, between Q/DQ pairs."""
+
+    def __init__(self, in_channels: int = 16) -> None:
         super().__init__()
-        self.conv = QConv(16, 32, QNet.S_IN, seed=5)
+        self.conv = QConv(in_channels, 32, QNet.S_IN, seed=5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return q(torch.relu(self.conv(q(x, QNet.S_IN, QNet.Z_IN))), QNet.S1, 3)

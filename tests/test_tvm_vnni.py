@@ -15,7 +15,7 @@ from torch import nn
 
 pytest.importorskip("tvm")
 
-from test_target_tvm import MIN_EXACT, QConv, QNet, q, steps_apart  # shared quantized nets
+from test_target_tvm import MIN_EXACT, OneConv, QConv, QNet, q, steps_apart  # shared quantized nets
 
 from quantflow.ir import capture
 from quantflow.targets import get_target
@@ -84,15 +84,6 @@ def test_vnni_is_on_by_default_only_when_tuning_for_a_vnni_host() -> None:
     assert get_target("tvm", tune_trials=4, vnni=False).use_vnni(host) is False
 
 
-class Conv32(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = QConv(32, 32, QNet.S_IN, seed=5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return q(torch.relu(self.conv(q(x, QNet.S_IN, QNet.Z_IN))), QNet.S1, 3)
-
-
 @pytest.mark.slow
 def test_tuned_vnni_conv_runs_vpdpbusd(tmp_path: Path) -> None:
     """TVM 0.27's own dot_16x4_vnni fails LLVM verification (tvm_tune.register_vnni_dot);
@@ -104,7 +95,7 @@ def test_tuned_vnni_conv_runs_vpdpbusd(tmp_path: Path) -> None:
     if shutil.which("objdump") is None:
         pytest.skip("objdump not installed")
     x = torch.randn(1, 32, 14, 14, generator=torch.Generator().manual_seed(3))
-    gm = capture(Conv32(), (x,))
+    gm = capture(OneConv(32), (x,))
     target = get_target("tvm", tune_trials=8, cache_dir=tmp_path / "cache", vnni=True)
     art = target.lower(gm, (x,), tmp_path / "out", precision="int8")
     assert art.meta["vnni_layers"] == ["conv2d"]
