@@ -19,6 +19,8 @@ import torch
 from torch import fx
 from tqdm import tqdm
 
+from quantflow.batch import rebatch
+
 HIST_BINS = 2048
 
 
@@ -108,9 +110,10 @@ def collect_stats(
     """Statistics for the outputs of `nodes` (default: every observable node).
 
     `batches` must be re-iterable (a list of input tuples) when `histograms` is True, since
-    histogramming is a second pass over the same data.
+    histogramming is a second pass over the same data. A graph with a static batch runs them
+    re-split into chunks of that batch (`quantflow.batch.rebatch`).
     """
-    batch_list = [tuple(b) for b in batches]
+    batch_list = rebatch(gm, batches)
     if not batch_list:
         raise ValueError("collect_stats: no calibration batches (pass --calib DATA)")
     watch = observable_nodes(gm) if nodes is None else nodes

@@ -14,6 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from quantflow.batch import chunks, pad_rows
+from quantflow.errors import CaptureError
+
 
 @dataclass(frozen=True)
 class Quality:
@@ -63,13 +66,38 @@ PREDICT_BATCH = 100
 
 def predict(fn: Callable[[torch.Tensor], Any], x: torch.Tensor,
             batch_size: int = PREDICT_BATCH) -> torch.Tensor:
-    """Run `fn` over `x` in batches and concatenate the (first) outputs."""
+    """Run `fn` over `x` in batches and concatenate the (first) outputs, one row per sample.
+
+    A graph with a static batch runs in chunks of it (`quantflow.batch.chunks`). An output
+    that does not have one row per input sample cannot be compared sample by sample: that is
+    a CaptureError naming the output, not a shape error deep inside the metrics.
+    """
     outs = []
     with torch.no_grad():
-        for i in range(0, x.shape[0], batch_size):
-            y = fn(x[i:i + batch_size])
-            outs.append(y[0] if isinstance(y, (tuple, list)) else y)
-    return torch.cat(outs)
+        for xb in chunks(fn, x, batch_size):
+            y = fn(xb)
+            y = y[0] if isinstance(y, (tuple, list)) else y
+            if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != xb.shape[0]:
+                shape = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                raise CaptureError(
+                    f"the model's first output{_output_name(fn)} is {shape} for a batch of "
+                    f"{xb.shape[0]} inputs; quantflow compares outputs sample by sample and "
+                    "needs the batch as their first dimension; fix: return (batch, ...) "
+                    "outputs, e.g. view(x.shape[0], -1) instead of view(-1) or view(1, -1)")
+            outs.append(y)
+    return torch.cat(outs)[:x.shape[0]]
+
+
+def _output_name(fn: object) -> str:
+    """` (node NAME)` for a GraphModule's first output, else empty."""
+    graph = getattr(fn, "graph", None)
+    if graph is None:
+        return ""
+    out = next((n for n in graph.nodes if n.op == "output"), None)
+    args = out.args[0] if out is not None else None
+    first = args[0] if isinstance(args, (tuple, list)) and args else args
+    name = getattr(first, "name", None)
+    return f" (node {name!r})" if name else ""
 
 
 def predict_runtime(run: Callable[[Sequence[np.ndarray]], list[np.ndarray]], x: torch.Tensor,
@@ -79,7 +107,6 @@ def predict_runtime(run: Callable[[Sequence[np.ndarray]], list[np.ndarray]], x: 
     for i in range(0, x.shape[0], batch):
         xb = x[i:i + batch]
         n = xb.shape[0]
-        if n < batch:
-            xb = torch.cat([xb, xb[-1:].expand(batch - n, *xb.shape[1:])])
+        xb = pad_rows(xb, batch)
         outs.append(torch.from_numpy(np.asarray(run([xb.numpy()])[0]))[:n])
     return torch.cat(outs)

@@ -18,9 +18,10 @@ Conventions every pass and analysis relies on:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,16 +46,14 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Grap
 
     The batch dimension is exported as dynamic, so that `x.view(x.size(0), -1)` stays symbolic
     and calibration/evaluation can run large batches through the graph. A model that
-    specializes its batch size is captured with static shapes instead.
+    specializes its batch size is captured with static shapes instead, then made dynamic by a
+    proven rewrite of its hard-coded batch sizes, or tagged to run in chunks of its batch
+    (`quantflow.batch`).
     """
     model = model.eval()
     inputs = tuple(example_inputs)
-    dynamic = tuple({0: torch.export.Dim.DYNAMIC} if t.dim() > 0 else None for t in inputs)
-    # export specializes a size-1 dimension, so trace the dynamic batch with two samples
-    traced = tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
     try:
-        ep = torch.export.export(model, traced, dynamic_shapes=dynamic)
-        return unlift(ep)
+        return export_dynamic_batch(model, inputs)
     except Exception as exc:  # noqa: BLE001 - retry static; the static error is reported
         log.debug("capture: dynamic-batch export failed (%s); retrying with static shapes", exc)
     try:  # fresh tensors: the failed attempt may have left dynamic-dim marks on the inputs
@@ -65,7 +64,45 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Grap
             "fix: make the forward traceable (no data-dependent Python control flow), or "
             "export it yourself with torch.export.export and pass the .pt2 file"
         ) from exc
-    return unlift(ep)
+    from quantflow.batch import make_batch_dynamic  # lazy: quantflow.batch builds on this module
+
+    return make_batch_dynamic(unlift(ep), inputs)
+
+
+def export_dynamic_batch(model: nn.Module, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+    """torch.export with dim 0 of every input dynamic, unlifted; raises when export fails or
+    when the first output does not keep the batch as its first dimension (a graph that mixes
+    samples, e.g. `x.view(1, -1).softmax(-1)`, exports fine but is not batch-parallel)."""
+    dynamic = tuple({0: torch.export.Dim.DYNAMIC} if t.dim() > 0 else None for t in inputs)
+    # export specializes a size-1 dimension, so trace the dynamic batch with two samples
+    traced = tuple(torch.cat([t, t]) if t.dim() > 0 and t.shape[0] == 1 else t for t in inputs)
+    with _quiet_fake_tensor():
+        gm = unlift(torch.export.export(model, traced, dynamic_shapes=dynamic))
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    out_args = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    first = out_args[0] if isinstance(out_args, (tuple, list)) and out_args else out_args
+    val_in = placeholders[0].meta.get("val") if placeholders else None
+    val_out = first.meta.get("val") if isinstance(first, fx.Node) else None
+    if (isinstance(val_in, torch.Tensor) and isinstance(val_out, torch.Tensor)
+            and val_in.dim() > 0 and val_out.dim() > 0
+            and str(val_out.shape[0]) != str(val_in.shape[0])):
+        raise CaptureError(f"output {first.name!r} has shape {tuple(val_out.shape)} for inputs "
+                           f"of shape {tuple(val_in.shape)}: its first dimension is not the "
+                           "batch")
+    return gm
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor() -> Iterator[None]:
+    """Mute torch's fake-tensor logger: a shape error while tracing a hard-coded batch is
+    logged there as a full traceback at ERROR level, though capture expects and handles it."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    old = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 def unlift(ep: torch.export.ExportedProgram) -> fx.GraphModule:

@@ -30,6 +30,7 @@ from torch import fx, nn
 
 from quantflow import calibrate as cal
 from quantflow import evaluate as ev
+from quantflow.batch import describe as describe_batch
 from quantflow.errors import BudgetExceededError, InputError, TargetUnavailableError
 from quantflow.ir import capture, count_ops
 from quantflow.passes import DEFAULT_PIPELINE, run_pipeline
@@ -189,6 +190,7 @@ def compile(
 
     with stage("capture"):
         gm = capture(model, example_inputs)
+    report["model"]["batch"] = describe_batch(gm)  # dynamic, rewritten or static (chunked)
     with stage("passes"):
         pass_report = run_pipeline(gm, DEFAULT_PIPELINE)
     report["passes"] = {"before": pass_report.before, "after": pass_report.after,

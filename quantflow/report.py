@@ -1,7 +1,10 @@
 """The compile report: one JSON document (schema below) and its human rendering.
 
 Schema "quantflow.report/1" (all sizes in bytes, latencies in ms, accuracies in percent):
-  model       {name, source, input_shape}
+  model       {name, source, input_shape, batch}; batch = {mode: "dynamic"} or, for a
+              graph exported at a fixed batch, {mode: "rewritten" (made dynamic, proven) |
+              "static" (run in chunks of it), exported_batch, rewritten: [node] (for static:
+              tried and rejected), reason (why static)}
   target      target name;  bits  "8" | "mixed";  device  CPU/GPU description
   passes      {before: {conv, batch_norm, linear, ops}, after: {...}, fired: {pass: n}, seconds}
   calibration {calibrator, equalize, samples, data, candidates: {name: sqnr_db}}
@@ -79,6 +82,13 @@ def render(d: dict[str, Any]) -> str:
     lines = []
     m = d.get("model", {})
     lines.append(f"quantflow: {m.get('name')} -> {d.get('target')} ({d.get('bits')}-bit)")
+    batch = m.get("batch") or {}
+    if batch.get("mode") == "static":
+        lines.append(f"  batch       the graph only runs at batch {batch.get('exported_batch')} "
+                     f"({batch.get('reason')}): run in chunks of it")
+    elif batch.get("mode") == "rewritten":
+        lines.append(f"  batch       hard-coded batch {batch.get('exported_batch')} made dynamic "
+                     f"(rewrote {', '.join(batch.get('rewritten', []))}; proven)")
     if "passes" in d:
         p = d["passes"]
         b, a = p["before"], p["after"]

@@ -24,7 +24,8 @@ from typing import Any
 
 from torch import fx
 
-from quantflow.calibrate import TensorStats, batched
+from quantflow.batch import chunks, run_size
+from quantflow.calibrate import TensorStats
 from quantflow.errors import QuantflowError
 from quantflow.search.mixed import search_mixed
 from quantflow.search.quantune import Budget
@@ -42,6 +43,9 @@ ORT_LATENCY_OPTIONS = ("W8A8", "W4A8", "FP32")
 #: "never slower than uniform INT8" with room for timing noise: W4A8 and W8A8 run the same
 #: int8 kernels on ORT, yet their per-layer table entries differ by a few percent
 LATENCY_SLACK = 1.05
+#: calibration batches the Hessian traces use (search_mixed's default), scaled up in batches
+#: for a graph that runs in smaller chunks of a static batch
+HAWQ_BATCHES = 2
 
 
 def search_budget(config: Any, *, measured: bool) -> Budget:
@@ -81,9 +85,9 @@ def mixed_plan(gm: fx.GraphModule, calib: Any, evaluation: Any, config: Any, out
             return 100.0 * float((logits.argmax(-1) == y).double().mean())
         return 100.0 * float((logits.argmax(-1) == ref_logits.argmax(-1)).double().mean())
 
-    batches = batched(x, config.calib_batch)
-    labels = ([y[i:i + config.calib_batch] for i in range(0, x.shape[0], config.calib_batch)]
-              if y is not None else None)
+    # a static-batch graph (quantflow.batch) runs chunks of its batch; labels are cut alike
+    batches = [(xb,) for xb in chunks(gm, x, config.calib_batch)]
+    labels = chunks(gm, y, config.calib_batch) if y is not None else None
     target: Any = None
     latency = "proxy"
     try:
@@ -108,6 +112,9 @@ def mixed_plan(gm: fx.GraphModule, calib: Any, evaluation: Any, config: Any, out
         kwargs["schemes"] = (True,)
     else:  # onnxruntime runs int8 (symmetric) activations through float kernels: measured
         kwargs["schemes"] = (False,)  # 0.85-1.33x FP32 vs 0.5-0.7x for uint8 (benchmarks.md)
+    size = run_size(gm, config.calib_batch)
+    if size < config.calib_batch:  # as many Hessian samples as with calibration batches
+        kwargs["hawq_batches"] = HAWQ_BATCHES * -(-config.calib_batch // size)
     if config.target == "ort" and budget.max_latency_ratio is not None:
         # onnxruntime has no int16 conv: a W8A16 layer is a float conv between Q16/DQ16 nodes,
         # the size of W8A8 and slower than FP32, so under "not slower than INT8" it cannot pay;

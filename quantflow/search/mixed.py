@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from quantflow.batch import run_size
 from quantflow.calibrate import TensorStats, collect_stats
 from quantflow.errors import TargetRuntimeError
 from quantflow.quantize import quantize
@@ -187,13 +188,14 @@ def search_mixed(
     example = batches[0]
     # latency is measured at batch 1 (what the report and deployments time); the tables and
     # end-to-end checks were once taken at the calibration batch (32) by mistake
-    one = tuple(t[:1] for t in example)
+    one = tuple(t[:run_size(gm, 1)] for t in example)  # a static-batch graph: its batch
     if stats is None:
         stats = collect_stats(gm, batches, progress=progress)
     per_sample = max(1, sum(int(t[0].numel()) for t in example))
+    h_samples = max(1, min(hawq_max_samples, hawq_max_elements // per_sample))
+    step = run_size(gm, 1)  # whole chunks for a static-batch graph
     h_batches, h_labels = _first_samples(batches, labels, hawq_batches,
-                                         max(1, min(hawq_max_samples,
-                                                    hawq_max_elements // per_sample)))
+                                         max(step, h_samples // step * step))
     traces = hutchinson_traces(gm, h_batches, h_labels, rel_tol=hawq_tol,
                                max_iter=hawq_max_iter, seed=seed, progress=progress,
                                max_seconds=hawq_max_seconds)

@@ -35,6 +35,7 @@ import torch
 from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from quantflow.batch import run_size
 from quantflow.ir import is_const
 from quantflow.quantize import reads_quantized
 from quantflow.search.space import int8_mask
@@ -69,7 +70,8 @@ def layer_edges(gm: fx.GraphModule, layers: Sequence[str],
     inputs and constants end a walk.
     """
     g = fx.GraphModule(gm, gm.graph)  # ShapeProp writes meta: keep it off the caller's graph
-    ShapeProp(g).propagate(*[t[:1] for t in example_inputs])
+    rows = run_size(gm, 1)  # one sample, or a static-batch graph's batch (counted per sample)
+    ShapeProp(g).propagate(*[t[:rows] for t in example_inputs])
     index = {n: i for i, n in enumerate(layers)}
     pairs: list[tuple[int, int, int]] = []
     fixed = np.zeros(len(layers), dtype=np.int64)
@@ -80,7 +82,7 @@ def layer_edges(gm: fx.GraphModule, layers: Sequence[str],
             if is_const(x):
                 continue
             meta = x.meta.get("tensor_meta")
-            numel = int(np.prod(meta.shape)) if hasattr(meta, "shape") else 0
+            numel = int(np.prod(meta.shape)) // rows if hasattr(meta, "shape") else 0
             seen: set[str] = set()
             stack = [x]
             while stack:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from quantflow.batch import run_size, static_batch
 from quantflow.errors import InputError
 from quantflow.ir import BN_OPS, get_tensor, is_op
 
@@ -109,7 +110,8 @@ def distill(gm: fx.GraphModule, input_shape: tuple[int, ...], n: int = 64, *,
     """Synthesize `n` inputs of shape `input_shape` (without the batch dim) by ZeroQ.
 
     Batches of `batch` samples are optimized separately (statistics are batch statistics, as
-    in ZeroQ). `input_stats` adds the N(0, 1) prior on the (normalized) input.
+    in ZeroQ; a graph with a static batch takes batches of exactly that size, the surplus
+    dropped). `input_stats` adds the N(0, 1) prior on the (normalized) input.
     """
     targets = bn_targets(gm)
     if not targets:
@@ -120,8 +122,10 @@ def distill(gm: fx.GraphModule, input_shape: tuple[int, ...], n: int = 64, *,
     dtype = next((t.mean.dtype for t in targets), torch.float32)
     chunks, starts, ends = [], [], []
     history: list[float] = []
+    static = static_batch(gm)  # a static-batch graph optimizes whole chunks of its batch
+    batch = run_size(gm, batch)
     for i in range(0, n, batch):
-        b = min(batch, n - i)
+        b = min(batch, n - i) if static is None else batch
         x = torch.randn((b, *input_shape), generator=gen, dtype=dtype).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
@@ -139,7 +143,7 @@ def distill(gm: fx.GraphModule, input_shape: tuple[int, ...], n: int = 64, *,
         with torch.no_grad():
             ends.append(float(bn_statistics_loss(gm, x, targets, input_stats)))
         chunks.append(x.detach())
-    result = DistillResult(torch.cat(chunks), sum(starts) / len(starts), sum(ends) / len(ends),
+    result = DistillResult(torch.cat(chunks)[:n], sum(starts) / len(starts), sum(ends) / len(ends),
                            steps, history)
     log.info("zeroq: BN statistics loss %.4g -> %.4g over %d steps (%d inputs)",
              result.loss_start, result.loss_end, steps, n)
