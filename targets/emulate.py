@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from quantflow.devices import EMULATED_ISAS
 from quantflow.errors import TargetRuntimeError, TargetUnavailableError
 
 RUNNER = Path(__file__).with_name("ort_runner.py")
@@ -41,8 +42,8 @@ RUNNER = Path(__file__).with_name("ort_runner.py")
 #: from the hwcaps onnxruntime finds, and each model below lands on another kernel family (seen
 #: with `qemu-aarch64 -d in_asm` on a QLinearConv, onnxruntime 1.32): `-cpu max` alone does not
 #: test the dot-product kernels, since MLAS prefers i8mm and SVE to them wherever they exist.
-#: SME is off because MLAS's SME (KleidiAI) kernels need SME2, which newer QEMUs add to `max`:
-#: the ISA should not change meaning with the QEMU version.
+#: SME is off so that an ISA keeps its kernel family across QEMU versions: newer QEMUs add SME2
+#: to `max`, and MLAS has SME2 (KleidiAI) kernels.
 ARM64_CPUS: dict[str, str] = {
     # no dot product: NEON widening multiply-accumulate (umull/uadalp); Cortex-A72 (Pi 4)
     "arm64": "cortex-a72",
@@ -54,8 +55,8 @@ ARM64_CPUS: dict[str, str] = {
     # 128-bit vectors replace QEMU's default 512
     "arm64-sve": "max,sme=off,sve-default-vector-length=16",
 }
-#: ISAs this module can emulate (see the module docstring)
-EMULATED_ISAS = ("x86-avx2", *ARM64_CPUS)
+#: ISAs this module can emulate (see the module docstring; named in quantflow.devices)
+assert EMULATED_ISAS == ("x86-avx2", *ARM64_CPUS), "keep quantflow.devices in step"
 
 
 def _cache_root() -> Path:
