@@ -35,6 +35,8 @@ class TensorStats:
     hist: torch.Tensor | None = None
     #: per-channel (dim 1) sum over all other dims, float64; for bias correction
     channel_sum: torch.Tensor | None = None
+    #: per-channel sum of squares, float64; weighs weight errors by input power
+    channel_sqsum: torch.Tensor | None = None
 
     @property
     def channel_mean(self) -> torch.Tensor | None:
@@ -42,6 +44,13 @@ class TensorStats:
         if self.channel_sum is None:
             return None
         return self.channel_sum / (self.count / self.channel_sum.numel())
+
+    @property
+    def channel_sq_mean(self) -> torch.Tensor | None:
+        """E[x²] per channel (dim 1), or None for tensors of rank < 2."""
+        if self.channel_sqsum is None:
+            return None
+        return self.channel_sqsum / (self.count / self.channel_sqsum.numel())
 
     @property
     def bin_edges(self) -> torch.Tensor:
@@ -73,15 +82,20 @@ class _Observer(fx.Interpreter):
             if not self.histograms:
                 mn, mx = torch.aminmax(t)  # one pass over memory instead of two
                 lo, hi = float(mn), float(mx)
-                csum = (t.double().transpose(0, 1).reshape(t.shape[1], -1).sum(1)
-                        if t.dim() >= 2 else None)
+                per_c = t.double().transpose(0, 1).reshape(t.shape[1], -1) \
+                    if t.dim() >= 2 else None
+                csum = per_c.sum(1) if per_c is not None else None
+                sqsum = (per_c * per_c).sum(1) if per_c is not None else None
                 s = self.stats.get(n.name)
                 if s is None:
-                    self.stats[n.name] = TensorStats(lo, hi, t.numel(), channel_sum=csum)
+                    self.stats[n.name] = TensorStats(lo, hi, t.numel(), channel_sum=csum,
+                                                     channel_sqsum=sqsum)
                 else:
                     s.min, s.max, s.count = min(s.min, lo), max(s.max, hi), s.count + t.numel()
                     if s.channel_sum is not None and csum is not None:
                         s.channel_sum = s.channel_sum + csum
+                    if s.channel_sqsum is not None and sqsum is not None:
+                        s.channel_sqsum = s.channel_sqsum + sqsum
             else:
                 s = self.stats[n.name]
                 if s.max > s.min:

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from quantflow.devices import DEVICES, EMULATED_ISAS
 from quantflow.errors import EXIT_CODES, InputError, QuantflowError
 
 EPILOG = "exit codes:\n" + "\n".join(f"  {code:>3}  {what}" for what, code in EXIT_CODES.items())
@@ -51,6 +52,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="example input shape incl. batch (default: from the model or data)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="-v: stage log, -vv: debug (pass decisions and skip reasons)")
+
+
+def _isas(text: str) -> tuple[str, ...]:
+    isas = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [i for i in isas if i not in EMULATED_ISAS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown CPU class(es) {bad}; choose from "
+                                         f"{', '.join(EMULATED_ISAS)}")
+    return isas
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,9 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tune-trials", type=int, default=0, metavar="N",
                    help="--target tvm: MetaSchedule tuning trials per task (0: untuned; the "
                    "tuning database is cached per model and target, so a re-compile is fast)")
-    c.add_argument("--device", choices=("host", "aarch64"), default="host",
-                   help="--target tvm: build for this machine, or cross-compile an aarch64 "
-                   "bundle (library, runtime, C++ runner, manifest) for edge boards")
+    c.add_argument("--device", choices=sorted({d for ds in DEVICES.values() for d in ds}),
+                   help="what the artifact is for. --target ort: portable (default: exact on "
+                   "every CPU), x86-vnni, x86-avx2, arm64, host (this CPU's class); "
+                   "x86-vnni/arm64 artifacts use full int8 weights and are wrong on AVX2 "
+                   "x86 without VNNI. --target tvm: host (default) or aarch64 (a "
+                   "cross-compiled edge bundle: library, runtime, C++ runner, manifest)")
+    c.add_argument("--verify-on", type=_isas, default=(), metavar="ISA[,ISA]",
+                   help="--target ort: also check the artifact layer by layer on these CPUs, "
+                   f"by emulation ({', '.join(EMULATED_ISAS)}); the host is always checked")
     c.add_argument("--threads", type=int, help="runtime threads for profiling (default: all)")
     c.add_argument("--profile-runs", type=int, default=50, help="timed runs per model")
     c.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from quantflow.errors import InputError
+from quantflow.errors import InputError, UsageError
 from quantflow.pipeline import CompileConfig, Dataset, compile
 from quantflow.targets.base import Artifact
 
@@ -65,6 +66,16 @@ def resolve_data(model: str, calib: str | None, eval_data: str | None, preproces
 def cmd_compile(args: argparse.Namespace) -> int:
     from quantflow.load import load_model, resolve_example_inputs
 
+    size_kind, size = args.max_size or (None, None)
+    # options first: a contradiction is reported before minutes of loading and calibrating
+    config = _config(target=args.target, bits=args.bits, calibrator=args.calibrator,
+                     equalize=args.equalize, plan_path=args.config,
+                     max_drop=args.max_drop, threads=args.threads,
+                     profile_runs=args.profile_runs,
+                     max_size_mb=size if size_kind == "mb" else None,
+                     max_size_ratio=size if size_kind == "ratio" else None,
+                     max_latency_ms=args.max_latency, tune_trials=args.tune_trials,
+                     device=args.device, verify_isas=args.verify_on)
     loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
                         input_shape=args.input_shape)
     if args.calib == "distilled":
@@ -73,19 +84,18 @@ def cmd_compile(args: argparse.Namespace) -> int:
         calib, evaluation = resolve_data(args.model, args.calib, args.eval_data,
                                          args.preprocess, args.calib_samples, args.eval_samples)
         example = resolve_example_inputs(loaded, args.input_shape, calib.x)
-    size_kind, size = args.max_size or (None, None)
-    config = CompileConfig(target=args.target, bits=args.bits, calibrator=args.calibrator,
-                           equalize=args.equalize, plan_path=args.config,
-                           max_drop=args.max_drop, threads=args.threads,
-                           profile_runs=args.profile_runs,
-                           max_size_mb=size if size_kind == "mb" else None,
-                           max_size_ratio=size if size_kind == "ratio" else None,
-                           max_latency_ms=args.max_latency, tune_trials=args.tune_trials,
-                           device=args.device)
     report = compile(loaded.module, example, calib, evaluation, args.out, config,
                      name=loaded.name, source=loaded.source)
     print(report.render())
     return 0
+
+
+def _config(**options: Any) -> CompileConfig:
+    """CompileConfig from CLI options; its validation errors are usage errors (exit 2)."""
+    try:
+        return CompileConfig(**options)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _distilled(loaded: object, args: argparse.Namespace
@@ -164,6 +174,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     else:
         art, specs = _onnx_artifact(path if path.suffix == ".onnx" else path / "model.onnx",
                                     target_name)
+        if target_name == "ort":
+            _warn_device(art)
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(s["shape"]).astype(s["dtype"]) for s in specs]
     target = get_target(target_name, **({"threads": args.threads} if args.threads else {}))
@@ -185,6 +197,21 @@ def cmd_profile(args: argparse.Namespace) -> int:
         for name, ms in sorted(lat.per_layer_ms.items(), key=lambda kv: -kv[1])[:25]:
             print(f"  {ms:9.4f} ms  {name}")
     return 0
+
+
+def _warn_device(art: Artifact) -> None:
+    """Warn when this CPU cannot run the artifact exactly (an x86-vnni or arm64 artifact on
+    x86 without VNNI): its latency is real, its outputs may not be."""
+    import onnx
+
+    from quantflow.hostcpu import host_cpu
+    from quantflow.targets import ort_isa
+    from quantflow.targets.ort import artifact_device
+
+    device = artifact_device(onnx.load(str(art.path), load_external_data=False))
+    warning = ort_isa.host_warning(device, host_cpu().isa_class) if device else None
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def _artifact_kind(path: Path) -> str:

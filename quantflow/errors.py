@@ -13,6 +13,12 @@ class QuantflowError(Exception):
     exit_code = 3
 
 
+class UsageError(QuantflowError):
+    """Options that contradict each other or the target (checked beyond argparse)."""
+
+    exit_code = 2
+
+
 class InputError(QuantflowError):
     """A model or data file is missing, corrupt, of the wrong kind or shape."""
 
@@ -56,6 +62,14 @@ class TargetRuntimeError(QuantflowError):
     exit_code = 6
 
 
+class ParityError(QuantflowError):
+    """The runtime artifact computes a layer differently from the torch simulation on a CPU it
+    is meant for, beyond one quantization step, and no repair fixed it. The message names the
+    layer, the op, the CPU class and what to do."""
+
+    exit_code = 7
+
+
 class BudgetExceededError(QuantflowError):
     """The compiled model violates the user's budget (--max-drop and friends). For CI gates."""
 
@@ -70,6 +84,8 @@ EXIT_CODES = {
     "capture error / unsupported op": CaptureError.exit_code,
     "pass error (equivalence broken)": PassError.exit_code,
     "target unavailable, or its runtime failed": TargetUnavailableError.exit_code,
+    "parity check failed (the artifact is wrong on a CPU it is meant for)":
+        ParityError.exit_code,
     "budget exceeded (accuracy drop over --max-drop, size or latency over budget)":
         BudgetExceededError.exit_code,
     "interrupted (Ctrl-C)": 130,

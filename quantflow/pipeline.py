@@ -24,19 +24,24 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import fx, nn
 
 from quantflow import calibrate as cal
 from quantflow import evaluate as ev
+from quantflow import hostcpu, verify
 from quantflow.batch import describe as describe_batch
+from quantflow.devices import DEVICES, EMULATED_ISAS
 from quantflow.errors import BudgetExceededError, InputError, TargetUnavailableError
 from quantflow.ir import capture, count_ops
 from quantflow.passes import DEFAULT_PIPELINE, run_pipeline
-from quantflow.quantize import model_size_bytes, quantize
+from quantflow.quantize import model_size_bytes, quantizable_nodes, quantize
 from quantflow.report import Report
-from quantflow.spec import CALIBRATORS, TRT_ACT, QuantPlan, int8_plan
+from quantflow.spec import CALIBRATORS, TRT_ACT, KernelRules, QuantPlan, int8_plan
+from quantflow.targets import ort_isa
+from quantflow.versions import installed_versions
 
 log = logging.getLogger("quantflow")
 
@@ -59,7 +64,12 @@ class CompileConfig:
     profile_warmup: int = 10
     threads: int | None = None
     tune_trials: int = 0  # tvm: MetaSchedule trials per task (0: untuned)
-    device: str = "host"  # tvm: "host" or "aarch64" (cross-compiled edge bundle)
+    #: what the artifact is for (None: the target's default, DEVICES[target][0]); ort: which
+    #: CPUs it must be exact on (targets/ort_isa.py); tvm: this machine or an aarch64 bundle
+    device: str | None = None
+    #: CPU classes the parity gate also checks the artifact on, by emulation (ort only;
+    #: targets/emulate.py): e.g. ("x86-avx2", "arm64"); the host is always checked
+    verify_isas: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.target not in ("ort", "tvm", "trt"):
@@ -70,10 +80,22 @@ class CompileConfig:
             raise ValueError(f"calibrator must be auto or one of {CALIBRATORS}")
         if self.equalize not in ("auto", "on", "off"):
             raise ValueError("equalize must be auto, on or off")
-        if self.device not in ("host", "aarch64"):
-            raise ValueError(f"device must be host or aarch64, got {self.device!r}")
-        if (self.tune_trials or self.device != "host") and self.target != "tvm":
-            raise ValueError("--tune-trials and --device apply to --target tvm only")
+        if self.device is not None and self.device not in DEVICES[self.target]:
+            raise ValueError(f"--device for --target {self.target} must be one of "
+                             f"{DEVICES[self.target]}, got {self.device!r}")
+        if self.tune_trials and self.target != "tvm":
+            raise ValueError("--tune-trials applies to --target tvm only")
+        if self.verify_isas and self.target != "ort":
+            raise ValueError("--verify-on applies to --target ort only (TVM and TensorRT "
+                             "check their own numerics)")
+        for isa in self.verify_isas:
+            if isa not in EMULATED_ISAS:
+                raise ValueError(f"--verify-on: {isa!r} is not an emulated CPU; choose from "
+                                 f"{EMULATED_ISAS}")
+            if self.target == "ort" and not ort_isa.exact_on(self.resolved_device, isa):
+                raise ValueError(f"--verify-on {isa}: an artifact for --device "
+                                 f"{self.resolved_device} is not meant to be exact there; "
+                                 "use --device portable")
         if self.max_drop is not None and self.max_drop < 0:
             raise ValueError("max_drop must be >= 0 (points)")
         for name in ("max_size_mb", "max_size_ratio", "max_latency_ms"):
@@ -84,6 +106,20 @@ class CompileConfig:
     @property
     def placement(self) -> str:
         return "trt" if self.target == "trt" else "ort"
+
+    @property
+    def resolved_device(self) -> str:
+        """The device, with the target's default filled in and `host` made concrete (ort)."""
+        device = self.device or DEVICES[self.target][0]
+        if self.target == "ort":
+            return ort_isa.resolve_device(device, hostcpu.host_cpu().isa_class)
+        return device
+
+    @property
+    def kernel_rules(self) -> KernelRules:
+        """What the target's kernels need from the quantizer on the chosen device."""
+        limit = ort_isa.pair_limit(self.resolved_device) if self.target == "ort" else None
+        return KernelRules(placement=self.placement, pair_limit=limit)
 
 
 @dataclass(frozen=True)
@@ -131,6 +167,7 @@ def choose_plan(gm: fx.GraphModule, calib: Dataset, config: CompileConfig
             g.recompile()  # a pass leaves recompiling to its caller (run_pipeline does)
         stats = cal.collect_stats(g, cal.batched(calib.x, config.calib_batch), progress=True)
         return g, plan, stats, {}
+    rules = config.kernel_rules
     variants: list[tuple[bool, fx.GraphModule]] = [(False, gm)]
     if config.equalize != "off":
         g_eq = copy.deepcopy(gm)
@@ -146,7 +183,7 @@ def choose_plan(gm: fx.GraphModule, calib: Dataset, config: CompileConfig
         ref = ev.predict(g, calib.x)
         for c in calibrators:
             plan = replace(_base_plan(config, c), equalize=eq)
-            out = ev.predict(quantize(g, plan, stats, config.placement), calib.x)
+            out = ev.predict(quantize(g, plan, stats, rules), calib.x)
             s = ev.sqnr_db(ref, out)
             scores[f"{c}{'+cle' if eq else ''}"] = round(s, 3)
             if best is None or s > best[0]:
@@ -183,6 +220,8 @@ def compile(
                        "input_shape": list(example_inputs[0].shape)}
     report["target"], report["bits"] = config.target, config.bits
     report["config"] = asdict(config)
+    report["host"] = hostcpu.host_cpu().to_dict()  # the CPU every measurement below was taken on
+    report["versions"] = installed_versions()
     if calib.x.shape[1:] != example_inputs[0].shape[1:]:
         raise InputError(f"calibration data {calib.name!r} has samples of shape "
                          f"{tuple(calib.x.shape[1:])}, the model expects "
@@ -212,14 +251,25 @@ def compile(
                              "samples": int(calib.x.shape[0]), "data": calib.name,
                              "candidates": scores}
 
+    rules = config.kernel_rules
     with stage("quantize"):
-        qgm = quantize(gm, plan, stats, config.placement)
+        qgm = quantize(gm, plan, stats, rules)
 
     target = get_target(config.target, **target_options(config))
+    precision = "mixed" if config.bits == "mixed" else "int8"
     with stage("lower"):
         art_fp32 = target.lower(gm, example_inputs, out, precision="fp32")
-        art_q = target.lower(qgm, example_inputs, out,
-                             precision="mixed" if config.bits == "mixed" else "int8")
+        art_q = target.lower(qgm, example_inputs, out, precision=precision)
+    report["device"] = _device_section(config)
+    if hasattr(target, "tensor_codes"):  # the target can show its per-layer integer codes
+        with stage("verify"):
+            qgm, art_q, rules, parity = _verify(gm, plan, stats, rules, qgm, art_q, target,
+                                                calib, example_inputs, out, precision, config)
+        report["parity"] = parity.to_dict()
+    report["portability"] = _portability(gm, plan, stats, qgm, calib, config)
+    plan.save(out / "plan.json", compiled={"device": config.resolved_device,
+                                           "kernel_rules": rules.to_dict(),
+                                           "portability": qgm.meta["quantflow"].portability})
     report["artifacts"] = {"fp32": str(art_fp32.path), "quantized": str(art_q.path),
                            "plan": str(out / "plan.json"), "report": str(out / "report.json")}
     report["runtime"] = {k: v for k, v in art_q.meta.items() if _jsonable(v)}
@@ -270,8 +320,82 @@ def target_options(config: CompileConfig) -> dict[str, object]:
     """Keyword options for `get_target` from the compile configuration."""
     opts: dict[str, object] = {"threads": config.threads} if config.threads else {}
     if config.target == "tvm":
-        opts.update(tune_trials=config.tune_trials, device=config.device)
+        opts.update(tune_trials=config.tune_trials, device=config.resolved_device)
+    if config.target == "ort":
+        opts.update(device=config.resolved_device)
     return opts
+
+
+def _device_section(config: CompileConfig) -> dict[str, object]:
+    """What the artifact is for, and whether this host runs it exactly (report.json)."""
+    cpu = hostcpu.host_cpu()
+    section: dict[str, object] = {"requested": config.device or DEVICES[config.target][0],
+                                  "resolved": config.resolved_device}
+    if config.target == "ort":
+        device = config.resolved_device
+        limit = ort_isa.pair_limit(device)
+        section.update(
+            exact_on=[c for c in ort_isa.ISA_CLASSES if ort_isa.exact_on(device, c)],
+            pair_limit=limit.to_dict() if limit else None,
+            host_exact=ort_isa.exact_on(device, cpu.isa_class))
+        warning = ort_isa.host_warning(device, cpu.isa_class)
+        if warning:
+            log.warning(warning)
+            section["warning"] = warning
+    return section
+
+
+def _verify(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, cal.TensorStats],
+            rules: KernelRules, qgm: fx.GraphModule, art_q: Any, target: Any, calib: Dataset,
+            example_inputs: Sequence[torch.Tensor], out: Path, precision: str,
+            config: CompileConfig) -> tuple[fx.GraphModule, Any, KernelRules,
+                                            verify.ParityCheck]:
+    """The parity gate (quantflow.verify) on the host and the --verify-on CPUs."""
+    isas = list(config.verify_isas)
+    skipped = {}
+    if ort_isa.exact_on(config.resolved_device, hostcpu.host_cpu().isa_class):
+        isas.insert(0, "host")
+    else:  # the artifact is not meant for this CPU: nothing to hold it to here
+        skipped["host"] = (f"this CPU ({hostcpu.host_cpu().isa_class}) is not one the --device "
+                           f"{config.resolved_device} artifact is exact on")
+    batch = int(example_inputs[0].shape[0])
+
+    def requantize(r: KernelRules) -> tuple[fx.GraphModule, Any]:
+        q = quantize(gm, plan, stats, r)
+        return q, target.lower(q, example_inputs, out, precision=precision)
+
+    def run_check(q: fx.GraphModule, art: Any) -> verify.ParityCheck:
+        return verify.check(q, art, target, calib.x, batch, isas)
+
+    weighted = set(quantizable_nodes(gm))
+    qgm, art_q, rules, parity = verify.gate(requantize, rules, (qgm, art_q), run_check, weighted)
+    parity.skipped = skipped
+    return qgm, art_q, rules, parity
+
+
+#: calibration samples the fidelity cost of portability is measured on
+PORTABILITY_SAMPLES = 256
+
+
+def _portability(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, cal.TensorStats],
+                 qgm: fx.GraphModule, calib: Dataset, config: CompileConfig
+                 ) -> dict[str, object]:
+    """The layers changed so the kernels cannot saturate, why, and what it cost in fidelity:
+    output SQNR (vs FP32, calibration data) of the simulation with and without the change."""
+    info = qgm.meta["quantflow"]
+    section: dict[str, object] = {"device": config.resolved_device,
+                                  "layers": info.portability}
+    if not info.portability:
+        return section
+    x = calib.x[:PORTABILITY_SAMPLES]
+    ref = ev.predict(gm, x)
+    free = quantize(gm, plan, stats, KernelRules(placement=config.placement))
+    with_fix, without = ev.sqnr_db(ref, ev.predict(qgm, x)), ev.sqnr_db(ref, ev.predict(free, x))
+    section["simulation_sqnr_db"] = {"portable": round(with_fix, 3),
+                                     "unconstrained": round(without, 3),
+                                     "cost": round(without - with_fix, 3),
+                                     "samples": int(x.shape[0])}
+    return section
 
 
 def _jsonable(v: object) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,9 +35,10 @@ from quantflow.calibrate import TensorStats
 from quantflow.calibrators import activation_qparams
 from quantflow.errors import CaptureError
 from quantflow.ir import CONV_OPS, WEIGHTED_OPS, ConvArgs, add_const, get_tensor, is_const, is_op
+from quantflow.pair_limit import fit_pairs, pair_bound, pair_index
 from quantflow.qmath import quantize as q_codes
 from quantflow.qmath import weight_qparams
-from quantflow.spec import LayerPlan, QSpec, QuantPlan
+from quantflow.spec import KernelRules, LayerPlan, QSpec, QuantPlan
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
@@ -58,7 +59,7 @@ VALUE_PRESERVING = (aten.max_pool2d.default, aten.flatten.using_ints, aten.view.
 PLACEMENTS = ("ort", "trt")
 
 _DTYPES = {(8, True): torch.int8, (8, False): torch.uint8, (16, True): torch.int16,
-           (16, False): torch.uint16, (4, True): torch.int8}
+           (16, False): torch.uint16, (4, True): torch.int8, (7, True): torch.int8}
 
 
 def dtype_of(spec: QSpec) -> torch.dtype:
@@ -70,8 +71,9 @@ def quantizable_nodes(gm: fx.GraphModule) -> list[str]:
     return [n.name for n in gm.graph.nodes if is_op(n, WEIGHTED_OPS) and is_const(n.args[1])]
 
 
-def _activation_inputs(n: fx.Node, placement: str) -> list[fx.Node]:
+def _activation_inputs(n: fx.Node, placement: str | KernelRules) -> list[fx.Node]:
     """The tensor inputs of `n` that a quantized `n` reads quantized (empty: not a q-op)."""
+    placement = KernelRules.of(placement).placement
     def tensors(args: Any) -> list[fx.Node]:
         return [a for a in args if isinstance(a, fx.Node) and not is_const(a)]
 
@@ -89,7 +91,7 @@ def _activation_inputs(n: fx.Node, placement: str) -> list[fx.Node]:
     return []
 
 
-def reads_quantized(n: fx.Node, placement: str = "ort") -> bool:
+def reads_quantized(n: fx.Node, placement: str | KernelRules = "ort") -> bool:
     """Whether a quantized plan makes `n` read quantized inputs (a layer, add, pool, ...)."""
     return bool(_activation_inputs(n, placement))
 
@@ -117,6 +119,9 @@ class QuantInfo:
     #: layer name -> LayerPlan actually applied
     layers: dict[str, LayerPlan] = field(default_factory=dict)
     weight_bits: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> (bits, n)
+    #: layers whose weights were changed to fit the kernels' pair limit (or a repair), and how
+    portability: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rules: KernelRules = field(default_factory=KernelRules)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -124,12 +129,14 @@ class QuantInfo:
             "tensors": {k: {"bits": s.bits, "signed": s.signed, "scale": sc, "zero_point": z}
                         for k, (s, sc, z) in self.tensors.items()},
             "layers": {k: v.label() for k, v in self.layers.items()},
+            "portability": self.portability,
         }
 
 
-def plan_tensors(gm: fx.GraphModule, plan: QuantPlan, placement: str = "ort"
+def plan_tensors(gm: fx.GraphModule, plan: QuantPlan, placement: str | KernelRules = "ort"
                  ) -> dict[str, QSpec]:
     """Which tensors (producer node names) get a Q/DQ pair, and with which spec."""
+    placement = KernelRules.of(placement).placement
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     wanted: dict[str, QSpec] = {}
@@ -154,16 +161,21 @@ def plan_tensors(gm: fx.GraphModule, plan: QuantPlan, placement: str = "ort"
 
 
 def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],
-             placement: str = "ort", *, int_bias: bool | None = None) -> fx.GraphModule:
+             placement: str | KernelRules = "ort", *, int_bias: bool | None = None
+             ) -> fx.GraphModule:
     """A new GraphModule with `plan` applied; `gm` is left untouched.
 
+    `placement`: a placement name or the target's KernelRules (placement plus the weight
+    limits its kernels need, e.g. the int16 pair limit of x86 CPUs without VNNI).
     `int_bias`: int32 biases with scale s_x·s_w (default: for the "ort" placement only —
     onnxruntime's QDQ conv fusion needs them; TensorRT reads float biases and folds them).
     """
+    rules = KernelRules.of(placement)
+    placement = rules.placement
     if int_bias is None:
         int_bias = placement == "ort"
     qgm = copy.deepcopy(gm)
-    info = QuantInfo(placement=placement)
+    info = QuantInfo(placement=placement, rules=rules)
     specs = plan_tensors(qgm, plan, placement)
     nodes = {n.name: n for n in qgm.graph.nodes}
     for name, spec in specs.items():
@@ -188,12 +200,15 @@ def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],
             if lp.weight is not None:
                 # TensorRT reads float biases and folds them itself; ORT's QDQ conv fusion
                 # needs an int32 bias dequantized with scale s_x·s_w
-                mean = None
-                if plan.bias_correction and isinstance(n.args[0], fx.Node):
+                mean = sq_mean = None
+                if isinstance(n.args[0], fx.Node):
                     src = _float_source(n.args[0])
-                    mean = stats[src.name].channel_mean if src.name in stats else None
-                _quantize_weight(qgm, n, lp.weight, info, int_bias=int_bias,
-                                 input_mean=mean)
+                    if src.name in stats:
+                        sq_mean = stats[src.name].channel_sq_mean
+                        if plan.bias_correction:
+                            mean = stats[src.name].channel_mean
+                _quantize_weight(qgm, n, lp, info, int_bias=int_bias, input_mean=mean,
+                                 input_sq_mean=sq_mean)
     qgm.graph.lint()
     qgm.recompile()
     qgm.meta["quantflow"] = info
@@ -246,16 +261,30 @@ def bias_shift(w: torch.Tensor, w_q: torch.Tensor, mean: torch.Tensor, groups: i
     return (dw * m[group_of]).sum(1)
 
 
-def _quantize_weight(gm: fx.GraphModule, n: fx.Node, spec: QSpec, info: QuantInfo,
-                     int_bias: bool, input_mean: torch.Tensor | None = None) -> None:
+def _quantize_weight(gm: fx.GraphModule, n: fx.Node, lp: LayerPlan, info: QuantInfo,
+                     int_bias: bool, input_mean: torch.Tensor | None = None,
+                     input_sq_mean: torch.Tensor | None = None) -> None:
+    spec = lp.weight
+    assert spec is not None
     w_node = n.args[1]
     assert isinstance(w_node, fx.Node)
     w = get_tensor(gm, w_node)
     assert w is not None
+    groups = ConvArgs.of(n).groups if is_op(n, CONV_OPS) else 1
+    repair = info.rules.repairs.get(n.name)
+    if repair == "7bit":  # the parity gate's last resort: |w| <= 64 cannot saturate a pair
+        spec = _seven_bit(spec)
     scale, zp = weight_qparams(w, spec)
     per_channel = spec.granularity == "channel"
     codes = q_codes(w.double(), scale.double(), zp, spec.qmin, spec.qmax,
-                    spec.axis if per_channel else None).to(dtype_of(spec))
+                    spec.axis if per_channel else None)
+    if repair == "7bit":
+        info.portability[n.name] = {"op": _op_name(n), "fix": "7bit",
+                                    "why": "runtime parity check found this layer off"}
+    elif _pair_limited(info.rules, lp, w, groups, repair):
+        codes, scale = _fit_pair_limit(n, w, codes, scale, spec, lp, groups, input_sq_mean,
+                                       info)
+    codes = codes.to(dtype_of(spec))
     wq = add_const(gm, f"{n.name}_weight_int{spec.bits}", codes, n)
     with gm.graph.inserting_before(n):
         if per_channel:
@@ -273,7 +302,6 @@ def _quantize_weight(gm: fx.GraphModule, n: fx.Node, spec: QSpec, info: QuantInf
     n.replace_input_with(w_node, dq)
     info.weight_bits[n.name] = (spec.bits, w.numel())
     b_node = n.args[2] if len(n.args) > 2 else None
-    groups = ConvArgs.of(n).groups if is_op(n, CONV_OPS) else 1
     if (input_mean is not None and isinstance(b_node, fx.Node) and is_const(b_node)
             and input_mean.numel() == w.shape[1] * groups):
         axis = spec.axis if per_channel else None
@@ -305,6 +333,62 @@ def _quantize_weight(gm: fx.GraphModule, n: fx.Node, spec: QSpec, info: QuantInf
     for old in (w_node, b_node):
         if isinstance(old, fx.Node) and not old.users:
             gm.graph.erase_node(old)
+
+
+def _op_name(n: fx.Node) -> str:
+    return str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
+
+
+def _seven_bit(spec: QSpec) -> QSpec:
+    """The same weight spec in 7 bits, [-63, 63]: no two same-sign codes sum past 128."""
+    return replace(spec, bits=min(spec.bits, 7))
+
+
+def _pair_limited(rules: KernelRules, lp: LayerPlan, w: torch.Tensor, groups: int,
+                  repair: str | None) -> bool:
+    """Whether the layer runs on pair-summing kernels that the rules say to respect: 8-bit
+    activations into a symmetric int8 weight (4-bit codes, |w| <= 7, never reach the bound),
+    not a depthwise conv (its kernels widen to 16/32 bits before adding: exact)."""
+    if rules.pair_limit is None and repair != "pairs":
+        return False
+    assert lp.weight is not None
+    if lp.act is None or lp.act.bits != 8 or lp.weight.bits != 8 or not lp.weight.symmetric:
+        return False
+    depthwise = groups > 1 and w.dim() > 2 and w.shape[1] == 1 and w.shape[0] == groups
+    return not depthwise
+
+
+def _fit_pair_limit(n: fx.Node, w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                    spec: QSpec, lp: LayerPlan, groups: int, input_sq_mean: torch.Tensor | None,
+                    info: QuantInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes (and scales) of `n`'s weight that no kernel pair can saturate; records why."""
+    assert lp.act is not None
+    limit = info.rules.pair_limit.acc_max if info.rules.pair_limit else 32767
+    act_max = lp.act.qmax - lp.act.qmin  # raw codes reach the whole range: x - qmin
+    bound = pair_bound(max(act_max, 1), limit)
+    a, b = pair_index(tuple(w.shape))
+    w2d = w.detach().reshape(w.shape[0], -1)
+    col = None
+    if input_sq_mean is not None and input_sq_mean.numel() == w.shape[1] * groups:
+        # E[x²] of the input channel each weight multiplies (groups: the first group's
+        # channels stand for all; the error weighting only needs relative sizes)
+        per_in = input_sq_mean.reshape(groups, -1).mean(0)
+        col = per_in.repeat_interleave(w2d.shape[1] // w.shape[1])
+    shared = spec.granularity != "channel"
+    fit = fit_pairs(w2d, scale, spec.qmax, a, b, bound, col, shared_scale=shared)
+    if fit.pairs_over == 0:
+        return codes, scale
+    info.portability[n.name] = {
+        "op": _op_name(n), "fix": "pairs", "pairs_over_bound": fit.pairs_over,
+        "pair_bound": bound, "channels_changed": fit.channels_changed,
+        "channels": int(w.shape[0]), "max_scale_growth": round(fit.max_scale_growth, 4),
+        "weight_sqnr_db": {"unconstrained": round(fit.weight_sqnr_before_db, 2),
+                           "pair_limited": round(fit.weight_sqnr_after_db, 2)},
+        "why": info.rules.pair_limit.why if info.rules.pair_limit
+        else "runtime parity check found this layer off"}
+    new_scale = fit.scale.float().reshape(scale.shape) if not shared \
+        else fit.scale.float().reshape(())
+    return fit.codes.reshape(w.shape), new_scale
 
 
 def _bcast(t: torch.Tensor, dim: int, axis: int | None) -> torch.Tensor:

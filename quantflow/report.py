@@ -5,7 +5,19 @@ Schema "quantflow.report/1" (all sizes in bytes, latencies in ms, accuracies in 
               graph exported at a fixed batch, {mode: "rewritten" (made dynamic, proven) |
               "static" (run in chunks of it), exported_batch, rewritten: [node] (for static:
               tried and rejected), reason (why static)}
-  target      target name;  bits  "8" | "mixed";  device  CPU/GPU description
+  target      target name;  bits  "8" | "mixed"
+  host        the CPU everything was measured on: {machine, model, cores, features (the ISA
+              flags int8 kernels use), isa_class (targets/ort_isa.py)}
+  versions    {package: version} of torch, onnx, onnxruntime, numpy, tvm, xgboost, quantflow
+  device      what the artifact is for: {requested, resolved, exact_on: [isa_class],
+              pair_limit | null, host_exact, warning?} (ort; tvm/trt: {requested, resolved})
+  portability {device, layers: {layer: {op, fix: "pairs" | "7bit", pairs_over_bound,
+              pair_bound, channels_changed, channels, max_scale_growth, weight_sqnr_db
+              {unconstrained, pair_limited}, why}}, simulation_sqnr_db {portable,
+              unconstrained, cost, samples} (when a layer changed)}
+  parity      ort: the parity gate (quantflow.verify): {isas, samples, bound_steps, passed,
+              max_steps {isa: steps}, repaired {layer: fix}, skipped {isa: why},
+              off_layers [{isa, tensor, layer, op, max_steps, off, elements}]}
   passes      {before: {conv, batch_norm, linear, ops}, after: {...}, fired: {pass: n}, seconds}
   calibration {calibrator, equalize, samples, data, candidates: {name: sqnr_db}}
   quality     {fp32: Quality, quantized: Quality (runtime), simulation: Quality (torch, on
@@ -77,6 +89,37 @@ def _fmt(v: Any, spec: str = ".2f", unit: str = "") -> str:
     return f"{v}{unit}"
 
 
+def _render_portability(d: dict[str, Any]) -> list[str]:
+    """Device, the layers changed for it, and the parity gate's verdict."""
+    lines = []
+    dev, port, par = d.get("device") or {}, d.get("portability") or {}, d.get("parity")
+    if dev:
+        changed = port.get("layers") or {}
+        cost = port.get("simulation_sqnr_db")
+        text = f"  target cpu  --device {dev.get('resolved')}"
+        if changed:
+            text += (f": {len(changed)} layers' weights kept within the int16 pair limit")
+            if cost:
+                text += (f" (simulation SQNR {cost['portable']:.2f} dB vs {cost['unconstrained']:.2f}"
+                         " dB without)")
+        elif dev.get("pair_limit"):
+            text += ": no layer needed a change"
+        lines.append(text)
+        if dev.get("warning"):
+            lines.append(f"  warning     {dev['warning']}")
+    if par:
+        worst = ", ".join(f"{isa} {n} step(s)" for isa, n in par.get("max_steps", {}).items())
+        text = (f"  parity      {'passed' if par.get('passed') else 'FAILED'}: per layer vs the "
+                f"simulation, worst {worst or '-'} (bound {par.get('bound_steps')}) on "
+                f"{par.get('samples')} samples")
+        if par.get("repaired"):
+            text += "; repaired " + ", ".join(f"{k} ({v})" for k, v in par["repaired"].items())
+        lines.append(text)
+        for isa, why in (par.get("skipped") or {}).items():
+            lines.append(f"  parity      not checked on {isa}: {why}")
+    return lines
+
+
 def render(d: dict[str, Any]) -> str:
     """A compact human-readable summary of a report dict."""
     lines = []
@@ -121,12 +164,14 @@ def render(d: dict[str, Any]) -> str:
         lines.append(f"  latency     {f['median_ms']:8.3f} ms {qz['median_ms']:8.3f} ms   "
                      f"(median; p90 {f['p90_ms']:.3f} / {qz['p90_ms']:.3f}) "
                      f"x{lat['speedup']:.2f} faster, {qz['threads']} threads")
-        lines.append(f"  device      {qz['device']}")
+        isa = (d.get("host") or {}).get("isa_class")
+        lines.append(f"  host        {qz['device']}{f' [{isa}]' if isa else ''}")
         per = qz.get("per_layer_ms") or {}
         if per:
             top = sorted(per.items(), key=lambda kv: -kv[1])[:5]
             lines.append("  slowest     " + ", ".join(f"{k} {v:.3f} ms" for k, v in top)
                          + " (quantized, per layer)")
+    lines += _render_portability(d)
     rt = d.get("runtime", {})
     if rt.get("float_compute_ops"):
         lines.append(f"  warning     layers left in float by the runtime: "

@@ -19,7 +19,9 @@ from typing import Any
 
 GRANULARITIES = ("tensor", "channel")
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
-BITS = (4, 8, 16)
+#: 7-bit weights are int8 codes in [-63, 63]: what ONNX Runtime's `reduce_range` does to a
+#: whole model, used here only for single layers the parity gate repairs
+BITS = (4, 7, 8, 16)
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,9 @@ class QSpec:
         if self.symmetric and not self.signed:
             raise ValueError("QSpec: symmetric quantization needs a signed type "
                              "(an unsigned symmetric range would waste half the codes)")
-        if self.bits == 4 and not (self.signed and self.symmetric):
-            raise ValueError("QSpec: 4-bit is supported for signed symmetric weights only")
+        if self.bits in (4, 7) and not (self.signed and self.symmetric):
+            raise ValueError(f"QSpec: {self.bits}-bit is supported for signed symmetric "
+                             "weights only")
 
     @property
     def qmin(self) -> int:
@@ -74,7 +77,7 @@ class QSpec:
     @property
     def storage_bits(self) -> int:
         """Bits of the integer type that holds the values (4-bit values live in int8)."""
-        return 8 if self.bits == 4 else self.bits
+        return 8 if self.bits in (4, 7) else self.bits
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,8 +194,13 @@ class QuantPlan:
             bias_correction=bool(d.get("bias_correction", True)),
         )
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def save(self, path: str | Path, compiled: Mapping[str, Any] | None = None) -> None:
+        """Write the plan; `compiled` adds what compiling it did (device, kernel rules, layers
+        changed for portability) under "compiled", for people: loading ignores it."""
+        d = self.to_dict()
+        if compiled is not None:
+            d["compiled"] = dict(compiled)
+        Path(path).write_text(json.dumps(d, indent=2) + "\n")
 
     @staticmethod
     def load(path: str | Path) -> QuantPlan:
@@ -203,3 +211,64 @@ def int8_plan(calibrator: str = "minmax", *, act: QSpec = ORT_ACT,
               weight: QSpec = ORT_WEIGHT) -> QuantPlan:
     """Uniform INT8: per-channel symmetric weights, per-tensor activations."""
     return QuantPlan(default=LayerPlan(weight, replace(act, calibrator=calibrator)))
+
+
+@dataclass(frozen=True)
+class PairLimit:
+    """The integer kernels add two neighbouring u8·s8 products in a saturating int16.
+
+    `acc_max`: the accumulator's limit (int16: 32767). Which weights are neighbours is the
+    kernel's K order (quantflow.pair_limit.kernel_order). `why` names the kernels, for the
+    report. Declared by a target for the devices whose kernels do this (targets/ort_isa.py).
+    """
+
+    acc_max: int = 32767
+    why: str = "x86 without VNNI: vpmaddubsw sums u8*s8 pairs in a saturating int16"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: how a layer the parity gate found off is repaired: "pairs" applies the pair limit to it
+#: (pair-aware rounding and scale growth), "7bit" narrows its weights to [-64, 64]
+REPAIRS = ("pairs", "7bit")
+
+
+@dataclass(frozen=True)
+class KernelRules:
+    """What a target's integer kernels need from the quantized graph, beyond the plan.
+
+    placement: where Q/DQ pairs go ("ort" or "trt", see quantflow.quantize).
+    pair_limit: weights must keep every kernel pair exact (None: the device's kernels
+      accumulate exactly). Applies to layers with 8-bit activations and int8 weights;
+      depthwise convolutions are exempt (their kernels widen before adding).
+    repairs: per-layer fixes forced by the parity gate (layer name -> one of REPAIRS).
+    """
+
+    placement: str = "ort"
+    pair_limit: PairLimit | None = None
+    repairs: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.repairs.items() if v not in REPAIRS}
+        if bad:
+            raise ValueError(f"KernelRules.repairs: unknown repair(s) {bad}; use {REPAIRS}")
+        object.__setattr__(self, "repairs", MappingProxyType(dict(self.repairs)))
+
+    @staticmethod
+    def of(rules: KernelRules | str) -> KernelRules:
+        """Accept a bare placement name where rules are expected."""
+        return rules if isinstance(rules, KernelRules) else KernelRules(placement=rules)
+
+    def key(self) -> str:
+        """Stable text for cache keys (the search database keys quantized results by it)."""
+        parts = [self.placement]
+        if self.pair_limit is not None:
+            parts.append(f"pairs{self.pair_limit.acc_max}")
+        parts += [f"{k}={v}" for k, v in sorted(self.repairs.items())]
+        return "|".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"placement": self.placement,
+                "pair_limit": self.pair_limit.to_dict() if self.pair_limit else None,
+                "repairs": dict(self.repairs)}

@@ -1,8 +1,8 @@
 """Run an ONNX artifact on another instruction set than the host's, by user-mode emulation.
 
 ONNX Runtime picks its integer kernels by the CPU it finds at run time (MLAS dispatch), so an
-artifact checked on the build host can still be wrong on the CPU it ships to (targets/ort.py,
-`ORT_ISAS`). QEMU's user-mode emulators execute the real onnxruntime binaries with another
+artifact checked on the build host can still be wrong on the CPU it ships to
+(targets/ort_isa.py). QEMU's user-mode emulators execute the real onnxruntime binaries with another
 CPU model's feature bits, and MLAS then takes that CPU's code paths:
 
 - "x86-avx2": `qemu-x86_64 -cpu Haswell` (AVX2 + FMA, no AVX-512, no VNNI) runs the

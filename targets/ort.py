@@ -42,7 +42,9 @@ import torch
 from torch import fx
 
 from quantflow.errors import TargetUnavailableError
-from quantflow.targets import onnx_int4
+from quantflow.hostcpu import host_cpu
+from quantflow.spec import KernelRules
+from quantflow.targets import onnx_int4, ort_isa
 from quantflow.targets.base import Artifact, Latency, device_description, time_runs
 from quantflow.targets.onnx_export import export_onnx, required_opset
 
@@ -193,15 +195,46 @@ def per_node_ms(trace: list[dict[str, Any]], runs: int,
     return dict(sorted(medians.items(), key=lambda kv: -kv[1]))
 
 
+#: ONNX metadata_props key recording the device an artifact is for (targets/ort_isa.py)
+DEVICE_KEY = "quantflow.device"
+
+
+def artifact_device(model: onnx.ModelProto) -> str | None:
+    """The --device a quantflow artifact was compiled for (None: not recorded)."""
+    return next((p.value for p in model.metadata_props if p.key == DEVICE_KEY), None)
+
+
 class OrtTarget:
-    """Lower to a QDQ ONNX file and run it with onnxruntime's CPU execution provider."""
+    """Lower to a QDQ ONNX file and run it with onnxruntime's CPU execution provider.
+
+    `device` (targets/ort_isa.py) says which CPUs the artifact must be exact on; the quantizer
+    learns what that takes from `kernel_rules`, and the parity gate (quantflow.verify) reads
+    the artifact's integer tensors through `tensor_codes`.
+    """
 
     name = "ort"
+    devices = ort_isa.DEVICES
 
-    def __init__(self, threads: int | None = None, opset: int | None = None) -> None:
+    def __init__(self, threads: int | None = None, opset: int | None = None,
+                 device: str = ort_isa.DEFAULT_DEVICE) -> None:
         self.threads = threads
         self.opset = opset
+        self.device = ort_isa.resolve_device(device, host_cpu().isa_class)
         self._sessions: dict[tuple[str, int, int], ort.InferenceSession] = {}
+
+    @property
+    def kernel_rules(self) -> KernelRules:
+        """What ORT's integer kernels on `device` need from the quantized weights."""
+        return KernelRules(placement="ort", pair_limit=ort_isa.pair_limit(self.device))
+
+    def tensor_codes(self, artifact: Artifact, names: Sequence[str],
+                     feeds: Sequence[Sequence[np.ndarray]], isa: str = "host"
+                     ) -> list[dict[str, np.ndarray]]:
+        """Integer codes of the quantized tensors `names`, per run, as ORT computes them on
+        `isa` ("host" or an emulated CPU class; targets/ort_parity.py)."""
+        from quantflow.targets.ort_parity import tensor_codes
+
+        return tensor_codes(artifact, names, feeds, isa)
 
     def _threads(self, threads: int | None) -> int:
         return threads or self.threads or os.cpu_count() or 1
@@ -245,6 +278,8 @@ class OrtTarget:
         elif four_bit:
             log.warning("ort: opset %d < %d: 4-bit weights stay int8 on disk", info.opset,
                         onnx_int4.INT4_OPSET)
+        if precision != "fp32":
+            _set_metadata(path, {DEVICE_KEY: self.device, "onnxruntime": ort.__version__})
         with tempfile.TemporaryDirectory() as tmp:
             optimized = str(Path(tmp) / "optimized.onnx")
             ort.InferenceSession(str(path), _session_options(1, optimized_path=optimized),
@@ -258,6 +293,7 @@ class OrtTarget:
             "narrow_activation_ranges": list(info.narrow_activation_ranges),
             "graph_optimization_level": "ORT_ENABLE_ALL",
             "onnxruntime": ort.__version__,
+            "device": self.device,
             "weights_bytes": _initializer_bytes(exported),
             "int4_packed_weights": len(packed),
             "fusion_aliases": aliases,
@@ -306,5 +342,17 @@ class OrtTarget:
         return per_node_ms(trace, runs, artifact.meta.get("fusion_aliases"))
 
 
-def make_target(threads: int | None = None, opset: int | None = None) -> OrtTarget:
-    return OrtTarget(threads=threads, opset=opset)
+def _set_metadata(path: Path, props: dict[str, str]) -> None:
+    """Record `props` in the ONNX file's metadata_props (they travel with the file)."""
+    model = onnx.load(str(path))
+    keep = [p for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
+def make_target(threads: int | None = None, opset: int | None = None,
+                device: str = ort_isa.DEFAULT_DEVICE) -> OrtTarget:
+    return OrtTarget(threads=threads, opset=opset, device=device)

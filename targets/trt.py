@@ -398,6 +398,14 @@ class TrtTarget:
             so = ort.SessionOptions()
             so.intra_op_num_threads = n
             so.log_severity_level = 3
+            # this session stands in for TensorRT's exact int8 arithmetic, so it must not fuse
+            # Q/DQ into ORT's integer kernels: on x86 without VNNI they add products in a
+            # saturating int16 (targets/ort_isa.py) and would report errors TensorRT does not
+            # make. Below the extended level ORT runs each op in float on dequantized values,
+            # which equals exact integer accumulation up to float32 rounding, on every CPU.
+            # (ORT's own remedy, session.x64quantprecision, fails to load these graphs in
+            # 1.32: "Attempt to replace the existing tensor".)
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
             self._sessions[key] = ort.InferenceSession(artifact.files["onnx"], so,
                                                        providers=["CPUExecutionProvider"])
         return self._sessions[key]

@@ -172,3 +172,70 @@ def test_compile_other_targets(files: dict[str, Path], tmp_path: Path, target: s
         for f in ("model.onnx", "build_engine.py", "trtexec.txt", "README.md"):
             assert (out / f).exists(), f
         assert "unavailable" in r["latency"]
+
+
+def test_device_portable_by_default_and_recorded(files: dict[str, Path], tmp_path: Path) -> None:
+    """The default artifact is portable, passes the parity gate on the host and on emulated
+    AVX2 (`--verify-on`), and report, plan and file say what it is for and on what CPU."""
+    from quantflow.targets.ort import artifact_device
+
+    out = tmp_path / "p"
+    try:
+        import shutil
+
+        verify = ["--verify-on", "x86-avx2"] if shutil.which("qemu-x86_64") else []
+    except ImportError:  # pragma: no cover
+        verify = []
+    assert _compile(files, out, *verify) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["device"]["resolved"] == "portable" and r["device"]["host_exact"] is True
+    assert set(r["device"]["exact_on"]) >= {"x86-avx2", "x86-vnni", "arm64"}
+    assert r["parity"]["passed"] and max(r["parity"]["max_steps"].values()) <= 1
+    assert r["parity"]["isas"][0] == "host" and r["parity"]["samples"] > 0
+    assert r["host"]["isa_class"] and "onnxruntime" in r["versions"]
+    assert r["runtime"]["device"] == "portable"
+    assert artifact_device(onnx.load(str(out / "model.onnx"))) == "portable"
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["compiled"]["device"] == "portable"
+    assert plan["compiled"]["portability"] == r["portability"]["layers"]
+    for layer, why in r["portability"]["layers"].items():
+        assert why["fix"] == "pairs" and why["channels_changed"] >= 1, layer
+    # the fc layer (16 inputs) and c1 (27 inputs) have large same-sign neighbours; the
+    # depthwise c2 never needs a change
+    assert not any(n.startswith("conv2d_1") for n in r["portability"]["layers"])
+
+
+def test_device_flags_are_validated(files: dict[str, Path], tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # an artifact for VNNI CPUs cannot be held to AVX2 exactness
+    code = _compile(files, tmp_path / "v", "--device", "x86-vnni", "--verify-on", "x86-avx2")
+    assert code == 2 and "not meant to be exact there" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        _compile(files, tmp_path / "v", "--verify-on", "sparc")
+    assert e.value.code == 2
+    code = main(["compile", str(files["model"]), "--target", "tvm", "--device", "x86-vnni",
+                 "--calib", str(files["calib"]), "-o", str(tmp_path / "t")])
+    assert code == 2 and "--device for --target tvm" in capsys.readouterr().err
+
+
+def test_vnni_artifact_warns_on_an_avx2_host(files: dict[str, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """`--device x86-vnni` keeps full int8 weights (no layer changed); compiled or profiled
+    on an AVX2-class CPU, the report and `quantflow profile` say it is not exact there."""
+    from quantflow import hostcpu
+
+    out = tmp_path / "vnni"
+    assert _compile(files, out, "--device", "x86-vnni") == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["portability"]["layers"] == {} and r["device"]["pair_limit"] is None
+    avx2 = hostcpu.CpuInfo("x86_64", "AVX2 test CPU", frozenset({"avx2", "fma"}), 2)
+    monkeypatch.setattr(hostcpu, "host_cpu", lambda: avx2)
+    capsys.readouterr()
+    assert main(["profile", str(out / "model.onnx"), "--runs", "3", "--warmup", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "--device x86-vnni" in err and "x86-avx2" in err
+    assert _compile(files, tmp_path / "vnni2", "--device", "x86-vnni") == 0
+    r = json.loads((tmp_path / "vnni2" / "report.json").read_text())
+    assert r["device"]["host_exact"] is False and "portable" in r["device"]["warning"]
+    assert "host" in r["parity"]["skipped"]

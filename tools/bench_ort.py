@@ -25,6 +25,21 @@ Rows per model:
 
 Quality: with labels, top-1 accuracy of FP32 and INT8 (drop in points); always top-1 agreement
 with the FP32 ONNX output and output SQNR = 10·log10(‖y‖²/‖y−ŷ‖²) over the evaluation set.
+quantflow's row also records its torch simulation's quality (fake-quant, against the torch FP32
+model, on the first `pipeline.SIM_SAMPLES` evaluation samples), for "vs simulation" comparisons.
+
+Quality per CPU class (`--isa`): ONNX Runtime picks its int8 kernels by the CPU it runs on, and
+on x86 without VNNI (AVX2: `vpmaddubsw`) they add two u8·s8 products in a saturating int16, so
+one file can be exact on the build host and wrong on the CPU it ships to (targets/ort_isa.py).
+Every artifact (FP32 included) is measured natively, on this host's class
+(`quantflow.hostcpu.host_cpu().isa_class`, e.g. x86-vnni), AND under each emulated ISA
+(`quantflow.targets.emulate.run_onnx`, e.g. x86-avx2 = `qemu-x86_64 -cpu Haswell`): all its
+evaluation samples in ONE emulator process per artifact (files are batch 1), on the first
+`--isa-eval-limit` samples (emulation is ~30x slower), against the FP32 ONNX output computed
+natively. FP32 is exact enough everywhere to be the reference (the emulated FP32 row shows how
+far it moves: float rounding only); emulated outputs are bit-exact with that CPU's kernels,
+and each emulated row says how many samples came out bit-identical to the host's run of the same
+file. Latency is timed on the host only (timings under emulation mean nothing).
 Latency: the artifacts of one model are timed in interleaved rounds (A B C A B C ...), so a
 load spike on this shared machine hits every artifact alike; median and p90 are the medians
 over rounds of each round's median / p90, and `os.getloadavg()` is stored before each round.
@@ -34,6 +49,10 @@ Usage:
       mobilenet_v2_imagenet resnet18 --out bench_results/ort.json
   .venv/bin/python tools/bench_ort.py --quick ...         # smoke run: few samples, few runs
   .venv/bin/python tools/bench_ort.py --latency-only ...  # re-time the artifacts of --out
+  .venv/bin/python tools/bench_ort.py --isa x86-avx2 ...   # quality natively and on AVX2 too
+
+The markdown table is written next to --out (same name, .md). nncf and torchao come from the
+side venv that tools/setup_bench_peers.sh creates (/tmp/benchvenv).
 """
 
 from __future__ import annotations
@@ -150,6 +169,54 @@ def quality(logits: Any, ref: Any, labels: Any | None) -> dict[str, Any]:
             # JSON has no infinity: identical outputs (the reference itself) get None
             "sqnr_db": round(float(q.sqnr_db), 2) if q.sqnr_db not in (None, float("inf"))
             else None, "kl": float(f"{q.kl:.3g}")}
+
+
+def host_isa() -> str:
+    """This host's CPU class (x86-vnni, x86-avx2, arm64, ...): the ISA of the native rows."""
+    from quantflow.hostcpu import host_cpu
+
+    return host_cpu().isa_class
+
+
+def emulated_logits(path: Path, x: Any, isa: str, timeout: float) -> Any:
+    """Logits of the ONNX file at `path` over `x` on `isa`, by emulation: all samples in ONE
+    emulator process (start-up dominates), one sample per run (files are batch 1)."""
+    import numpy as np
+    import torch
+
+    from quantflow.targets import emulate
+
+    art = artifact(path, "int8")
+    name, out = art.input_names[0], art.output_names[0]
+    xs = x.numpy()
+    feeds = [{name: xs[i:i + 1]} for i in range(xs.shape[0])]
+    outs = emulate.run_onnx(path, feeds, isa, outputs=[out], timeout=timeout)
+    return torch.from_numpy(np.concatenate([np.asarray(o[out]) for o in outs]))
+
+
+def isa_quality(logits: Any, ref: Any, labels: Any | None) -> dict[str, Any]:
+    """`quality` plus the sample count and, with labels, the reference's (FP32's) accuracy on
+    the same samples and the drop against it."""
+    q = quality(logits, ref, labels)
+    q["samples"] = int(logits.shape[0])
+    if labels is not None:
+        fp32_acc = 100.0 * float((ref.argmax(-1) == labels).double().mean())
+        q["fp32_accuracy"] = round(fp32_acc, 3)
+        q["accuracy_drop"] = round(fp32_acc - q["accuracy"], 3)
+    return q
+
+
+def vs_host(logits: Any, host: Any) -> dict[str, Any]:
+    """How an emulated run of a file differs from the host's run of the same file."""
+    from quantflow import evaluate as ev
+
+    diff = (logits.double() - host.double()).abs().flatten(1).amax(1)
+    sqnr = ev.sqnr_db(host, logits)
+    return {"identical_samples": round(float((diff == 0).double().mean()), 4),
+            "max_abs_diff": float(f"{float(diff.max()):.4g}"),
+            "top1_agreement": round(float((logits.argmax(-1) == host.argmax(-1))
+                                          .double().mean()), 4),
+            "sqnr_db": None if sqnr == float("inf") else round(sqnr, 2)}
 
 
 def fusion_summary(path: Path) -> dict[str, Any]:
@@ -390,7 +457,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path,
                            "calib": {"data": data.cal_name, "samples": int(data.x_cal.shape[0])},
                            "eval": {"data": data.eval_name, "samples": int(data.x_eval.shape[0]),
                                     "labels": data.y_eval is not None},
-                           "rows": {}}
+                           "git": git_state(), "rows": {}}
     rows: dict[str, dict[str, Any]] = res["rows"]
     paths: dict[str, Path] = {}
 
@@ -402,8 +469,9 @@ def bench_model(name: str, args: argparse.Namespace, work: Path,
     if prev is not None:
         for k, r in prev["rows"].items():
             if k != "fp32" and _tool_of(k) not in args.tools and Path(r.get("path", "")).exists():
-                rows[k] = {f: v for f, v in r.items()
-                           if f not in ("accuracy", "agreement", "sqnr_db", "kl")}
+                rows[k] = {f: v for f, v in r.items() if f not in
+                           ("accuracy", "agreement", "sqnr_db", "kl", "accuracy_drop",
+                            "by_isa")}
                 paths[k] = Path(r["path"])
         for key in ("ort_entropy_vs_minmax",):
             if key in prev and "ort" not in args.tools:
@@ -432,10 +500,10 @@ def bench_model(name: str, args: argparse.Namespace, work: Path,
         if "error" not in r:
             paths["torchao"] = work / "torchao.onnx"
 
-    _quality_rows(data, args, rows, paths)
+    logits = _quality_rows(data, args, rows, paths)
     if "ort" in args.tools and args.ort_qint8:
-        _ort_s8_row(pre, data, args, work, rows, paths)
-    rows["fp32"].pop("_logits", None)
+        _ort_s8_row(pre, data, args, work, rows, paths, logits)
+    res["isa"] = _isa_rows(data, args, rows, paths, logits)
 
     x0 = torch.zeros(1, *shape).numpy() if latency_only else data.x_eval[:1].numpy()
     res["latency"] = time_artifacts(paths, x0, args.threads, args.rounds, args.runs,
@@ -450,8 +518,11 @@ def _quantflow(name: str, model: Any, example: Any, data: BenchData, work: Path,
 
     qf_dir = work / "quantflow"
     t0 = time.perf_counter()
-    rep = pl.compile(model, (example,), pl.Dataset(data.x_cal, None, data.cal_name), None,
-                     qf_dir, pl.CompileConfig(profile_runs=2, profile_warmup=1), name=name)
+    # the evaluation data only feeds the report's quality section (its torch-simulation
+    # quality is recorded below); calibrator and CLE are chosen on the calibration data
+    rep = pl.compile(model, (example,), pl.Dataset(data.x_cal, None, data.cal_name),
+                     pl.Dataset(data.x_eval, data.y_eval, data.eval_name), qf_dir,
+                     pl.CompileConfig(profile_runs=2, profile_warmup=1), name=name)
     wall = time.perf_counter() - t0
     st = rep["stages"]
     build_s = sum(st.get(k, 0.0) for k in ("capture", "passes", "calibrate", "quantize", "lower"))
@@ -461,7 +532,28 @@ def _quantflow(name: str, model: Any, example: Any, data: BenchData, work: Path,
                          "calibrator": rep["calibration"]["calibrator"],
                          "equalize": rep["calibration"]["equalize"],
                          "candidates": rep["calibration"]["candidates"],
-                         "float_compute_ops": rep["runtime"].get("float_compute_ops", [])}
+                         "float_compute_ops": rep["runtime"].get("float_compute_ops", []),
+                         "device": rep.get("device"),
+                         "simulation": _simulation(rep)}
+
+
+def _simulation(rep: Any) -> dict[str, Any] | None:
+    """The torch simulation's quality from a quantflow report (fake-quant vs the torch FP32
+    model, first `pipeline.SIM_SAMPLES` evaluation samples)."""
+    q = rep.get("quality") or {}
+    sim = q.get("simulation")
+    if not sim:
+        return None
+    out = {"samples": sim.get("samples"),
+           "accuracy": None if sim.get("accuracy") is None else round(sim["accuracy"], 3),
+           "agreement": None if sim.get("agreement") is None else round(sim["agreement"], 4),
+           "sqnr_db": None if sim.get("sqnr_db") in (None, float("inf"))
+           else round(sim["sqnr_db"], 2),
+           "kl": None if sim.get("kl") is None else float(f"{sim['kl']:.3g}"),
+           "reference": "torch FP32 model (deploy form)",
+           "runtime_vs_simulation_sqnr_db": q.get("runtime_vs_simulation_sqnr_db"),
+           "eval_data": q.get("eval_data")}
+    return out
 
 
 def _ort_rows(pre: Path, data: BenchData, args: argparse.Namespace, work: Path,
@@ -494,25 +586,82 @@ def _quality_row(key: str, logits: Any, ref: Any, path: Path, data: BenchData,
 
 
 def _quality_rows(data: BenchData, args: argparse.Namespace, rows: dict[str, Any],
-                  paths: dict[str, Path]) -> None:
-    """Every artifact through the same ORT harness, the FP32 ONNX output as reference."""
+                  paths: dict[str, Path]) -> dict[str, Any]:
+    """Every artifact through the same ORT harness, the FP32 ONNX output as reference;
+    returns each artifact's native logits (for the s8 row and the per-ISA comparison)."""
     from quantflow.targets.ort import OrtTarget
 
     target = OrtTarget(threads=args.threads)
     ref = run_all(target, paths["fp32"], data.x_eval)
+    logits = {"fp32": ref}
     _quality_row("fp32", ref, ref, paths["fp32"], data, rows)
     for k, p in paths.items():
         if k != "fp32":
-            _quality_row(k, run_all(target, p, data.x_eval), ref, p, data, rows)
-    rows["fp32"]["_logits"] = ref  # for the s8 row; dropped before saving
+            logits[k] = run_all(target, p, data.x_eval)
+            _quality_row(k, logits[k], ref, p, data, rows)
+    return logits
+
+
+def _isa_rows(data: BenchData, args: argparse.Namespace, rows: dict[str, Any],
+              paths: dict[str, Path], logits: dict[str, Any]) -> dict[str, Any]:
+    """Quality of every artifact per CPU class: `rows[key]["by_isa"][isa]`.
+
+    The host's entry repeats the native numbers (all evaluation samples); each emulated ISA
+    runs the first `--isa-eval-limit` samples in one emulator process per artifact, against
+    the natively computed FP32 output of the same samples, and records `vs_host` (the same
+    file's native output on those samples). Returns the model's `isa` section.
+    """
+    from quantflow.errors import TargetRuntimeError, TargetUnavailableError
+    from quantflow.targets import emulate
+
+    host = host_isa()
+    ref, labels = logits["fp32"], data.y_eval
+    for k in paths:
+        rows[k]["by_isa"] = {host: {**isa_quality(logits[k], ref, labels), "emulated": False}}
+    sim = rows.get("quantflow", {}).get("simulation")
+    if sim and sim.get("samples") and labels is not None:
+        n_sim = int(sim["samples"])
+        sim["fp32_accuracy"] = round(100.0 * float((ref[:n_sim].argmax(-1) == labels[:n_sim])
+                                                   .double().mean()), 3)
+        if sim.get("accuracy") is not None:
+            sim["accuracy_drop"] = round(sim["fp32_accuracy"] - sim["accuracy"], 3)
+    emulated = [i for i in dict.fromkeys(args.isa) if i not in ("host", host)]
+    n = min(args.isa_eval_limit, int(data.x_eval.shape[0]))
+    section: dict[str, Any] = {"host": host, "isas": [host], "emulated": {},
+                               "emulated_eval_samples": n, "skipped": {}}
+    x, ref_n = data.x_eval[:n], ref[:n]
+    lab_n = None if labels is None else labels[:n]
+    for isa in emulated:
+        try:
+            info = emulate.runner_info(isa)
+        except (TargetUnavailableError, TargetRuntimeError) as exc:
+            section["skipped"][isa] = str(exc)
+            print(f"   {isa}: skipped: {exc}", file=sys.stderr, flush=True)
+            continue
+        section["isas"].append(isa)
+        section["emulated"][isa] = info
+        for k, p in paths.items():
+            t0 = time.perf_counter()
+            try:
+                out = emulated_logits(p, x, isa, args.isa_timeout)
+            except (TargetUnavailableError, TargetRuntimeError) as exc:
+                rows[k]["by_isa"][isa] = {"error": str(exc)[-800:], "emulated": True}
+                continue
+            seconds = round(time.perf_counter() - t0, 1)
+            rows[k]["by_isa"][isa] = {**isa_quality(out, ref_n, lab_n), "emulated": True,
+                                      "cpu": info.get("cpu"),
+                                      "vs_host": vs_host(out, logits[k][:n]),
+                                      "emulator_s": seconds}
+            print(f"   {isa} {k}: {seconds} s, {n} samples", file=sys.stderr, flush=True)
+    return section
 
 
 def _ort_s8_row(pre: Path, data: BenchData, args: argparse.Namespace, work: Path,
-                rows: dict[str, Any], paths: dict[str, Path]) -> None:
+                rows: dict[str, Any], paths: dict[str, Path], logits: dict[str, Any]) -> None:
     """The best ORT calibrator (oracle choice on the evaluation data) with QInt8 activations."""
     from quantflow.targets.ort import OrtTarget
 
-    ref = rows["fp32"].pop("_logits")
+    ref = logits["fp32"]
     ort_keys = [k for k in rows if k.startswith("ort/") and k.count("/") == 1
                 and rows[k].get("sqnr_db") is not None]
     if not ort_keys:
@@ -528,8 +677,8 @@ def _ort_s8_row(pre: Path, data: BenchData, args: argparse.Namespace, work: Path
     r.pop("ranges")
     rows[key] = {"tool": "onnxruntime", "calibrator": c, "activations": "QInt8", **r}
     paths[key] = dst
-    logits = run_all(OrtTarget(threads=args.threads), dst, data.x_eval)
-    _quality_row(key, logits, ref, dst, data, rows)
+    logits[key] = run_all(OrtTarget(threads=args.threads), dst, data.x_eval)
+    _quality_row(key, logits[key], ref, dst, data, rows)
 
 
 def retime(res: dict[str, Any], args: argparse.Namespace) -> None:
@@ -548,41 +697,91 @@ def retime(res: dict[str, Any], args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------- table
 
 
+TABLE_HEAD = ("| model | tool | calibrator | ISA | eval n | FP32 acc | acc | drop (pt) | agree "
+              "| SQNR dB | = host | median ms | p90 ms | × FP32 | quantize s | size KiB |")
+TOOL_ORDER = ("fp32", "quantflow", "ort", "nncf", "torchao")
+
+
+def _fmt(v: Any, fmt: str) -> str:
+    return "" if v is None else format(v, fmt)
+
+
 def table(results: dict[str, Any]) -> str:
-    head = ("| model | tool | calibrator | FP32 acc | INT8 acc | drop (pt) | agree | SQNR dB "
-            "| median ms | p90 ms | × FP32 | quantize s | size KiB |")
-    lines = [head, "|" + "---|" * 13]
+    """One row per (model, tool, ISA): the host's class first (native, with latency), then each
+    emulated ISA (latency n/a), and quantflow's torch simulation after its host row. "FP32 acc"
+    is the native FP32 file's accuracy on the same samples, "acc" this file's on this ISA,
+    "agree"/"SQNR" against the native FP32 output, "= host" the fraction of samples whose
+    output is bit-identical to the host's run of the same file. Results written before the
+    ISA level existed (no `by_isa`) show their native numbers as the host row."""
+    lines = [TABLE_HEAD, "|" + "---|" * 16]
     for name, res in results["models"].items():
         lat = res.get("latency", {})
         f_ms = lat.get("fp32", {}).get("median_ms")
-        fp_acc = res["rows"].get("fp32", {}).get("accuracy")
-        order = ("fp32", "quantflow", "ort", "nncf", "torchao")
-        for k, r in sorted(res["rows"].items(),
-                           key=lambda kv: order.index(_tool_of(kv[0]))
-                           if _tool_of(kv[0]) in order else len(order)):
-            if "error" in r:
-                lines.append(f"| {name} | {k} | | | | | | | | | | | error: "
-                             f"{r['error'][:80]} |")
-                continue
-            lk = lat.get(k, {})
-            ratio = (lk["median_ms"] / f_ms) if lk and f_ms else None
-            cal = r.get("calibrator", "") + ("+cle" if r.get("equalize") else "")
-            if r.get("activations") == "QInt8":
-                cal += " (s8 act)"
-
-            def f(v: Any, fmt: str) -> str:
-                return "" if v is None else format(v, fmt)
-
-            lines.append(
-                f"| {name} | {r['tool'] if k != 'fp32' else 'FP32'} | {cal} "
-                f"| {f(fp_acc, '.2f')} | {f(r.get('accuracy') if k != 'fp32' else None, '.2f')} "
-                f"| {f(r.get('accuracy_drop') if k != 'fp32' else None, '.2f')} "
-                f"| {f(r.get('agreement'), '.3f')} "
-                f"| {f(r.get('sqnr_db') if k != 'fp32' else None, '.1f')} "
-                f"| {f(lk.get('median_ms'), '.3f')} | {f(lk.get('p90_ms'), '.3f')} "
-                f"| {f(ratio, '.2f')} | {f(r.get('quantize_s'), '.1f')} "
-                f"| {f(r.get('size_bytes', 0) / 1024, '.0f')} |")
+        isa_sec = res.get("isa") or {}
+        host = isa_sec.get("host", "host")
+        keys = sorted(res["rows"], key=lambda k: TOOL_ORDER.index(_tool_of(k))
+                      if _tool_of(k) in TOOL_ORDER else len(TOOL_ORDER))
+        for isa in isa_sec.get("isas") or [host]:
+            for k in keys:
+                r = res["rows"][k]
+                if "error" in r:
+                    if isa == host:
+                        lines.append(f"| {name} | {k} | | {isa} | | | | | | | | | | | | error: "
+                                     f"{r['error'][:80]} |")
+                    continue
+                q = (r.get("by_isa") or {}).get(isa)
+                if q is None and isa == host and "by_isa" not in r:
+                    q = {f: r.get(f) for f in ("accuracy", "agreement", "sqnr_db")}
+                    q["samples"] = res.get("eval", {}).get("samples")
+                    q["fp32_accuracy"] = res["rows"].get("fp32", {}).get("accuracy")
+                    q["accuracy_drop"] = r.get("accuracy_drop")
+                lines.extend(_table_rows(name, k, r, isa, host, q, lat.get(k, {}), f_ms))
     return "\n".join(lines)
+
+
+def _table_rows(name: str, k: str, r: dict[str, Any], isa: str, host: str,
+                q: dict[str, Any] | None, lk: dict[str, Any], f_ms: float | None) -> list[str]:
+    tool = r["tool"] if k != "fp32" else "FP32"
+    cal = r.get("calibrator", "") + ("+cle" if r.get("equalize") else "")
+    if r.get("activations") == "QInt8":
+        cal += " (s8 act)"
+    size = _fmt(r.get("size_bytes", 0) / 1024, ".0f")
+    if q is None:
+        return [f"| {name} | {tool} | {cal} | {isa} | | | | | | | | | | | | not measured |"]
+    if "error" in q:
+        return [(f"| {name} | {tool} | {cal} | {isa} | | | | | | | | n/a | n/a | n/a | | "
+                f"error: {q['error'][-80:]} |")]
+    native = isa == host
+    ratio = (lk["median_ms"] / f_ms) if native and lk and f_ms else None
+    same = (q.get("vs_host") or {}).get("identical_samples")
+    lat = (f"{_fmt(lk.get('median_ms'), '.3f')} | {_fmt(lk.get('p90_ms'), '.3f')} "
+           f"| {_fmt(ratio, '.2f')}" if native else "n/a | n/a | n/a")
+    out = [(f"| {name} | {tool} | {cal} | {isa} | {_fmt(q.get('samples'), 'd')} "
+           f"| {_fmt(q.get('fp32_accuracy'), '.2f')} | {_fmt(q.get('accuracy'), '.2f')} "
+           f"| {_fmt(q.get('accuracy_drop'), '.2f')} | {_fmt(q.get('agreement'), '.3f')} "
+           f"| {_fmt(q.get('sqnr_db'), '.1f')} | {_fmt(same, '.3f')} | {lat} "
+           f"| {_fmt(r.get('quantize_s'), '.1f')} | {size} |")]
+    sim = r.get("simulation")
+    if native and k == "quantflow" and sim:
+        out.append(f"| {name} | {tool} | {cal} | torch sim | {_fmt(sim.get('samples'), 'd')} "
+                   f"| {_fmt(sim.get('fp32_accuracy'), '.2f')} "
+                   f"| {_fmt(sim.get('accuracy'), '.2f')} "
+                   f"| {_fmt(sim.get('accuracy_drop'), '.2f')} "
+                   f"| {_fmt(sim.get('agreement'), '.3f')} | {_fmt(sim.get('sqnr_db'), '.1f')} "
+                   f"| | n/a | n/a | n/a | | |")
+    return out
+
+
+def git_state() -> dict[str, Any]:
+    """The commit the benchmark ran on and whether the work tree differed from it."""
+    def git(*a: str) -> str:
+        proc = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
+                              check=False, timeout=60)
+        return proc.stdout.strip() if proc.returncode == 0 else ""
+
+    status = git("status", "--porcelain")  # untracked files count: the code may import them
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(status),
+            "changes": status.splitlines()}
 
 
 def machine() -> dict[str, Any]:
@@ -591,7 +790,8 @@ def machine() -> dict[str, Any]:
 
     from quantflow.targets.base import device_description
 
-    return {"device": device_description(), "python": platform.python_version(),
+    return {"device": device_description(), "isa_class": host_isa(),
+            "python": platform.python_version(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
@@ -605,6 +805,8 @@ def main(argv: list[str] | None = None) -> int:
         _torchao_main(*argv[1:4])
         return 0
     sys.path.insert(0, str(ROOT))
+    from quantflow.devices import EMULATED_ISAS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet_fmnist", "mobilenetv2_fmnist",
                                                    "mobilenet_v2_imagenet", "resnet18"])
@@ -633,6 +835,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--latency-only", action="store_true",
                    help="re-time the artifacts recorded in --out (no quantization)")
+    p.add_argument("--isa", nargs="+", default=["host"], choices=["host", *EMULATED_ISAS],
+                   metavar="ISA",
+                   help="CPU classes to measure quality on besides the host (always measured "
+                        f"natively): any of {', '.join(EMULATED_ISAS)}, run under emulation "
+                        "(targets/emulate.py); default: host only")
+    p.add_argument("--isa-eval-limit", type=int, default=2000,
+                   help="evaluation samples per emulated ISA (the first N; emulation is ~30x "
+                        "slower than native; default 2000: ImageNet's 80 views all run)")
+    p.add_argument("--isa-timeout", type=float, default=3600.0,
+                   help="seconds one artifact may take under emulation")
     args = p.parse_args(argv)
     if args.quick:
         args.calib_limit = args.calib_limit or 16
@@ -646,6 +858,7 @@ def main(argv: list[str] | None = None) -> int:
                                else {"models": {}})
     results["machine"] = machine()
     results["command"] = " ".join(["tools/bench_ort.py", *argv])
+    results["git"] = git_state()
     for name in args.models:
         print(f"== {name}", file=sys.stderr, flush=True)
         if args.latency_only:
@@ -655,6 +868,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   results["models"].get(name))
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1) + "\n")
+        out.with_suffix(".md").write_text(table(results) + "\n")
     print(table(results))
     return 0
 

@@ -104,7 +104,7 @@ def mixed_plan(gm: fx.GraphModule, calib: Any, evaluation: Any, config: Any, out
         log.warning("search: target %s unavailable for latency tables (%s); using the BOPs "
                     "proxy", config.target, exc)
     budget = search_budget(config, measured=latency == "measured")
-    kwargs: dict[str, Any] = {"placement": config.placement, "labels": labels,
+    kwargs: dict[str, Any] = {"placement": config.kernel_rules, "labels": labels,
                               "data_key": f"{calib.name}|cle={int8.equalize}",
                               "latency": latency, "stats": stats,
                               "baseline_calibrator": int8_calibrator}

@@ -63,7 +63,7 @@ from quantflow.search.space import (
 )
 from quantflow.search.transitions import Edges, layer_edges
 from quantflow.search.validate import LatencyCheck, end_to_end_ms, first_within
-from quantflow.spec import CALIBRATORS, QuantPlan
+from quantflow.spec import CALIBRATORS, KernelRules, QuantPlan
 
 log = logging.getLogger("quantflow.search")
 FP32_KEY = "__fp32__"
@@ -166,7 +166,7 @@ def search_mixed(
     pool_size: int = 400,
     db: EvalDB | str | Path | None = None,
     data_key: str = "",
-    placement: str = "ort",
+    placement: str | KernelRules = "ort",
     latency: str = "measured",
     latency_cache: Path | None = None,
     hawq_batches: int = 2,
@@ -201,7 +201,7 @@ def search_mixed(
                                max_seconds=hawq_max_seconds)
     m_hash = model_hash(gm)
     d_hash = tensor_hash([t for b in batches for t in b],
-                         f"{data_key}|{placement}|space={SPACE_VERSION}")
+                         f"{data_key}|{KernelRules.of(placement).key()}|space={SPACE_VERSION}")
     globs = global_configs(calibrators, schemes, granularities)
     layers = [n for n in layer_weights(gm) if n in traces.weight]
 
@@ -213,7 +213,7 @@ def search_mixed(
     table: LatencyTable | None = None
     edges: Edges | None = None
     if target is not None and latency == "measured":
-        edges = layer_edges(gm, layers, one, placement)
+        edges = layer_edges(gm, layers, one, KernelRules.of(placement).placement)
         try:
             table = measure_table(gm, one, layers, options, quantize_with, target,
                                   model_hash=m_hash, cache_dir=latency_cache, progress=progress,
@@ -310,7 +310,8 @@ def search_mixed(
         latency_checks=checks)
 
 
-def _validate_latency(gm: fx.GraphModule, stats: dict[str, TensorStats], placement: str,
+def _validate_latency(gm: fx.GraphModule, stats: dict[str, TensorStats],
+                      placement: str | KernelRules,
                       example: Sequence[torch.Tensor], target: Any, space: SearchSpace,
                       budget: qt.Budget, ok: list[qt.Trial],
                       evaluate: Callable[[Candidate], qt.Trial], top: int,
