@@ -11,6 +11,7 @@ same key the quantizer uses for the Q/DQ pair it puts on that tensor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from torch import fx
 from tqdm import tqdm
 
 from quantflow.batch import rebatch
+from quantflow.errors import InputError
 
 HIST_BINS = 2048
 
@@ -65,6 +67,15 @@ def _is_float_tensor(v: Any) -> bool:
     return isinstance(v, torch.Tensor) and v.is_floating_point()
 
 
+class _NonFinite(InputError):
+    """Raised inside fx.Interpreter, which appends the node's trace to an exception's args;
+    the message is kept apart so the user sees one line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 class _Observer(fx.Interpreter):
     """Runs the graph and records min/max (pass 1) or histograms (pass 2) of node outputs."""
 
@@ -74,6 +85,21 @@ class _Observer(fx.Interpreter):
         self.watch = watch
         self.stats = stats
         self.histograms = histograms
+        self.batch = ""  # which batch runs, for error messages
+
+    def _check_range(self, n: fx.Node, lo: float, hi: float) -> None:
+        """A NaN or Inf activation has no quantization range (histogram binning of it ends
+        in index errors); name the node and batch instead. float32 cannot even hold the width
+        of a range beyond ±1.7e38."""
+        if math.isfinite(lo) and math.isfinite(hi) and hi - lo < 3.4e38:
+            return
+        what = "NaN or Inf values" if not (math.isfinite(lo) and math.isfinite(hi)) else \
+            f"values from {lo:.3g} to {hi:.3g}, too wide a range for float32"
+        raise _NonFinite(f"calibration: node {n.name!r} ({n.target}) produced {what} on "
+                         f"{self.batch}; every input sample is finite, so the model computes "
+                         "them (log or division of 0, overflow, corrupt weights); fix: check "
+                         "the model and the data's preprocessing")
+
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
@@ -82,6 +108,7 @@ class _Observer(fx.Interpreter):
             if not self.histograms:
                 mn, mx = torch.aminmax(t)  # one pass over memory instead of two
                 lo, hi = float(mn), float(mx)
+                self._check_range(n, lo, hi)
                 per_c = t.double().transpose(0, 1).reshape(t.shape[1], -1) \
                     if t.dim() >= 2 else None
                 csum = per_c.sum(1) if per_c is not None else None
@@ -137,8 +164,16 @@ def collect_stats(
         for hist in passes:
             obs = _Observer(gm, watch, stats, histograms=hist)
             desc = "calibrate: histograms" if hist else "calibrate: ranges"
-            for b in tqdm(batch_list, desc=desc, disable=not progress, leave=False):
-                obs.run(*b)
+            start = 0
+            for i, b in enumerate(tqdm(batch_list, desc=desc, disable=not progress,
+                                       leave=False)):
+                size = int(b[0].shape[0]) if b and b[0].dim() else 1
+                obs.batch = f"calibration batch {i} (samples {start}..{start + size - 1})"
+                start += size
+                try:
+                    obs.run(*b)
+                except _NonFinite as exc:
+                    raise InputError(exc.message) from None
     return stats
 
 

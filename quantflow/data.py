@@ -31,7 +31,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from quantflow.errors import InputError
+from quantflow import resources, validate
+from quantflow.errors import InputError, QuantflowError
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -327,8 +328,18 @@ def natural_images_split(size: int = 224) -> tuple[Tensor, Tensor]:
 # --------------------------------------------------------------------------- user data
 
 
-def _as_x(arr: object, where: str) -> Tensor:
-    x = torch.as_tensor(np.asarray(arr)) if isinstance(arr, np.ndarray) else arr
+def _as_x(arr: object, where: str, limit: int | None = None) -> Tensor:
+    """(N,C,H,W) float32, the first `limit` samples, every one finite (sample named)."""
+    if isinstance(arr, np.ndarray):
+        if arr.ndim == 4 and limit is not None:
+            arr = arr[:limit]
+        # priced before a memory-mapped file is read in (as float32, plus the copy)
+        resources.check_alloc(int(arr.size) * (4 + arr.dtype.itemsize),
+                              f"{where}: {arr.shape[0] if arr.ndim else 1} samples of shape "
+                              f"{tuple(arr.shape[1:])}", "pass fewer samples "
+                              "(--calib-samples / --eval-samples) or smaller ones")
+        arr = np.array(arr)  # a writable in-memory copy, never a view of the mapped file
+    x = torch.as_tensor(arr) if isinstance(arr, np.ndarray) else arr
     if not isinstance(x, Tensor):
         raise DataError(f"{where}: expected an (N,C,H,W) float array, got {type(arr).__name__}")
     if x.ndim != 4:
@@ -339,49 +350,79 @@ def _as_x(arr: object, where: str) -> Tensor:
         raise DataError(
             f"{where}: expected floating-point data (already preprocessed), got dtype {x.dtype}"
         )
-    return x.detach().to(torch.float32).contiguous()
+    if limit is not None:
+        x = x[:limit]
+    x = x.detach().to(torch.float32).contiguous()
+    validate.samples_finite(x, where)
+    return x
 
 
-def _as_y(arr: object, n: int, where: str) -> Tensor:
+def _as_y(arr: object, n: int, where: str, limited: bool = False) -> Tensor:
     y = torch.as_tensor(np.asarray(arr)) if isinstance(arr, np.ndarray) else arr
     if not isinstance(y, Tensor) or y.ndim != 1:
         shape = tuple(y.shape) if isinstance(y, Tensor) else type(arr).__name__
         raise DataError(f"{where}: labels 'y' must be a 1-D integer array, got {shape}")
     if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
         raise DataError(f"{where}: labels 'y' must be integers, got dtype {y.dtype}")
+    y = y[:n] if y.shape[0] > n and limited else y
     if y.shape[0] != n:
         raise DataError(f"{where}: x has {n} samples but y has {y.shape[0]} labels")
-    return y.to(torch.int64)
+    y = y.to(torch.int64)
+    validate.labels_in_range(y, None, where)  # the model's classes are checked after capture
+    return y
 
 
-def _load_data_file(path: Path) -> tuple[Tensor, Tensor | None]:
+def _zip_size(path: Path) -> int:
+    """Uncompressed size of a zip-based file (.npz, torch.save): a small, highly compressed
+    file can declare gigabytes."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return sum(i.file_size for i in zf.infolist())
+    except (zipfile.BadZipFile, OSError):
+        return 0  # not a zip (legacy torch.save, .npy): its size on disk is what it holds
+
+
+def _load_data_file(path: Path, limit: int | None = None) -> tuple[Tensor, Tensor | None]:
+    """Never runs code from the file: .npy/.npz with allow_pickle=False, .pt with torch's
+    weights-only unpickler (tensors and plain containers)."""
     where = str(path)
     suffix = path.suffix.lower()
+    limited = limit is not None
     try:
         if suffix == ".npy":
-            return _as_x(np.load(path, allow_pickle=False), where), None
+            # memory-mapped: only the samples kept are read
+            return _as_x(np.load(path, allow_pickle=False, mmap_mode="r"), where, limit), None
+        resources.check_alloc(_zip_size(path), f"{where}: its uncompressed contents",
+                              "this file declares more data than this machine can hold; "
+                              "split it or pass a smaller one")
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
                 if "x" not in npz.files:
                     raise DataError(f"{where}: .npz must contain an array 'x' (found {npz.files})")
-                x = _as_x(npz["x"], where)
-                y = _as_y(npz["y"], x.shape[0], where) if "y" in npz.files else None
+                x = _as_x(npz["x"], where, limit)
+                y = (_as_y(npz["y"], x.shape[0], where, limited) if "y" in npz.files else None)
                 return x, y
         # weights_only=True never executes pickled code from the user's file.
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except DataError:
+    except QuantflowError:
         raise
     except Exception as exc:
-        raise DataError(f"cannot read data file {where}: {type(exc).__name__}: {exc}") from exc
+        first = str(exc).strip().splitlines()
+        raise DataError(f"cannot read data file {where}: {type(exc).__name__}: "
+                        f"{first[0][:300] if first else ''}; fix: save (N,C,H,W) float arrays "
+                        "with numpy.save / numpy.savez(x=..., y=...) or torch.save") from exc
     if isinstance(obj, dict):
         if "x" not in obj:
             raise DataError(f"{where}: a dict in a .pt file must have key 'x' (found {list(obj)})")
-        x = _as_x(obj["x"], where)
-        return x, (_as_y(obj["y"], x.shape[0], where) if obj.get("y") is not None else None)
+        x = _as_x(obj["x"], where, limit)
+        y = obj.get("y")
+        return x, (_as_y(y, x.shape[0], where, limited) if y is not None else None)
     if isinstance(obj, (tuple, list)) and len(obj) == 2:
-        x = _as_x(obj[0], where)
-        return x, _as_y(obj[1], x.shape[0], where)
-    return _as_x(obj, where), None
+        x = _as_x(obj[0], where, limit)
+        return x, _as_y(obj[1], x.shape[0], where, limited)
+    return _as_x(obj, where, limit), None
 
 
 def _load_image_file(path: Path, preprocessing: str | None) -> Tensor:
@@ -393,12 +434,15 @@ def _load_image_file(path: Path, preprocessing: str | None) -> Tensor:
         with Image.open(path) as img:
             img.load()
             return preprocess_image(img, preprocessing)
-    except OSError as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from exc
+    # PIL: OSError for unreadable files, DecompressionBombError for images of more than
+    # 2 x Image.MAX_IMAGE_PIXELS pixels, SyntaxError/ValueError from some decoders
+    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}; fix: pass "
+                        "a valid image of a sane size (or preprocessed arrays)") from exc
 
 
 def load_tensor_data(
-    path: str | os.PathLike[str], preprocessing: str | None = None
+    path: str | os.PathLike[str], preprocessing: str | None = None, limit: int | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """Load the user's data as ``(x float32 (N,C,H,W), y int64 (N,) or None)``.
 
@@ -406,7 +450,13 @@ def load_tensor_data(
     also hold ``{"x": ..., "y": ...}`` or an ``(x, y)`` pair); a ``.npz`` with ``x`` and
     optional ``y``; a folder of such files (concatenated in name order); or an image
     file / folder of images, which needs ``preprocessing`` (see :data:`PREPROCESSINGS`).
+
+    ``limit`` keeps the first ``limit`` samples and reads no more than it needs (a large
+    ``.npy`` is memory-mapped; a folder stops at the file that reaches it). Every sample is
+    checked to be finite; labels must not be negative.
     """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
     p = Path(path)
     if not p.exists():
         raise DataError(f"data path {p} does not exist")
@@ -414,7 +464,7 @@ def load_tensor_data(
         if p.suffix.lower() in _IMAGE_SUFFIXES:
             return _load_image_file(p, preprocessing).unsqueeze(0), None
         if p.suffix.lower() in _DATA_SUFFIXES:
-            return _load_data_file(p)
+            return _load_data_file(p, limit)
         raise DataError(
             f"{p}: unsupported file type {p.suffix!r}; expected one of "
             f"{', '.join(_DATA_SUFFIXES + _IMAGE_SUFFIXES)}"
@@ -425,13 +475,19 @@ def load_tensor_data(
     if data and images:
         raise DataError(f"folder {p} mixes array files and images; use one kind per folder")
     if images:
-        return torch.stack([_load_image_file(f, preprocessing) for f in images]), None
+        return torch.stack([_load_image_file(f, preprocessing) for f in images[:limit]]), None
     if not data:
         raise DataError(
             f"folder {p} holds no data files ({', '.join(_DATA_SUFFIXES)}) or images "
             f"({', '.join(_IMAGE_SUFFIXES)})"
         )
-    parts = [_load_data_file(f) for f in data]
+    parts: list[tuple[Tensor, Tensor | None]] = []
+    for f in data:
+        left = None if limit is None else limit - sum(x.shape[0] for x, _ in parts)
+        if left is not None and left <= 0:
+            break
+        parts.append(_load_data_file(f, left))
+    data = data[:len(parts)]
     shapes = {tuple(x.shape[1:]) for x, _ in parts}
     if len(shapes) > 1:
         detail = ", ".join(f"{f.name}: {tuple(x.shape[1:])}" for f, (x, _) in zip(data, parts))

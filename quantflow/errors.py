@@ -26,7 +26,8 @@ class InputError(QuantflowError):
 
 
 class UnsafeInputError(InputError):
-    """Loading would execute code from the file (pickle) and the user did not opt in."""
+    """Loading would execute code from the file (a pickled payload, an AOTInductor library,
+    an executable expression) and the user did not opt in with --trust-pickle."""
 
     exit_code = 3
 
@@ -70,6 +71,14 @@ class ParityError(QuantflowError):
     exit_code = 7
 
 
+class ResourceError(QuantflowError):
+    """The requested work needs more memory than this machine has available (checked before
+    allocating, so quantflow fails with the size instead of being killed). The message says
+    how much would be needed, how much is available, and which shape or flag to shrink."""
+
+    exit_code = 8
+
+
 class BudgetExceededError(QuantflowError):
     """The compiled model violates the user's budget (--max-drop and friends). For CI gates."""
 
@@ -79,14 +88,18 @@ class BudgetExceededError(QuantflowError):
 EXIT_CODES = {
     "ok": 0,
     "internal error (bug)": 1,
-    "usage error (bad command-line arguments)": 2,
-    "input error (model or data file)": InputError.exit_code,
+    "usage error (bad flags, a bad --config plan, an unusable -o)": UsageError.exit_code,
+    "input error (model or data file: missing, corrupt, non-finite, or holding code "
+    "that is refused without --trust-pickle)": InputError.exit_code,
     "capture error / unsupported op": CaptureError.exit_code,
     "pass error (equivalence broken)": PassError.exit_code,
     "target unavailable, or its runtime failed": TargetUnavailableError.exit_code,
     "parity check failed (the artifact is wrong on a CPU it is meant for)":
         ParityError.exit_code,
+    "not enough memory for the declared shapes / batch (checked before allocating)":
+        ResourceError.exit_code,
     "budget exceeded (accuracy drop over --max-drop, size or latency over budget)":
         BudgetExceededError.exit_code,
     "interrupted (Ctrl-C)": 130,
+    "terminated (SIGTERM)": 143,
 }

@@ -64,9 +64,14 @@ def capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Grap
             "fix: make the forward traceable (no data-dependent Python control flow), or "
             "export it yourself with torch.export.export and pass the .pt2 file"
         ) from exc
+    from quantflow import resources
     from quantflow.batch import make_batch_dynamic  # lazy: quantflow.batch builds on this module
 
-    return make_batch_dynamic(unlift(ep), inputs)
+    gm = unlift(ep)
+    # the batch proof runs this static graph on real data: price it first
+    resources.check_graph(gm, 1, f"running {type(model).__name__} at its exported shapes "
+                          f"{[tuple(t.shape) for t in inputs]}", "use a smaller input shape")
+    return make_batch_dynamic(gm, inputs)
 
 
 def export_dynamic_batch(model: nn.Module, inputs: Sequence[torch.Tensor]) -> fx.GraphModule:

@@ -6,8 +6,10 @@ exported. Files are recognised by content, not by extension (a `.pt` may be Torc
 state dict or a pickled module):
 
 - ``zoo:NAME``: a model from `quantflow.zoo`; its input shape is known.
-- ExportedProgram (``torch.export.save``; a zip with ``models/model.json``): unlifted like
-  `ir.unlift` (guards dropped, parameters as attributes); example inputs come from the
+- ExportedProgram (``torch.export.save``; a zip with ``models/model.json``): inspected first
+  (`quantflow.archive`: pickled weights/constants/sample inputs, AOTInductor libraries and
+  symbolic sizes that sympy would `eval` are refused without ``trust_pickle``), then unlifted
+  like `ir.unlift` (guards dropped, parameters as attributes); example inputs come from the
   placeholders' fake tensors, dynamic dimensions set to 1 (batch) or their example hint.
 - TorchScript (``torch.jit.save``; a zip with ``code/__torch__*`` or ``constants.pkl``):
   `torch.export` refuses ScriptModules. With example inputs (``input_shape``) the archive is
@@ -21,20 +23,25 @@ state dict or a pickled module):
 - a pickled whole module: unpickling runs code from the file, so it needs ``trust_pickle``.
 - ``.onnx``: converted with `onnx2torch` when it is installed.
 
+Every loaded model's floating-point parameters, buffers and constants must be finite, and
+example inputs are priced against available memory before they are allocated
+(`quantflow.resources`): a file may declare any shape.
+
 Every failure is an `InputError` (or `UnsafeInputError`, `CaptureError` for a TorchScript
-that cannot be converted) whose message names the file and the fix.
+that cannot be converted, `ResourceError` for a shape that cannot fit) whose message names the
+file and the fix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import logging
-import pickletools
 import sys
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +49,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, fx, nn
 
+from quantflow import archive, resources, validate
 from quantflow.errors import CaptureError, InputError, UnsafeInputError
 from quantflow.ir import unlift
 
@@ -76,8 +84,13 @@ def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
-def _example(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
-    """A deterministic example input: values only steer tracing, never results."""
+def _example(shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
+             where: str = "the model") -> Tensor:
+    """A deterministic example input: values only steer tracing, never results. Priced
+    first: a file or flag may declare any shape, and capture holds the input twice."""
+    resources.check_alloc(2 * resources.tensor_bytes(shape, dtype),
+                          f"{where}: an example input of shape {tuple(shape)}",
+                          "pass a smaller --input-shape (batch first, e.g. 1,3,224,224)")
     if dtype.is_floating_point:
         gen = torch.Generator().manual_seed(0)
         return torch.randn(shape, generator=gen).to(dtype)
@@ -93,6 +106,13 @@ def _check_shape(shape: tuple[int, ...], where: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _given(input_shape: tuple[int, ...] | None, path: Path) -> tuple[Tensor, ...] | None:
+    """The example input for an explicit `input_shape`, or None without one."""
+    if not input_shape:
+        return None
+    return (_example(_check_shape(input_shape, str(path)), where=str(path)),)
+
+
 def resolve_example_inputs(
     loaded: LoadedModel,
     input_shape: tuple[int, ...] | None,
@@ -103,7 +123,8 @@ def resolve_example_inputs(
     if input_shape is not None:
         known = loaded.example_inputs
         dtype = known[0].dtype if known is not None and len(known) == 1 else torch.float32
-        return (_example(_check_shape(tuple(input_shape), loaded.path), dtype),)
+        return (_example(_check_shape(tuple(input_shape), loaded.path), dtype,
+                         loaded.path),)
     if loaded.example_inputs is not None:
         return loaded.example_inputs
     if calib_sample is not None:
@@ -119,7 +140,8 @@ def resolve_example_inputs(
     )
 
 
-def _placeholder_inputs(ep: torch.export.ExportedProgram) -> tuple[Tensor, ...] | None:
+def _placeholder_inputs(ep: torch.export.ExportedProgram, where: str
+                       ) -> tuple[Tensor, ...] | None:
     """Example user inputs rebuilt from the placeholders' fake tensors (None if not tensors)."""
     from torch.export.graph_signature import InputKind, TensorArgument
 
@@ -134,7 +156,7 @@ def _placeholder_inputs(ep: torch.export.ExportedProgram) -> tuple[Tensor, ...] 
         if not isinstance(val, Tensor):
             return None
         shape = tuple(_concrete_dim(ep, d, i) for i, d in enumerate(val.shape))
-        out.append(_example(shape, val.dtype))
+        out.append(_example(shape, val.dtype, f"{where} (as it declares)"))
     return tuple(out) if out else None
 
 
@@ -218,23 +240,56 @@ def _load_zoo(name: str, spec: str, input_shape: tuple[int, ...] | None) -> Load
     except FileNotFoundError as exc:
         raise InputError(f"{spec}: {exc}") from exc
     shape = input_shape if input_shape is not None else (1, *zoo.MODELS[name].input_shape)
-    return LoadedModel(module.eval(), (_example(_check_shape(shape, spec)),), "zoo", spec, name)
+    example = _example(_check_shape(shape, spec), where=spec)
+    return LoadedModel(module.eval(), (example,), "zoo", spec, name)
 
 
-def _load_exported(path: Path, input_shape: tuple[int, ...] | None) -> LoadedModel:
+@contextlib.contextmanager
+def _quiet_torch_export() -> Iterator[None]:
+    """torch.export.load logs a full traceback at WARNING level before retrying a damaged
+    archive in its pre-2.8 layout (and, with --trust-pickle, a warning whose format string
+    is broken); the failure is reported here, once, without them."""
+    loggers = [logging.getLogger(name) for name in ("torch.export", "torch._export")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
-        ep = torch.export.load(str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _load_exported(path: Path, input_shape: tuple[int, ...] | None,
+                   trust_pickle: bool = False) -> LoadedModel:
+    # before torch sees the file: torch.export.load runs pickles and `eval`s expressions
+    archive.check_archive(path, trust_pickle)
+    try:
+        with _quiet_torch_export():
+            ep = torch.export.load(str(path))
     except Exception as exc:  # torch raises many types for a damaged archive
         raise InputError(
             f"{path}: cannot read the ExportedProgram ({_brief(exc)}); the file "
             "is corrupt or truncated, or was saved by an incompatible torch; save it again "
             "with torch.export.save"
         ) from exc
-    inputs = (_example(_check_shape(input_shape, str(path))),) if input_shape else None
-    gm = _plain_graph_module(ep, str(path))
-    return LoadedModel(
-        gm, inputs or _placeholder_inputs(ep), "exported-program", str(path), path.stem
-    )
+    try:
+        gm = _plain_graph_module(ep, str(path))
+    except InputError:
+        raise
+    except Exception as exc:  # a graph torch read but cannot rebuild as a module
+        raise InputError(
+            f"{path}: the ExportedProgram's graph cannot be rebuilt ({_brief(exc)}); save it "
+            "again with torch.export.save"
+        ) from exc
+    if input_shape:
+        inputs: tuple[Tensor, ...] | None = (
+            _example(_check_shape(input_shape, str(path)), where=str(path)),)
+    else:
+        inputs = _placeholder_inputs(ep, str(path))
+    return LoadedModel(gm, inputs, "exported-program", str(path), path.stem)
 
 
 class _ScriptModuleCall(nn.Module):
@@ -307,7 +362,7 @@ def _load_torchscript(path: Path, input_shape: tuple[int, ...] | None) -> Loaded
         return LoadedModel(
             _ScriptModuleCall(script).eval(), None, "torchscript", str(path), path.stem
         )
-    inputs = (_example(_check_shape(input_shape, str(path))),)
+    inputs = (_example(_check_shape(input_shape, str(path)), where=str(path)),)
     gm = convert_torchscript(script, inputs, str(path))
     return LoadedModel(gm, inputs, "torchscript", str(path), path.stem)
 
@@ -395,7 +450,7 @@ def _load_state_dict(
         )
     _check_keys(module, sd, path, arch)
     module.load_state_dict(sd, strict=True)
-    inputs = (_example(_check_shape(input_shape, str(path))),) if input_shape else None
+    inputs = _given(input_shape, path)
     return LoadedModel(module.eval(), inputs, "state-dict", str(path), path.stem)
 
 
@@ -430,24 +485,11 @@ def _check_keys(module: nn.Module, sd: Mapping[str, Tensor], path: Path, arch: s
 
 
 def _pickle_globals(path: Path) -> list[str]:
-    """The classes/functions a torch.save zip's pickle references, read without unpickling."""
+    """The classes/functions a torch.save file's pickle references, read without unpickling."""
     try:
-        with zipfile.ZipFile(path) as zf:
-            name = next(n for n in zf.namelist() if n.endswith("data.pkl"))
-            data = zf.read(name)
-        found: list[str] = []
-        strings: list[str] = []
-        for op, arg, _ in pickletools.genops(data):
-            if op.name == "GLOBAL":
-                found.append(str(arg).replace(" ", "."))
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(f"{strings[-2]}.{strings[-1]}")
-            elif isinstance(arg, str):
-                strings.append(arg)
-    except Exception:  # noqa: BLE001 - only decorates an error message; never worth failing
+        return archive.pickle_globals(path.read_bytes())
+    except OSError:
         return []
-    boring = ("torch._utils.", "collections.", "torch.serialization.")
-    return list(dict.fromkeys(g for g in found if not g.startswith(boring)))
 
 
 def _load_torch_save(
@@ -481,7 +523,7 @@ def _load_torch_save(
             ) from exc2
     if isinstance(obj, nn.Module):
         source: Source = "pickle"
-        inputs = (_example(_check_shape(input_shape, str(path))),) if input_shape else None
+        inputs = _given(input_shape, path)
         return LoadedModel(obj.eval(), inputs, source, str(path), path.stem)
     if isinstance(obj, Mapping):
         return _load_state_dict(_unwrap_state_dict(obj, path), path, arch, input_shape)
@@ -515,7 +557,7 @@ def _load_onnx(path: Path, input_shape: tuple[int, ...] | None) -> LoadedModel:
         first = next((i for i in proto.graph.input if i.name not in init), None)
         dims = first.type.tensor_type.shape.dim if first is not None else []
         input_shape = tuple(d.dim_value if d.dim_value > 0 else 1 for d in dims) or None
-    inputs = (_example(_check_shape(input_shape, str(path))),) if input_shape else None
+    inputs = _given(input_shape, path)
     return LoadedModel(module.eval(), inputs, "onnx", str(path), path.stem)
 
 
@@ -560,6 +602,14 @@ def load_model(
     input_shape: tuple[int, ...] | None = None,
 ) -> LoadedModel:
     """Load `path` (a file or ``zoo:NAME``) as an eval-mode module; see the module docstring."""
+    loaded = _load(path, arch, trust_pickle, input_shape)
+    validate.model_finite(loaded.module, loaded.path)
+    return loaded
+
+
+def _load(
+    path: str, arch: str | None, trust_pickle: bool, input_shape: tuple[int, ...] | None
+) -> LoadedModel:
     if input_shape is not None:
         input_shape = _check_shape(tuple(input_shape), path)
     if path.startswith("zoo:"):
@@ -581,7 +631,7 @@ def load_model(
             "%s: is a %s, which carries its architecture; ignoring --arch %s", p, kind, arch
         )
     if kind == "exported-program":
-        return _load_exported(p, input_shape)
+        return _load_exported(p, input_shape, trust_pickle)
     if kind == "torchscript":
         return _load_torchscript(p, input_shape)
     if kind is None and not _is_legacy_torch_save(p):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -31,7 +32,7 @@ from torch import fx, nn
 
 from quantflow import calibrate as cal
 from quantflow import evaluate as ev
-from quantflow import hostcpu, verify
+from quantflow import hostcpu, validate, verify
 from quantflow.batch import describe as describe_batch
 from quantflow.devices import DEVICES, EMULATED_ISAS
 from quantflow.errors import BudgetExceededError, InputError, TargetUnavailableError
@@ -96,12 +97,22 @@ class CompileConfig:
                 raise ValueError(f"--verify-on {isa}: an artifact for --device "
                                  f"{self.resolved_device} is not meant to be exact there; "
                                  "use --device portable")
-        if self.max_drop is not None and self.max_drop < 0:
-            raise ValueError("max_drop must be >= 0 (points)")
+        # numbers: NaN compares false with everything, so `nan < 0` lets a gate of NaN
+        # pass every compile; bounds are checked as `not (ok)` to catch it
+        if self.max_drop is not None and not (math.isfinite(self.max_drop)
+                                              and 0 <= self.max_drop <= 100):
+            raise ValueError(f"--max-drop (max_drop) must be a finite number of points in "
+                             f"[0, 100], got {self.max_drop}")
         for name in ("max_size_mb", "max_size_ratio", "max_latency_ms"):
             v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise ValueError(f"{name} must be > 0, got {v}")
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v}")
+        for name, low in (("calib_batch", 1), ("profile_runs", 1), ("profile_warmup", 0),
+                          ("tune_trials", 0), ("threads", 1)):
+            v = getattr(self, name)
+            if v is not None and not v >= low:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= {low}, "
+                                 f"got {v}")
 
     @property
     def placement(self) -> str:
@@ -162,6 +173,7 @@ def choose_plan(gm: fx.GraphModule, calib: Dataset, config: CompileConfig
 
     if config.plan_path:
         plan = QuantPlan.load(config.plan_path)
+        validate.plan_layers(plan, gm, config.plan_path)  # never apply a plan in part
         g = copy.deepcopy(gm)
         if plan.equalize and cle(g):
             g.recompile()  # a pass leaves recompiling to its caller (run_pipeline does)
@@ -229,6 +241,8 @@ def compile(
 
     with stage("capture"):
         gm = capture(model, example_inputs)
+    # before anything runs data through it: memory at the largest batch, labels vs classes
+    validate.run_fits(gm, max(config.calib_batch, ev.PREDICT_BATCH), calib, evaluation)
     report["model"]["batch"] = describe_batch(gm)  # dynamic, rewritten or static (chunked)
     with stage("passes"):
         pass_report = run_pipeline(gm, DEFAULT_PIPELINE)

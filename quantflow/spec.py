@@ -11,6 +11,7 @@ Integer conventions follow ONNX QuantizeLinear: q = saturate(round_half_even(x /
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -84,9 +85,12 @@ class QSpec:
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> QSpec:
+        _check_type("QSpec", d, Mapping)
         unknown = set(d) - set(QSpec.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"QSpec: unknown keys {sorted(unknown)}")
+            raise ValueError(f"QSpec: unknown keys {sorted(map(str, unknown))}")
+        for key, value in d.items():
+            _check_type(f"QSpec.{key}", value, _QSPEC_TYPES[key])
         return QSpec(**dict(d))
 
 
@@ -112,7 +116,14 @@ class LayerPlan:
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> LayerPlan:
+        _check_type("LayerPlan", d, Mapping)
+        unknown = set(d) - {"weight", "act"}
+        if unknown:
+            raise ValueError(f"LayerPlan: unknown keys {sorted(map(str, unknown))}")
         w, a = d.get("weight"), d.get("act")
+        for key, v in (("weight", w), ("act", a)):
+            if v is not None:
+                _check_type(key, v, Mapping)
         return LayerPlan(QSpec.from_dict(w) if w else None, QSpec.from_dict(a) if a else None)
 
     def label(self) -> str:
@@ -184,15 +195,35 @@ class QuantPlan:
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> QuantPlan:
-        if d.get("format") != "quantflow.QuantPlan/1":
-            raise ValueError(f"not a quantflow plan (format={d.get('format')!r}); expected "
+        """Schema-checked: every key known, every value of its type (a JSON string "false"
+        is not a boolean), so a hand-edited plan fails here, naming the key, not later."""
+        if not isinstance(d, Mapping) or d.get("format") != "quantflow.QuantPlan/1":
+            got = d.get("format") if isinstance(d, Mapping) else type(d).__name__
+            raise ValueError(f"not a quantflow plan (format={got!r}); expected "
                              "'quantflow.QuantPlan/1' as written by `quantflow compile`")
-        return QuantPlan(
-            default=LayerPlan.from_dict(d["default"]),
-            layers={k: LayerPlan.from_dict(v) for k, v in d.get("layers", {}).items()},
-            equalize=bool(d.get("equalize", False)),
-            bias_correction=bool(d.get("bias_correction", True)),
-        )
+        unknown = set(d) - _PLAN_KEYS
+        if unknown:
+            raise ValueError(f"unknown keys {sorted(map(str, unknown))}; a plan has "
+                             f"{sorted(_PLAN_KEYS)}")
+        if "default" not in d:
+            raise ValueError("missing 'default' (the plan for every layer not in 'layers')")
+        layers = d.get("layers", {})
+        _check_type("layers", layers, dict)
+        for key in ("equalize", "bias_correction"):
+            _check_type(key, d.get(key, False), bool)
+        plans = {}
+        for name, lp in layers.items():
+            try:
+                plans[str(name)] = LayerPlan.from_dict(lp)
+            except ValueError as exc:
+                raise ValueError(f"layers[{name!r}]: {exc}") from None
+        try:
+            default = LayerPlan.from_dict(d["default"])
+        except ValueError as exc:
+            raise ValueError(f"default: {exc}") from None
+        return QuantPlan(default=default, layers=plans,
+                         equalize=bool(d.get("equalize", False)),
+                         bias_correction=bool(d.get("bias_correction", True)))
 
     def save(self, path: str | Path, compiled: Mapping[str, Any] | None = None) -> None:
         """Write the plan; `compiled` adds what compiling it did (device, kernel rules, layers
@@ -204,7 +235,44 @@ class QuantPlan:
 
     @staticmethod
     def load(path: str | Path) -> QuantPlan:
-        return QuantPlan.from_dict(json.loads(Path(path).read_text()))
+        """Read and schema-check a plan file; ValueError (naming the file and what is wrong)
+        for anything that is not one, OSError when it cannot be read."""
+        p = Path(path)
+        if p.is_file() and p.stat().st_size > MAX_PLAN_BYTES:
+            raise ValueError(f"{p}: {p.stat().st_size} bytes is not a plan (at most "
+                             f"{MAX_PLAN_BYTES})")
+        try:
+            return QuantPlan.from_dict(json.loads(p.read_text(encoding="utf-8")))
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{p}: not a text file ({exc.reason})") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                             f"{exc.colno})") from None
+        except RecursionError:
+            raise ValueError(f"{p}: JSON nested too deeply to be a plan") from None
+        except ValueError as exc:
+            raise ValueError(f"{p}: {exc}") from None
+
+
+#: keys of a plan file ("compiled" is what compiling it did, written for people)
+_PLAN_KEYS = frozenset({"format", "default", "layers", "equalize", "bias_correction",
+                        "compiled"})
+#: plans are small (a few KB per hundred layers); anything larger is not one
+MAX_PLAN_BYTES = 64 * 2**20
+_QSPEC_TYPES: dict[str, type | tuple[type, ...]] = {
+    "bits": int, "signed": bool, "symmetric": bool, "granularity": str, "axis": int,
+    "calibrator": str, "percentile": (int, float)}
+
+
+def _check_type(key: str, value: Any, want: type | tuple[type, ...]) -> None:
+    """JSON types: bool is not an int here, and floats must be finite."""
+    kinds = want if isinstance(want, tuple) else (want,)
+    ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
+    if ok and isinstance(value, float) and not math.isfinite(value):
+        ok = False
+    if not ok:
+        names = " or ".join("JSON object" if k is Mapping else k.__name__ for k in kinds)
+        raise ValueError(f"{key} must be of type {names}, got {value!r}")
 
 
 def int8_plan(calibrator: str = "minmax", *, act: QSpec = ORT_ACT,
@@ -257,8 +325,12 @@ class KernelRules:
 
     @staticmethod
     def of(rules: KernelRules | str) -> KernelRules:
-        """Accept a bare placement name where rules are expected."""
-        return rules if isinstance(rules, KernelRules) else KernelRules(placement=rules)
+        """Accept a bare placement name where rules are expected. A bare "ort" means the safe
+        default, portable ONNX Runtime weights (the pair limit); build
+        `KernelRules(placement="ort")` to ask for full int8 weights."""
+        if isinstance(rules, KernelRules):
+            return rules
+        return KernelRules(placement=rules, pair_limit=PairLimit() if rules == "ort" else None)
 
     def key(self) -> str:
         """Stable text for cache keys (the search database keys quantized results by it)."""
