@@ -1,32 +1,45 @@
 """Command line: a thin layer over `quantflow.pipeline.compile` and friends.
 
-Exit codes (also in `quantflow --help`): 0 ok; 1 internal error; 2 bad arguments; 3 bad model
-or data file; 4 capture error / unsupported op; 5 a pass broke equivalence; 6 target runtime
-unavailable; 10 budget exceeded (accuracy drop over --max-drop) — for CI gates; 130 Ctrl-C.
+Exit codes (also in `quantflow --help`, table in errors.EXIT_CODES): 0 ok; 1 internal error;
+2 bad arguments (flags, --config, -o); 3 bad model or data file (incl. code refused without
+--trust-pickle); 4 capture error / unsupported op; 5 a pass broke equivalence; 6 target runtime
+unavailable; 7 parity; 8 not enough memory; 10 budget exceeded (accuracy drop over --max-drop)
+— for CI gates; 130 Ctrl-C; 143 SIGTERM. A user error prints one line (`-v` adds the traceback);
+only a bug (exit 1) prints a traceback unasked.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import traceback
 import warnings
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 
 from quantflow.devices import DEVICES, EMULATED_ISAS
-from quantflow.errors import EXIT_CODES, InputError, QuantflowError
+from quantflow.errors import EXIT_CODES, InputError, QuantflowError, ResourceError
 
 EPILOG = "exit codes:\n" + "\n".join(f"  {code:>3}  {what}" for what, code in EXIT_CODES.items())
 BUILTIN_DATA = ("fashion-mnist", "natural-images")
 
 
+#: most dimensions an --input-shape may have (batch + channels + up to 3 spatial + slack)
+MAX_DIMS = 8
+
+
 def _shape(s: str) -> tuple[int, ...]:
     try:
-        return tuple(int(v) for v in s.replace("x", ",").split(","))
+        shape = tuple(int(v) for v in s.replace("x", ",").split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad shape {s!r}; write it like 1,3,224,224") from None
+    if not 1 <= len(shape) <= MAX_DIMS or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"bad shape {s!r}: 1 to {MAX_DIMS} positive sizes, "
+                                         "batch first, e.g. 1,3,224,224")
+    return shape
 
 
 def _size(s: str) -> tuple[str, float]:
@@ -143,9 +156,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI timeout, `kill`): unwinds like Ctrl-C, so output folders are cleaned."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into an exception for the duration of a command (main thread only:
+    Python delivers signals there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    with _sigterm_unwinds():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     level = {0: logging.WARNING, 1: logging.INFO}.get(getattr(args, "verbose", 0), logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if level > logging.DEBUG:  # torch's deprecation chatter is not the user's business
@@ -157,25 +197,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return int(getattr(commands, f"cmd_{args.command}")(args))
     except QuantflowError as exc:
+        if level <= logging.INFO:  # -v: where it was raised, for a bug report or curiosity
+            traceback.print_exc()
         print(f"quantflow: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated:
+        print("quantflow: terminated (SIGTERM)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("quantflow: interrupted", file=sys.stderr)
         return 130
     except FileNotFoundError as exc:
         print(f"quantflow: error: {InputError(str(exc))}", file=sys.stderr)
         return InputError.exit_code
+    except MemoryError:  # an allocation the checks in quantflow.resources did not price
+        print("quantflow: error: ran out of memory; fix: use smaller inputs or fewer samples",
+              file=sys.stderr)
+        return ResourceError.exit_code
     except Exception:  # noqa: BLE001 - the last resort: a bug; show it all, ask for a report
         traceback.print_exc()
         print("quantflow: internal error (a bug in quantflow; please report it with the "
               "traceback above)", file=sys.stderr)
         return 1
-
-
-def _out(path: str) -> Path:
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from quantflow.errors import InputError, UsageError
+from quantflow import outdir, resources, validate
+from quantflow.errors import BudgetExceededError, InputError, PassError, UsageError
 from quantflow.pipeline import CompileConfig, Dataset, compile
 from quantflow.targets.base import Artifact
 
@@ -34,9 +35,7 @@ def _builtin(name: str, limit: int | None) -> Dataset:
 def _user(path: str, preprocess: str, limit: int | None) -> Dataset:
     from quantflow.data import load_tensor_data
 
-    x, y = load_tensor_data(path, preprocess)
-    if limit is not None:
-        x, y = x[:limit], (y[:limit] if y is not None else None)
+    x, y = load_tensor_data(path, preprocess, limit)  # reads no more than `limit` samples
     return Dataset(x, y, path)
 
 
@@ -66,6 +65,8 @@ def resolve_data(model: str, calib: str | None, eval_data: str | None, preproces
 def cmd_compile(args: argparse.Namespace) -> int:
     from quantflow.load import load_model, resolve_example_inputs
 
+    validate.count("--calib-samples", args.calib_samples)
+    validate.count("--eval-samples", args.eval_samples)
     size_kind, size = args.max_size or (None, None)
     # options first: a contradiction is reported before minutes of loading and calibrating
     config = _config(target=args.target, bits=args.bits, calibrator=args.calibrator,
@@ -76,18 +77,40 @@ def cmd_compile(args: argparse.Namespace) -> int:
                      max_size_ratio=size if size_kind == "ratio" else None,
                      max_latency_ms=args.max_latency, tune_trials=args.tune_trials,
                      device=args.device, verify_isas=args.verify_on)
-    loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
-                        input_shape=args.input_shape)
-    if args.calib == "distilled":
-        calib, evaluation, example = _distilled(loaded, args)
-    else:
-        calib, evaluation = resolve_data(args.model, args.calib, args.eval_data,
-                                         args.preprocess, args.calib_samples, args.eval_samples)
-        example = resolve_example_inputs(loaded, args.input_shape, calib.x)
-    report = compile(loaded.module, example, calib, evaluation, args.out, config,
-                     name=loaded.name, source=loaded.source)
+    if args.config:
+        _plan(args.config)
+    # everything is written beside -o and moved into place when complete; a budget failure
+    # (exit 10) still publishes the artifacts and report, which the user needs to see why
+    with outdir.staging(args.out, "compile", publish_on=(BudgetExceededError,)) as stage:
+        loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
+                            input_shape=args.input_shape)
+        validate.single_input(loaded)
+        if args.calib == "distilled":
+            calib, evaluation, example = _distilled(loaded, args)
+        else:
+            calib, evaluation = resolve_data(args.model, args.calib, args.eval_data,
+                                             args.preprocess, args.calib_samples,
+                                             args.eval_samples)
+            example = resolve_example_inputs(loaded, args.input_shape, calib.x)
+        report = compile(loaded.module, example, calib, evaluation, stage.tmp, config,
+                         name=loaded.name, source=loaded.source)
+    report.data = stage.relocate(report.data)
     print(report.render())
     return 0
+
+
+def _plan(path: str) -> None:
+    """Read and schema-check --config before any work; a bad plan is a usage error."""
+    from quantflow.spec import QuantPlan
+
+    try:
+        QuantPlan.load(path)
+    except OSError as exc:
+        raise UsageError(f"--config {path}: cannot read it ({exc.strerror or exc}); fix: pass "
+                         "the plan.json that `quantflow compile` wrote") from None
+    except ValueError as exc:
+        raise UsageError(f"--config {exc}; fix: pass a plan.json written by `quantflow "
+                         "compile` (format quantflow.QuantPlan/1)") from None
 
 
 def _config(**options: Any) -> CompileConfig:
@@ -108,6 +131,10 @@ def _distilled(loaded: object, args: argparse.Namespace
     example = resolve_example_inputs(loaded, args.input_shape, None)  # type: ignore[arg-type]
     gm = capture(loaded.module, example)  # type: ignore[attr-defined]
     n = min(args.calib_samples, 256)
+    # ZeroQ back-propagates through all n samples at once: activations and their gradients
+    resources.check_graph(gm, 2 * n, f"distilling {n} calibration samples of shape "
+                          f"{list(example[0].shape[1:])}", "pass fewer --calib-samples or a "
+                          "smaller --input-shape")
     result = distill(gm, tuple(example[0].shape[1:]), n=n)
     calib = Dataset(result.inputs.detach(), None, f"distilled (ZeroQ, {n} samples)")
     evaluation = None
@@ -129,27 +156,47 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from quantflow.targets.onnx_export import export_onnx
     from quantflow.testing import max_rel_err
 
-    loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
-                        input_shape=args.input_shape)
-    example = resolve_example_inputs(loaded, args.input_shape, None)
-    gm = capture(loaded.module, example)
-    with torch.no_grad():
-        before = gm(*example)
-    report = optimize(gm)
-    with torch.no_grad():
-        after = gm(*example)
-    b = before[0] if isinstance(before, (tuple, list)) else before
-    a = after[0] if isinstance(after, (tuple, list)) else after
-    err = max_rel_err(a, b)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.export.save(export_program(gm, example), out / "model.pt2")
-    export_onnx(gm, example, out / "model.onnx")
+    with outdir.staging(args.out, "optimize") as stage:
+        loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
+                            input_shape=args.input_shape)
+        validate.single_input(loaded)
+        example = resolve_example_inputs(loaded, args.input_shape, None)
+        gm = capture(loaded.module, example)
+        batch = int(example[0].shape[0]) if example[0].dim() else 1
+        resources.check_graph(gm, batch, f"{loaded.path}: running the model on its example "
+                              f"input {list(example[0].shape)}", "pass a smaller --input-shape")
+        with torch.no_grad():
+            before = gm(*example)
+        report = optimize(gm)
+        with torch.no_grad():
+            after = gm(*example)
+        b = before[0] if isinstance(before, (tuple, list)) else before
+        a = after[0] if isinstance(after, (tuple, list)) else after
+        _check_finite_outputs(b, a, loaded.path)
+        err = max_rel_err(a, b)
+        torch.export.save(export_program(gm, example), stage.tmp / "model.pt2")
+        export_onnx(gm, example, stage.tmp / "model.onnx")
+    out = stage.out
     print(report.summary())
     print(f"passes fired: {report.fired}")
     print(f"max|Δ|/max|y| vs the original on the example input: {err:.2e}")
     print(f"wrote {out / 'model.pt2'} and {out / 'model.onnx'}")
     return 0
+
+
+def _check_finite_outputs(before: Any, after: Any, where: str) -> None:
+    """A NaN compares unequal to everything, so an equivalence check of NaN outputs proves
+    nothing: the weights are finite (load checked them), so NaN comes from the model's own
+    computation (before the passes) or from a pass (after them)."""
+    if isinstance(before, torch.Tensor) and before.is_floating_point() and \
+            not bool(torch.isfinite(before).all()):
+        raise InputError(f"{where}: the model's output on its example input holds NaN or Inf "
+                         "(its weights are finite, so it computes them: log or division of 0, "
+                         "overflow); fix: check the model")
+    if isinstance(after, torch.Tensor) and after.is_floating_point() and \
+            not bool(torch.isfinite(after).all()):
+        raise PassError(f"{where}: the graph passes turned finite outputs into NaN/Inf (a "
+                        "quantflow bug: please report it with the model)")
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -158,6 +205,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     Inputs are random normal samples of the artifact's static input shapes."""
     from quantflow.targets import get_target
 
+    validate.count("--runs", args.runs)
+    validate.count("--warmup", args.warmup, low=0)
+    validate.count("--threads", args.threads)
     path = Path(args.artifact)
     if not path.exists():
         raise InputError(f"artifact {path} does not exist")
@@ -176,6 +226,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
                                     target_name)
         if target_name == "ort":
             _warn_device(art)
+    for s in specs:  # an artifact may declare any shape: price it before allocating
+        resources.check_alloc(2 * resources.tensor_bytes(s["shape"], torch.float64),
+                              f"{path}: input {s.get('name', '')!r} of shape {s['shape']}",
+                              "profile an artifact with a smaller input shape")
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(s["shape"]).astype(s["dtype"]) for s in specs]
     target = get_target(target_name, **({"threads": args.threads} if args.threads else {}))
@@ -232,7 +286,17 @@ def _artifact_kind(path: Path) -> str:
 def _onnx_artifact(path: Path, target: str) -> tuple[Artifact, list[dict[str, Any]]]:
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; fix: pass the model.onnx that `quantflow "
+                         "compile` wrote, or its directory")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(model)
+    except Exception as exc:  # protobuf DecodeError, onnx ValidationError, ...
+        first = str(exc).strip().splitlines()
+        raise InputError(f"{path}: not a valid ONNX model ({type(exc).__name__}: "
+                         f"{first[0][:200] if first else ''}); the file is corrupt, truncated "
+                         "or not ONNX; fix: compile it again with `quantflow compile`") from exc
     specs: list[dict[str, Any]] = [
         {"name": i.name, "dtype": "float32",
          "shape": [d.dim_value if d.dim_value > 0 else 1 for d in i.type.tensor_type.shape.dim]}

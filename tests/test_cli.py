@@ -113,12 +113,13 @@ def test_input_errors_exit_3_and_name_the_file(files: dict[str, Path], tmp_path:
                                                capsys: pytest.CaptureFixture[str]) -> None:
     missing = tmp_path / "nope.pt2"
     assert main(["compile", str(missing), "--calib", str(files["calib"]), "-o",
-                 str(tmp_path)]) == 3
+                 str(tmp_path / "o")]) == 3
     assert str(missing) in capsys.readouterr().err
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((4, 1, 8, 8), np.float32))  # wrong shape for the model
     assert main(["compile", str(files["model"]), "--calib", str(bad), "-o",
-                 str(tmp_path)]) == 3
+                 str(tmp_path / "o")]) == 3
+    assert not (tmp_path / "o").exists()  # a failed run leaves no output folder
     assert "shape" in capsys.readouterr().err
 
 
