@@ -4,6 +4,11 @@ Runtimes pick integer kernels by CPU feature at run time (ONNX Runtime's MLAS: A
 `vpmaddubsw`, AVX-512 / AVX-VNNI `vpdpbusd`, arm64 `sdot`/`udot`), and those kernels differ in
 what they compute exactly (targets/ort_isa.py). Reports record these features next to every
 latency and parity figure; `isa_class` condenses them into the classes that matter there.
+
+Features come from CPUID as numpy's runtime dispatch sees it (what this process can execute,
+also under an emulator such as `qemu-x86_64 -cpu Haswell`, which passes the *host's*
+/proc/cpuinfo through), completed from /proc/cpuinfo with the flags numpy does not detect
+(AVX-VNNI, AMX, i8mm) only when the two agree on the basic ones.
 """
 
 from __future__ import annotations
@@ -66,6 +71,36 @@ def parse_cpuinfo(text: str, machine: str) -> CpuInfo:
                    features=frozenset(flags & set(FEATURES)), cores=os.cpu_count() or 1)
 
 
+#: numpy's runtime CPU feature names -> /proc/cpuinfo flag names
+_NUMPY_FLAGS = {"SSE41": "sse4_1", "AVX2": "avx2", "FMA3": "fma", "AVX512F": "avx512f",
+                "AVX512BW": "avx512bw", "AVX512VNNI": "avx512_vnni", "ASIMD": "asimd",
+                "ASIMDDP": "asimddp", "SVE": "sve"}
+
+
+def cpuid_features() -> tuple[frozenset[str], frozenset[str]] | None:
+    """(features this process can execute, features numpy checks) by CPUID (numpy's runtime
+    dispatch), None when numpy does not say."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as found
+    except ImportError:  # pragma: no cover - numpy < 2 or another build
+        return None
+    known = frozenset(flag for name, flag in _NUMPY_FLAGS.items() if name in found)
+    return frozenset(flag for name, flag in _NUMPY_FLAGS.items() if found.get(name)), known
+
+
+def merge_features(cpuinfo: CpuInfo,
+                   cpuid: tuple[frozenset[str], frozenset[str]] | None) -> CpuInfo:
+    """`cpuinfo` with the features CPUID checks taken from CPUID; the others (AVX-VNNI, AMX,
+    i8mm, ...) kept from /proc/cpuinfo only when it agrees with CPUID on the checked ones
+    (under an emulator it describes the host, not the emulated CPU). Pure."""
+    if cpuid is None:
+        return cpuinfo
+    have, known = cpuid
+    agree = (cpuinfo.features & known) == have
+    extras = (cpuinfo.features - known) if agree else frozenset()
+    return CpuInfo(cpuinfo.machine, cpuinfo.model, have | extras, cpuinfo.cores)
+
+
 @functools.cache
 def host_cpu() -> CpuInfo:
     """This machine's CpuInfo (cached: the CPU does not change under a running process)."""
@@ -73,4 +108,4 @@ def host_cpu() -> CpuInfo:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         text = ""
-    return parse_cpuinfo(text, platform.machine())
+    return merge_features(parse_cpuinfo(text, platform.machine()), cpuid_features())
