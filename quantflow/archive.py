@@ -36,6 +36,7 @@ import pickletools
 import re
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,11 @@ _SAFE_AST = (ast.Expression, ast.Call, ast.Name, ast.Load, ast.Constant, ast.key
              ast.Div, ast.FloorDiv, ast.Mod, ast.USub, ast.UAdd, ast.Not, ast.Invert, ast.Lt,
              ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq, ast.And, ast.Or, ast.BitAnd,
              ast.BitOr)
+#: what Python's zipfile raises for a hostile or damaged zip (besides BadZipFile: undecodable
+#: names, unknown compression methods, encryption, inflate errors, truncation)
+ZIP_ERRORS: tuple[type[Exception], ...] = (
+    zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError,
+    NotImplementedError, RuntimeError, zlib.error)
 #: longest symbolic size accepted (real ones are a few dozen to a few hundred characters)
 MAX_EXPR = 2000
 
@@ -216,8 +222,9 @@ def _graph_findings(member: str, doc: Any) -> list[Finding]:
 def _json(zf: zipfile.ZipFile, member: str) -> Any:
     try:
         return json.loads(zf.read(member))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{zf.filename}: archive entry {member} is not valid JSON ({exc}); "
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise InputError(f"{zf.filename}: archive entry {member} is not valid JSON "
+                         f"({type(exc).__name__}: {str(exc)[:120]}); "
                          "the file is corrupt; save it again with torch.export.save") from exc
 
 
@@ -247,7 +254,7 @@ def inspect_archive(path: Path) -> list[Finding]:
     contents would not fit in memory."""
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as exc:
+    except ZIP_ERRORS as exc:
         raise InputError(f"{path}: not a readable .pt2 archive ({exc}); the file is corrupt or "
                          "truncated; save it again with torch.export.save") from exc
     with zf:
@@ -282,7 +289,7 @@ def inspect_archive(path: Path) -> list[Finding]:
                 if why:
                     found.append(Finding(full, f"pickled data that torch would unpickle with "
                                          f"weights_only=False ({why})"))
-        except (zipfile.BadZipFile, OSError, EOFError, zipfile.LargeZipFile) as exc:
+        except ZIP_ERRORS as exc:
             raise InputError(f"{path}: damaged archive ({exc}); save it again with "
                              "torch.export.save") from exc
     return found

@@ -377,10 +377,12 @@ def _zip_size(path: Path) -> int:
     file can declare gigabytes."""
     import zipfile
 
+    from quantflow.archive import ZIP_ERRORS
+
     try:
         with zipfile.ZipFile(path) as zf:
             return sum(i.file_size for i in zf.infolist())
-    except (zipfile.BadZipFile, OSError):
+    except ZIP_ERRORS:
         return 0  # not a zip (legacy torch.save, .npy): its size on disk is what it holds
 
 

@@ -580,7 +580,7 @@ def _zip_kind(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError):
+    except archive.ZIP_ERRORS:
         return None
     if any(n.endswith(("/models/model.json", "serialized_exported_program.json")) for n in names):
         return "exported-program"
