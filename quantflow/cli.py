@@ -59,8 +59,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", metavar="MODULE:FACTORY",
                    help="architecture for a state_dict file, e.g. mypkg.models:resnet18")
     p.add_argument("--trust-pickle", action="store_true",
-                   help="allow loading a pickled whole module (runs code from the file; only "
-                   "for files you trust)")
+                   help="allow loading a pickled whole module, or a .pt2 archive that holds "
+                   "pickled objects, AOTInductor code or executable expressions (this runs code "
+                   "from the file: only for files whose author you trust; data files are never "
+                   "unpickled)")
     p.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
                    help="example input shape incl. batch (default: from the model or data)")
     p.add_argument("-v", "--verbose", action="count", default=0,
