@@ -12,7 +12,7 @@ to a fixpoint:
 Identity removal runs first so that e.g. conv → dropout → BN becomes a foldable conv → BN;
 dead_code runs last to drop the constants the folds replaced. Cross-layer equalization
 (`quantflow.passes.equalize.equalize` / `equalize_relu6`) is exact but optional, so it is not in
-the default tuple: the quantizer adds it when it helps.
+the default tuple: `EQUALIZE_PIPELINE` runs it (quantflow/plan.py, when it helps fidelity).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 from torch import fx
 
 from quantflow.passes.cleanup import dead_code, remove_identity
+from quantflow.passes.equalize import equalize as _equalize
 from quantflow.passes.fold_bn import fold_bn as _fold_bn
 from quantflow.passes.pipeline import Pass, PassReport, run_pipeline
 from quantflow.passes.reparam_bn_branch import avgpool_to_conv, bn_to_conv
@@ -41,6 +42,10 @@ DEFAULT_PIPELINE: tuple[Pass, ...] = (
 )
 
 
+#: cross-layer equalization (exact); a second run finds nothing, so it reaches a fixpoint
+EQUALIZE_PIPELINE: tuple[Pass, ...] = (_equalize,)
+
+
 def optimize(gm: fx.GraphModule) -> PassReport:
     """Run `DEFAULT_PIPELINE` on `gm` in place to a fixpoint."""
     return run_pipeline(gm, DEFAULT_PIPELINE)
@@ -48,6 +53,7 @@ def optimize(gm: fx.GraphModule) -> PassReport:
 
 __all__ = [
     "DEFAULT_PIPELINE",
+    "EQUALIZE_PIPELINE",
     "Pass",
     "PassReport",
     "dead_code",

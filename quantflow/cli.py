@@ -18,13 +18,13 @@ import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-from quantflow.devices import DEVICES, EMULATED_ISAS
+from quantflow.config import TARGETS, CompileConfig, DataOptions, Flag, flags
 from quantflow.errors import EXIT_CODES, InputError, QuantflowError, ResourceError
 
 EPILOG = "exit codes:\n" + "\n".join(f"  {code:>3}  {what}" for what, code in EXIT_CODES.items())
-BUILTIN_DATA = ("fashion-mnist", "natural-images")
 
 
 #: most dimensions an --input-shape may have (batch + channels + up to 3 spatial + slack)
@@ -69,13 +69,36 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="-v: stage log, -vv: debug (pass decisions and skip reasons)")
 
 
-def _isas(text: str) -> tuple[str, ...]:
-    isas = tuple(t.strip() for t in text.split(",") if t.strip())
-    bad = [i for i in isas if i not in EMULATED_ISAS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown CPU class(es) {bad}; choose from "
-                                         f"{', '.join(EMULATED_ISAS)}")
-    return isas
+def _choice_list(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    """argparse type of a comma-separated list of choices (`--verify-on x86-avx2,arm64`)."""
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(t.strip() for t in text.split(",") if t.strip())
+        bad = [i for i in items if i not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown value(s) {bad}; choose from "
+                                             f"{', '.join(choices)}")
+        return items
+
+    return parse
+
+
+_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "value": str}
+
+
+def _add_option(p: argparse.ArgumentParser, dest: str, default: Any, spec: Flag) -> None:
+    """One flag from its definition in quantflow/config.py."""
+    kw: dict[str, Any] = {"dest": dest, "default": default, "help": spec.help}
+    if spec.metavar:
+        kw["metavar"] = spec.metavar
+    if spec.kind == "list":
+        assert spec.choices is not None
+        kw["type"] = _choice_list(spec.choices)
+        kw["help"] += f" (comma-separated: {', '.join(spec.choices)})"
+    else:
+        kw["type"] = _TYPES[spec.kind]
+        if spec.choices:
+            kw["choices"] = spec.choices
+    p.add_argument(spec.name, **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,50 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "profile a model; write artifacts and report.json to -o.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(c)
-    c.add_argument("--target", choices=("ort", "tvm", "trt"), default="ort",
-                   help="ort: ONNX Runtime QDQ model; tvm: TVM Relax library; trt: TensorRT "
-                   "explicit-quantization ONNX (+ engine where TensorRT exists)")
-    c.add_argument("--bits", choices=("8", "mixed"), default="8",
-                   help="8: uniform INT8; mixed: per-layer precision chosen by search")
-    c.add_argument("--calib", metavar="DATA",
-                   help=f"calibration data: {' | '.join(BUILTIN_DATA)}, a .npy/.pt/.npz file "
-                   "with (N,C,H,W) floats, a folder of such files or images, or `distilled` "
-                   "(ZeroQ: synthesized from the model's BatchNorm statistics, no data "
-                   "needed) (default: the zoo model's dataset)")
-    c.add_argument("--eval", dest="eval_data", metavar="DATA",
-                   help="evaluation data (.npz with x and y gives accuracy; default: the "
-                   "held-out split of a built-in dataset, else the calibration data)")
-    c.add_argument("--preprocess", default="imagenet",
-                   help="preprocessing for image folders: imagenet | fashion-mnist")
-    c.add_argument("--calib-samples", type=int, default=512, help="calibration samples used")
-    c.add_argument("--eval-samples", type=int, default=None, help="limit evaluation samples")
-    c.add_argument("--calibrator", choices=("auto", "minmax", "percentile", "entropy", "mse"),
-                   default="auto", help="activation range calibrator (auto: most faithful)")
-    c.add_argument("--equalize", choices=("auto", "on", "off"), default="auto",
-                   help="cross-layer equalization (auto: when it improves fidelity)")
-    c.add_argument("--config", metavar="PLAN.json", help="re-use a saved quantization plan")
-    c.add_argument("--max-drop", type=float, metavar="POINTS",
-                   help="fail (exit 10) when the accuracy drop exceeds POINTS (without labels: "
-                   "top-1 disagreement with FP32, in percent)")
+    for cls in (CompileConfig, DataOptions):  # flags, choices and help: quantflow/config.py
+        for f, spec in flags(cls):
+            _add_option(c, f.name, f.default, spec)
     c.add_argument("--max-size", type=_size, metavar="MB|RATIOx",
                    help="--bits mixed: weight size budget, in MB (e.g. 1.5) or relative to "
                    "uniform INT8 (e.g. 0.75x)")
-    c.add_argument("--max-latency", type=float, metavar="MS",
-                   help="--bits mixed: latency budget in ms, measured on the target")
-    c.add_argument("--tune-trials", type=int, default=0, metavar="N",
-                   help="--target tvm: MetaSchedule tuning trials per task (0: untuned; the "
-                   "tuning database is cached per model and target, so a re-compile is fast)")
-    c.add_argument("--device", choices=sorted({d for ds in DEVICES.values() for d in ds}),
-                   help="what the artifact is for. --target ort: portable (default: exact on "
-                   "every CPU), x86-vnni, x86-avx2, arm64, host (this CPU's class); "
-                   "x86-vnni/arm64 artifacts use full int8 weights and are wrong on AVX2 "
-                   "x86 without VNNI. --target tvm: host (default) or aarch64 (a "
-                   "cross-compiled edge bundle: library, runtime, C++ runner, manifest)")
-    c.add_argument("--verify-on", type=_isas, default=(), metavar="ISA[,ISA]",
-                   help="--target ort: also check the artifact layer by layer on these CPUs, "
-                   f"by emulation ({', '.join(EMULATED_ISAS)}); the host is always checked")
-    c.add_argument("--threads", type=int, help="runtime threads for profiling (default: all)")
-    c.add_argument("--profile-runs", type=int, default=50, help="timed runs per model")
     c.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")
 
     o = sub.add_parser("optimize", help="run only the graph passes; write the float deploy form",
@@ -146,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "p90, threads, device, and with --per-layer the time per layer.")
     p.add_argument("artifact", help="model.onnx, a TVM model.so / manifest.json, or the "
                    "directory written by `quantflow compile`")
-    p.add_argument("--target", choices=("ort", "tvm", "trt"),
+    p.add_argument("--target", choices=TARGETS,
                    help="runtime (default: detected from the artifact)")
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)

@@ -11,16 +11,11 @@ import numpy as np
 import torch
 
 from quantflow import outdir, resources, validate
+from quantflow.config import DATASETS, ZOO_DATASETS, CompileConfig, DataOptions, flags
+from quantflow.dataset import Dataset
 from quantflow.errors import BudgetExceededError, InputError, PassError, UsageError
-from quantflow.pipeline import CompileConfig, Dataset, compile
-from quantflow.targets.base import Artifact
-
-#: zoo dataset -> (built-in calibration set, built-in evaluation set)
-DATASET_SPLITS = {
-    "fashion-mnist": ("fashion-mnist-calib", "fashion-mnist"),
-    "imagenet": ("natural-images-calib", "natural-images"),
-    "natural-images": ("natural-images-calib", "natural-images"),
-}
+from quantflow.pipeline import compile
+from quantflow.targets import ARTIFACT_FILES, ARTIFACT_SUFFIXES
 
 
 def _builtin(name: str, limit: int | None) -> Dataset:
@@ -43,16 +38,12 @@ def resolve_data(model: str, calib: str | None, eval_data: str | None, preproces
                  calib_limit: int, eval_limit: int | None) -> tuple[Dataset, Dataset | None]:
     """Calibration and evaluation sets from the flags, defaulting to the zoo model's dataset."""
     if calib is None and model.startswith("zoo:"):
-        from quantflow.zoo import MODELS
-
-        name = model[4:]
-        if name in MODELS:
-            calib = MODELS[name].dataset
+        calib = _zoo_dataset(model[4:])
     if calib is None:
         raise InputError("no calibration data: pass --calib DATA (a .npy/.pt/.npz file, a "
-                         "folder, or a built-in set: fashion-mnist, natural-images)")
-    if calib in DATASET_SPLITS:
-        c_name, e_name = DATASET_SPLITS[calib]
+                         f"folder, or a built-in set: {', '.join(DATASETS)})")
+    if calib in DATASETS:
+        c_name, e_name = DATASETS[calib]
         c = _builtin(c_name, calib_limit)
         if eval_data:
             return c, _user(eval_data, preprocess, eval_limit)
@@ -62,23 +53,35 @@ def resolve_data(model: str, calib: str | None, eval_data: str | None, preproces
     return c, e
 
 
+def _zoo_dataset(name: str) -> str | None:
+    """The built-in data a zoo model was trained on (its calibration default)."""
+    from quantflow.zoo import MODELS
+
+    entry = MODELS.get(name)
+    return None if entry is None else ZOO_DATASETS.get(entry.dataset, entry.dataset)
+
+
+def _options(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
+    """`cls` (CompileConfig or DataOptions) from the flags quantflow/config.py defines; its
+    validation errors are usage errors (exit 2)."""
+    values = {f.name: getattr(args, f.name) for f, _ in flags(cls)}
+    try:
+        return cls(**values, **extra)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from quantflow.load import load_model, resolve_example_inputs
 
-    validate.count("--calib-samples", args.calib_samples)
-    validate.count("--eval-samples", args.eval_samples)
     size_kind, size = args.max_size or (None, None)
     # options first: a contradiction is reported before minutes of loading and calibrating
-    config = _config(target=args.target, bits=args.bits, calibrator=args.calibrator,
-                     equalize=args.equalize, plan_path=args.config,
-                     max_drop=args.max_drop, threads=args.threads,
-                     profile_runs=args.profile_runs,
-                     max_size_mb=size if size_kind == "mb" else None,
-                     max_size_ratio=size if size_kind == "ratio" else None,
-                     max_latency_ms=args.max_latency, tune_trials=args.tune_trials,
-                     device=args.device, verify_isas=args.verify_on)
-    if args.config:
-        _plan(args.config)
+    config: CompileConfig = _options(CompileConfig, args,
+                                     max_size_mb=size if size_kind == "mb" else None,
+                                     max_size_ratio=size if size_kind == "ratio" else None)
+    _options(DataOptions, args)
+    if config.plan_path:
+        _plan(config.plan_path)
     # everything is written beside -o and moved into place when complete; a budget failure
     # (exit 10) still publishes the artifacts and report, which the user needs to see why
     with outdir.staging(args.out, "compile", publish_on=(BudgetExceededError,)) as stage:
@@ -113,14 +116,6 @@ def _plan(path: str) -> None:
                          "compile` (format quantflow.QuantPlan/1)") from None
 
 
-def _config(**options: Any) -> CompileConfig:
-    """CompileConfig from CLI options; its validation errors are usage errors (exit 2)."""
-    try:
-        return CompileConfig(**options)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def _distilled(loaded: object, args: argparse.Namespace
                ) -> tuple[Dataset, Dataset | None, tuple[torch.Tensor, ...]]:
     """ZeroQ: synthesize calibration inputs from the model's BatchNorm statistics."""
@@ -141,11 +136,9 @@ def _distilled(loaded: object, args: argparse.Namespace
     if args.eval_data:
         evaluation = _user(args.eval_data, args.preprocess, args.eval_samples)
     elif args.model.startswith("zoo:"):
-        from quantflow.zoo import MODELS
-
-        entry = MODELS.get(args.model[4:])
-        if entry is not None and entry.dataset in DATASET_SPLITS:
-            evaluation = _builtin(DATASET_SPLITS[entry.dataset][1], args.eval_samples)
+        dataset = _zoo_dataset(args.model[4:])
+        if dataset in DATASETS:
+            evaluation = _builtin(DATASETS[dataset][1], args.eval_samples)
     return calib, evaluation, example
 
 
@@ -200,9 +193,8 @@ def _check_finite_outputs(before: Any, after: Any, where: str) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    """Latency of a compiled artifact: QDQ .onnx (ort, trt) or a TVM library with its
-    manifest (`model.so`, `manifest.json`, or the `quantflow compile --target tvm` directory).
-    Inputs are random normal samples of the artifact's static input shapes."""
+    """Latency of a compiled artifact (any target's: see `_runtime_of`). Inputs are random
+    normal samples of the artifact's static input shapes."""
     from quantflow.targets import get_target
 
     validate.count("--runs", args.runs)
@@ -211,33 +203,32 @@ def cmd_profile(args: argparse.Namespace) -> int:
     path = Path(args.artifact)
     if not path.exists():
         raise InputError(f"artifact {path} does not exist")
-    kind = _artifact_kind(path)
-    if args.target is not None and (args.target == "tvm") != (kind == "tvm"):
+    kind, file = _runtime_of(path)
+    if args.target is not None and args.target != kind and \
+            file.suffix not in ARTIFACT_SUFFIXES[args.target]:
         raise InputError(f"{path} is a{'' if kind == 'tvm' else 'n'} {kind} artifact, not "
                          f"--target {args.target}; fix: drop --target (it is detected)")
-    target_name = args.target or kind
-    if kind == "tvm":
-        from quantflow.targets.tvm import load_artifact
-
-        art = load_artifact(path)
-        specs = art.meta["input_specs"]
-    else:
-        art, specs = _onnx_artifact(path if path.suffix == ".onnx" else path / "model.onnx",
-                                    target_name)
-        if target_name == "ort":
-            _warn_device(art)
+    target = get_target(args.target or kind,
+                        **({"threads": args.threads} if args.threads else {}))
+    art = target.load_artifact(file)
+    warning = target.artifact_warning(art)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    specs = art.meta["input_specs"]
     for s in specs:  # an artifact may declare any shape: price it before allocating
         resources.check_alloc(2 * resources.tensor_bytes(s["shape"], torch.float64),
                               f"{path}: input {s.get('name', '')!r} of shape {s['shape']}",
                               "profile an artifact with a smaller input shape")
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal(s["shape"]).astype(s["dtype"]) for s in specs]
-    target = get_target(target_name, **({"threads": args.threads} if args.threads else {}))
     kw: dict[str, Any] = {"warmup": args.warmup, "runs": args.runs}
-    if args.per_layer:
+    if args.per_layer and target.caps.per_layer_profile:
         kw["per_layer"] = True
+    elif args.per_layer:
+        print(f"warning: --target {target.name} does not profile per layer; timing the whole "
+              "model", file=sys.stderr)
     lat = target.profile(art, inputs, **kw)
-    print(f"{art.path} ({target_name}, {art.precision}): median {lat.median_ms:.3f} ms, "
+    print(f"{art.path} ({target.name}, {art.precision}): median {lat.median_ms:.3f} ms, "
           f"p90 {lat.p90_ms:.3f} ms over {lat.runs} runs (warm-up {lat.warmup}), "
           f"{lat.threads} threads, batch {lat.batch}")
     print(f"device: {lat.device}")
@@ -253,58 +244,19 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warn_device(art: Artifact) -> None:
-    """Warn when this CPU cannot run the artifact exactly (an x86-vnni or arm64 artifact on
-    x86 without VNNI): its latency is real, its outputs may not be."""
-    import onnx
-
-    from quantflow.hostcpu import host_cpu
-    from quantflow.targets import ort_isa
-    from quantflow.targets.ort import artifact_device
-
-    device = artifact_device(onnx.load(str(art.path), load_external_data=False))
-    warning = ort_isa.host_warning(device, host_cpu().isa_class) if device else None
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-
-
-def _artifact_kind(path: Path) -> str:
-    """ort for QDQ ONNX, tvm for a TVM library / manifest / compile directory."""
-    if path.suffix == ".onnx":
-        return "ort"
-    if path.suffix in (".so", ".json"):
-        return "tvm"
+def _runtime_of(path: Path) -> tuple[str, Path]:
+    """(target, file) of an artifact: by the suffixes each target declares it reads, or, for
+    a `quantflow compile` output folder, by the file the folder holds."""
     if path.is_dir():
-        if (path / "manifest.json").exists():
-            return "tvm"
-        if (path / "model.onnx").exists():
-            return "ort"
+        for kind, name in ARTIFACT_FILES.items():
+            if (path / name).exists():
+                return kind, path / name
+    else:
+        for kind, suffixes in ARTIFACT_SUFFIXES.items():
+            if path.suffix in suffixes:
+                return kind, path
     raise InputError(f"{path}: not a compiled artifact; fix: pass model.onnx, a TVM model.so "
                      "or manifest.json, or the directory `quantflow compile` wrote")
-
-
-def _onnx_artifact(path: Path, target: str) -> tuple[Artifact, list[dict[str, Any]]]:
-    import onnx
-
-    if not path.is_file():
-        raise InputError(f"{path} does not exist; fix: pass the model.onnx that `quantflow "
-                         "compile` wrote, or its directory")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-        onnx.checker.check_model(model)
-    except Exception as exc:  # protobuf DecodeError, onnx ValidationError, ...
-        first = str(exc).strip().splitlines()
-        raise InputError(f"{path}: not a valid ONNX model ({type(exc).__name__}: "
-                         f"{first[0][:200] if first else ''}); the file is corrupt, truncated "
-                         "or not ONNX; fix: compile it again with `quantflow compile`") from exc
-    specs: list[dict[str, Any]] = [
-        {"name": i.name, "dtype": "float32",
-         "shape": [d.dim_value if d.dim_value > 0 else 1 for d in i.type.tensor_type.shape.dim]}
-        for i in model.graph.input]
-    art = Artifact(target=target, precision="unknown", files={"model": str(path)},
-                   input_names=tuple(s["name"] for s in specs),
-                   output_names=tuple(o.name for o in model.graph.output))
-    return art, specs
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from quantflow import resources, validate
+from quantflow.config import DATASETS, PREPROCESSINGS
 from quantflow.errors import InputError, QuantflowError
 
 __all__ = [
@@ -63,10 +64,8 @@ FMNIST_CLASSES: tuple[str, ...] = (
 )  # fmt: skip
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-PREPROCESSINGS: tuple[str, ...] = ("imagenet", "fashion-mnist")
-BUILTIN_DATASETS: tuple[str, ...] = (
-    "fashion-mnist", "fashion-mnist-calib", "natural-images", "natural-images-calib",
-)  # fmt: skip
+#: the splits `builtin_dataset` serves: both sides of each entry of config.DATASETS
+BUILTIN_DATASETS: tuple[str, ...] = tuple(sorted({n for pair in DATASETS.values() for n in pair}))
 
 _DEFAULT_FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _FMNIST_FILES = {

@@ -89,7 +89,8 @@ def _ours(out: Path, entries: list[str]) -> bool:
     report = out / "report.json"
     try:
         if report.is_file() and report.stat().st_size < _MAX_TEXT:
-            return json.loads(report.read_text()).get("schema") == "quantflow.report/1"
+            schema = json.loads(report.read_text()).get("schema")
+            return isinstance(schema, str) and schema.startswith("quantflow.report/")
     except (OSError, ValueError, AttributeError):
         return False
     return False

@@ -1,42 +1,44 @@
-"""The compile report: one JSON document (schema below) and its human rendering.
+"""The compile report: assembled once from the stages' typed results, checked against its JSON
+Schema (quantflow/report.schema.json), written as report.json, rendered as text.
 
-Schema "quantflow.report/1" (all sizes in bytes, latencies in ms, accuracies in percent):
+Schema "quantflow.report/2" (all sizes in bytes, latencies in ms, accuracies in percent):
+  schema      "quantflow.report/2"
   model       {name, source, input_shape, batch}; batch = {mode: "dynamic"} or, for a
               graph exported at a fixed batch, {mode: "rewritten" (made dynamic, proven) |
               "static" (run in chunks of it), exported_batch, rewritten: [node] (for static:
               tried and rejected), reason (why static)}
-  target      target name;  bits  "8" | "mixed"
+  target      target name;  bits  "8" | "mixed";  config  the CompileConfig (config.py)
   host        the CPU everything was measured on: {machine, model, cores, features (the ISA
               flags int8 kernels use), isa_class (targets/ort_isa.py)}
   versions    {package: version} of torch, onnx, onnxruntime, numpy, tvm, xgboost, quantflow
+  passes      {before: {conv, batch_norm, linear, ops}, after: {...}, fired: {pass: n}, seconds}
+  calibration {calibrator, equalize, samples, data, candidates: {name: score}}
+  search      mixed precision only: the search summary (quantflow.search.SearchResult.to_dict
+              without trials/hessian) + latency_check {table_ms, measured_ms,
+              measured_over_table}
   device      what the artifact is for: {requested, resolved, exact_on: [isa_class],
               pair_limit | null, host_exact, warning?} (ort; tvm/trt: {requested, resolved})
+  parity      ort: the parity gate (quantflow.verify): {isas, samples, bound_steps, passed,
+              max_steps {isa: steps}, repaired {layer: fix}, skipped {isa: why},
+              off_layers [{isa, tensor, layer, op, max_steps, off, elements}]}
   portability {device, layers: {layer: {op, fix: "pairs" | "7bit", pairs_over_bound,
               pair_bound, channels_changed, channels, max_scale_growth, weight_sqnr_db
               {unconstrained, pair_limited}, why}}, simulation_sqnr_db {portable,
               unconstrained, cost, samples} (when a layer changed)}
-  parity      ort: the parity gate (quantflow.verify): {isas, samples, bound_steps, passed,
-              max_steps {isa: steps}, repaired {layer: fix}, skipped {isa: why},
-              off_layers [{isa, tensor, layer, op, max_steps, off, elements}]}
-  passes      {before: {conv, batch_norm, linear, ops}, after: {...}, fired: {pass: n}, seconds}
-  calibration {calibrator, equalize, samples, data, candidates: {name: sqnr_db}}
+  artifacts   {fp32, quantized, plan, report}: paths
+  runtime     target-specific facts (e.g. ORT: integer kernels found, layers left in float)
   quality     {fp32: Quality, quantized: Quality (runtime), simulation: Quality (torch, on
                the first 1000 samples), accuracy_drop: points | null,
                runtime_vs_simulation_sqnr_db, eval_data, eval_samples}
               Quality = {samples, accuracy, agreement, sqnr_db, kl}
-  size        {fp32_bytes, quantized_bytes, ratio}   (artifact files on disk)
-  latency     {fp32: Latency, quantized: Latency, speedup}
-              Latency = {median_ms, p90_ms, mean_ms, runs, warmup, threads, batch, device,
-                         per_layer_ms: {fx node: ms} | null (quantized, where the runtime
-                         profiles per layer: ORT, TVM)}
-  layers      [{name, op, plan, weight_bits, runs_integer, sensitivity}]
-  runtime     target-specific facts (e.g. ORT: integer kernels found, layers left in float)
-  artifacts   {role: path}
-  stages      {stage: seconds};  compile_seconds  total wall time
-  gate        {max_drop, measure, value, passed, reason[, latency_ms]}: drop on the evaluation
-              data within --max-drop and, with --max-latency, measured latency within it
-  search      mixed precision only: the search summary (quantflow.search.SearchResult.to_dict
-              without trials/hessian) + latency_check {table_ms, measured_ms}
+  latency     {fp32: Latency, quantized: Latency, speedup} | {unavailable: why}
+              Latency = {median_ms, p90_ms, mean_ms, runs, warmup, threads, batch, device
+                         (CPU description), per_layer_ms: {fx node: ms} | null}
+  size        {fp32_bytes, quantized_bytes, ratio, weights_fp32_bytes,
+              weights_quantized_bytes}
+  layers      [{name, op, plan, weight_bits, runs_integer, params}]
+  gate        {max_drop, passed, reason[, measure, value][, max_latency_ms, latency_ms]}
+  stages      {stage: seconds} (pipeline.STAGES);  compile_seconds  total wall time
 """
 
 from __future__ import annotations
@@ -47,11 +49,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SCHEMA = "quantflow.report/1"
+from quantflow.report_text import render
+
+SCHEMA = "quantflow.report/2"
+#: report.json's JSON Schema (draft 2020-12), checked by the tests on every report they write
+SCHEMA_FILE = Path(__file__).with_name("report.schema.json")
 
 
 @dataclass
 class Report:
+    """report.json as a dict (what tools and tests read), made by `assemble`."""
+
     data: dict[str, Any] = field(default_factory=lambda: {"schema": SCHEMA})
 
     def __getitem__(self, key: str) -> Any:
@@ -73,128 +81,69 @@ class Report:
         return render(self.data)
 
 
+@dataclass(frozen=True)
+class Sections:
+    """Every stage's result, as the report needs it (filled by pipeline.compile)."""
+
+    model: dict[str, Any]
+    target: str
+    bits: str
+    config: dict[str, Any]
+    host: dict[str, Any]
+    versions: dict[str, str]
+    passes: dict[str, Any]
+    calibration: dict[str, Any]
+    search: dict[str, Any] | None
+    device: dict[str, Any]
+    parity: dict[str, Any] | None
+    portability: dict[str, Any]
+    artifacts: dict[str, str]
+    runtime: dict[str, Any]
+    quality: dict[str, Any]
+    latency: dict[str, Any]
+    size: dict[str, Any]
+    layers: list[dict[str, Any]]
+    gate: dict[str, Any]
+    stages: dict[str, float]
+    compile_seconds: float
+
+
+def assemble(s: Sections) -> Report:
+    """The report of one compile, in the schema's key order."""
+    data: dict[str, Any] = {"schema": SCHEMA, "model": s.model, "target": s.target,
+                            "bits": s.bits, "config": s.config, "host": s.host,
+                            "versions": s.versions, "passes": s.passes,
+                            "calibration": s.calibration}
+    if s.search is not None:
+        search = dict(s.search)
+        measured = s.latency.get("quantized", {}).get("median_ms")
+        if measured is not None:
+            # the search priced candidates with per-layer tables: how the real model compares
+            predicted = search["best"]["latency_ms"]
+            search["latency_check"] = {
+                "table_ms": predicted, "measured_ms": measured,
+                "measured_over_table": round(measured / predicted, 3) if predicted else None}
+        data["search"] = search
+    data["device"] = s.device
+    if s.parity is not None:
+        data["parity"] = s.parity
+    data.update(portability=s.portability, artifacts=s.artifacts, runtime=s.runtime,
+                quality=s.quality, latency=s.latency, size=s.size, layers=s.layers,
+                gate=s.gate, stages=s.stages, compile_seconds=s.compile_seconds)
+    return Report(data)
+
+
+def validate_report(data: dict[str, Any]) -> None:
+    """Raise jsonschema.ValidationError when `data` does not follow report.schema.json."""
+    import jsonschema
+
+    schema = json.loads(SCHEMA_FILE.read_text())
+    jsonschema.validate(json.loads(json.dumps(data, default=_json_default)), schema)
+
+
 def _json_default(o: Any) -> Any:
     if hasattr(o, "to_dict"):
         return o.to_dict()
     if isinstance(o, float) and math.isnan(o):
         return None
     return str(o)
-
-
-def _fmt(v: Any, spec: str = ".2f", unit: str = "") -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:{spec}}{unit}"
-    return f"{v}{unit}"
-
-
-def _render_portability(d: dict[str, Any]) -> list[str]:
-    """Device, the layers changed for it, and the parity gate's verdict."""
-    lines = []
-    dev, port, par = d.get("device") or {}, d.get("portability") or {}, d.get("parity")
-    if dev:
-        changed = port.get("layers") or {}
-        cost = port.get("simulation_sqnr_db")
-        text = f"  target cpu  --device {dev.get('resolved')}"
-        if changed:
-            text += (f": {len(changed)} layers' weights kept within the int16 pair limit")
-            if cost:
-                text += (f" (simulation SQNR {cost['portable']:.2f} dB vs {cost['unconstrained']:.2f}"
-                         " dB without)")
-        elif dev.get("pair_limit"):
-            text += ": no layer needed a change"
-        lines.append(text)
-        if dev.get("warning"):
-            lines.append(f"  warning     {dev['warning']}")
-    if par:
-        worst = ", ".join(f"{isa} {n} step(s)" for isa, n in par.get("max_steps", {}).items())
-        text = (f"  parity      {'passed' if par.get('passed') else 'FAILED'}: per layer vs the "
-                f"simulation, worst {worst or '-'} (bound {par.get('bound_steps')}) on "
-                f"{par.get('samples')} samples")
-        if par.get("repaired"):
-            text += "; repaired " + ", ".join(f"{k} ({v})" for k, v in par["repaired"].items())
-        lines.append(text)
-        for isa, why in (par.get("skipped") or {}).items():
-            lines.append(f"  parity      not checked on {isa}: {why}")
-    return lines
-
-
-def render(d: dict[str, Any]) -> str:
-    """A compact human-readable summary of a report dict."""
-    lines = []
-    m = d.get("model", {})
-    lines.append(f"quantflow: {m.get('name')} -> {d.get('target')} ({d.get('bits')}-bit)")
-    batch = m.get("batch") or {}
-    if batch.get("mode") == "static":
-        lines.append(f"  batch       the graph only runs at batch {batch.get('exported_batch')} "
-                     f"({batch.get('reason')}): run in chunks of it")
-    elif batch.get("mode") == "rewritten":
-        lines.append(f"  batch       hard-coded batch {batch.get('exported_batch')} made dynamic "
-                     f"(rewrote {', '.join(batch.get('rewritten', []))}; proven)")
-    if "passes" in d:
-        p = d["passes"]
-        b, a = p["before"], p["after"]
-        lines.append(f"  passes      {b['conv']} convs / {b['batch_norm']} BN before -> "
-                     f"{a['conv']} convs / {a['batch_norm']} BN after ({p['seconds']:.2f} s)")
-    if "calibration" in d:
-        c = d["calibration"]
-        lines.append(f"  calibration {c['calibrator']} on {c['samples']} samples of {c['data']}"
-                     f"{' + equalization' if c.get('equalize') else ''}")
-    q = d.get("quality", {})
-    if q:
-        f32, qq = q.get("fp32", {}), q.get("quantized", {})
-        lines.append(f"  quality     on {q.get('eval_samples')} samples of {q.get('eval_data')}")
-        lines.append("                    FP32      quantized")
-        if f32.get("accuracy") is not None:
-            lines.append(f"  accuracy    {_fmt(f32['accuracy'], '8.2f', '%')}  "
-                         f"{_fmt(qq.get('accuracy'), '8.2f', '%')}   "
-                         f"drop {_fmt(q.get('accuracy_drop'), '+.2f')} points")
-        lines.append(f"  agreement   {'':9}  {_fmt(qq.get('agreement'), '9.4f')}   "
-                     f"SQNR {_fmt(qq.get('sqnr_db'), '.1f', ' dB')}")
-    s = d.get("size")
-    if s:
-        lines.append(f"  size        {s['fp32_bytes'] / 1e6:8.3f} MB {s['quantized_bytes'] / 1e6:8.3f}"
-                     f" MB   x{s['ratio']:.2f} smaller")
-    lat = d.get("latency")
-    if lat and "unavailable" in lat:
-        lines.append(f"  latency     not measured here: {lat['unavailable']}")
-    elif lat:
-        f, qz = lat["fp32"], lat["quantized"]
-        lines.append(f"  latency     {f['median_ms']:8.3f} ms {qz['median_ms']:8.3f} ms   "
-                     f"(median; p90 {f['p90_ms']:.3f} / {qz['p90_ms']:.3f}) "
-                     f"x{lat['speedup']:.2f} faster, {qz['threads']} threads")
-        isa = (d.get("host") or {}).get("isa_class")
-        lines.append(f"  host        {qz['device']}{f' [{isa}]' if isa else ''}")
-        per = qz.get("per_layer_ms") or {}
-        if per:
-            top = sorted(per.items(), key=lambda kv: -kv[1])[:5]
-            lines.append("  slowest     " + ", ".join(f"{k} {v:.3f} ms" for k, v in top)
-                         + " (quantized, per layer)")
-    lines += _render_portability(d)
-    rt = d.get("runtime", {})
-    if rt.get("float_compute_ops"):
-        lines.append(f"  warning     layers left in float by the runtime: "
-                     f"{', '.join(rt['float_compute_ops'][:8])}")
-    if "compile_seconds" in d:
-        lines.append(f"  compile     {d['compile_seconds']:.1f} s  "
-                     + "  ".join(f"{k} {v:.1f}s" for k, v in d.get("stages", {}).items()))
-    sr = d.get("search")
-    if sr:
-        best = sr["best"]
-        lines.append(f"  search      {sr['real_evaluations']} evaluations "
-                     f"({sr['reused_evaluations']} from the database) in {sr['seconds']:.0f} s; "
-                     f"chosen {best['config']}, {best['size_bytes'] / 1e6:.3f} MB weights")
-        lc = sr.get("latency_check")
-        if lc and lc.get("table_ms") is not None:
-            lines.append(f"  search lat  table predicted {lc['table_ms']:.3f} ms, measured "
-                         f"{lc['measured_ms']:.3f} ms")
-    g = d.get("gate")
-    if g and (g.get("max_drop") is not None or not g.get("passed", True)):
-        what = f"max drop {g['max_drop']} points" if g.get("max_drop") is not None \
-            else "budget"
-        lines.append(f"  gate        {what}: "
-                     f"{'PASSED' if g['passed'] else 'FAILED — ' + str(g.get('reason'))}")
-    if "artifacts" in d:
-        lines.append("  artifacts   " + "  ".join(f"{k}={v}" for k, v in d["artifacts"].items()))
-    return "\n".join(lines)

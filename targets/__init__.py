@@ -1,19 +1,37 @@
 """Lowering + profiling backends, imported lazily by name.
 
 `get_target("ort" | "tvm" | "trt")` imports only that backend's module, so a missing optional
-runtime affects only the target that needs it.
+runtime affects only the target that needs it. The package itself imports nothing heavy (no
+torch), so torch-free modules such as `quantflow.targets.ort_isa` stay cheap to import for the
+CLI; `Artifact`, `Latency`, `Target` and `TargetCaps` are loaded from targets/base.py on first
+use.
 """
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
-from quantflow.targets.base import Artifact, Latency, Target
+if TYPE_CHECKING:
+    from quantflow.targets.base import Artifact, Latency, Target, TargetCaps
 
 TARGETS = {"ort": "quantflow.targets.ort", "tvm": "quantflow.targets.tvm",
            "trt": "quantflow.targets.trt"}
+#: files each target's `load_artifact` reads (its `caps.artifact_suffixes`); kept here, torch-
+#: free, so `quantflow profile` can tell which runtime a file is for without importing all
+ARTIFACT_SUFFIXES = {"ort": (".onnx",), "tvm": (".so", ".json"), "trt": (".onnx",)}
+#: what a `quantflow compile` output folder holds, by target (the file `load_artifact` reads)
+ARTIFACT_FILES = {"tvm": "manifest.json", "ort": "model.onnx"}
 
-__all__ = ["TARGETS", "Artifact", "Latency", "Target", "get_target"]
+__all__ = ["ARTIFACT_FILES", "ARTIFACT_SUFFIXES", "TARGETS", "Artifact", "Latency", "Target", "TargetCaps", "get_target"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Artifact", "Latency", "Target", "TargetCaps"):
+        from quantflow.targets import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'quantflow.targets' has no attribute {name!r}")
 
 
 def get_target(name: str, **options: object) -> Target:

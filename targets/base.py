@@ -103,11 +103,29 @@ def time_runs(fn: Callable[[], object], *, warmup: int, runs: int, threads: int,
                    threads=threads, batch=batch, device=device or device_description())
 
 
-def profiles_per_layer(target: Any) -> bool:
-    """Whether `target.profile` takes `per_layer=True` (ORT, TVM; not TensorRT)."""
-    import inspect
+@dataclass(frozen=True)
+class TargetCaps:
+    """What a target can do, declared by the target (class attribute `caps`); callers ask
+    this instead of probing signatures or attributes.
 
-    return "per_layer" in inspect.signature(target.profile).parameters
+    per_layer_profile: `profile(..., per_layer=True)` fills `Latency.per_layer_ms`.
+    threads: the runtime honours a thread count (`profile(threads=...)`, `target.threads`).
+    devices: what an artifact can be compiled for (`--device`), the default first.
+    integer_options: the per-layer options of the mixed-precision search
+      (quantflow.search.space.OPTIONS labels) that run as integer kernels on this target; the
+      others run float kernels between Q/DQ nodes (e.g. W8A16 on ONNX Runtime, which has no
+      int16 conv).
+    parity_taps: `tensor_codes(artifact, names, feeds, isa)` reports every quantized tensor's
+      integer codes (the parity gate, quantflow.verify).
+    artifact_suffixes: files `load_artifact(path)` reads back (`quantflow profile`).
+    """
+
+    per_layer_profile: bool = False
+    threads: bool = True
+    devices: tuple[str, ...] = ("host",)
+    integer_options: frozenset[str] = frozenset({"W8A8", "W4A8"})
+    parity_taps: bool = False
+    artifact_suffixes: tuple[str, ...] = ()
 
 
 @runtime_checkable
@@ -115,6 +133,7 @@ class Target(Protocol):
     """What every backend provides. See targets/ort.py for the reference implementation."""
 
     name: str
+    caps: TargetCaps
 
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
               out_dir: Path, *, precision: str) -> Artifact:
@@ -127,5 +146,14 @@ class Target(Protocol):
 
     def profile(self, artifact: Artifact, inputs: Sequence[np.ndarray], *, warmup: int = 10,
                 runs: int = 50, threads: int | None = None) -> Latency:
-        """Latency on this machine with the target's own runtime."""
+        """Latency on this machine with the target's own runtime (`per_layer=True` too, where
+        `caps.per_layer_profile`)."""
+        ...
+
+    def load_artifact(self, path: str | Path) -> Artifact:
+        """An artifact this target wrote, read back from one of `caps.artifact_suffixes`."""
+        ...
+
+    def artifact_warning(self, artifact: Artifact) -> str | None:
+        """Why this host may not run `artifact` exactly, or None."""
         ...

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from quantflow.cache import cache_dir
 from quantflow.devices import EMULATED_ISAS
 from quantflow.errors import TargetRuntimeError, TargetUnavailableError
 
@@ -59,14 +60,9 @@ ARM64_CPUS: dict[str, str] = {
 assert EMULATED_ISAS == ("x86-avx2", *ARM64_CPUS), "keep quantflow.devices in step"
 
 
-def _cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "quantflow"
-
-
 #: aarch64 sysroot: Debian arm64 CPython + numpy + onnxruntime wheels
 #: (tools/setup_arm64_python.sh, which tools/setup.sh runs)
-ARM64_ROOT = _cache_root() / "arm64-python"
+ARM64_ROOT = cache_dir("arm64-python")
 ARM64_PYTHON = ARM64_ROOT / "usr" / "bin" / "python3"
 
 

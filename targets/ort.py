@@ -25,12 +25,9 @@ excluded) and reports the median over runs.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
-import re
-import statistics
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,11 +39,19 @@ import torch
 from torch import fx
 
 from quantflow.errors import TargetUnavailableError
-from quantflow.hostcpu import host_cpu
+from quantflow import hostcpu
 from quantflow.spec import KernelRules
-from quantflow.targets import onnx_int4, ort_isa
-from quantflow.targets.base import Artifact, Latency, device_description, time_runs
+from quantflow.targets import ARTIFACT_SUFFIXES, onnx_int4, ort_isa
+from quantflow.targets.base import Artifact, Latency, TargetCaps, device_description, time_runs
+from quantflow.targets.onnx_artifact import load_onnx_artifact
 from quantflow.targets.onnx_export import export_onnx, required_opset
+from quantflow.targets.ort_graph import (
+    fusion_aliases,
+    initializer_bytes,
+    per_node_ms,
+    session_options,
+    summarize_graph,
+)
 
 try:
     import onnxruntime as ort
@@ -57,143 +62,6 @@ except ImportError as exc:  # pragma: no cover - onnxruntime is a core dependenc
 log = logging.getLogger("quantflow.targets.ort")
 
 PRECISIONS = ("int8", "mixed", "fp32")
-
-#: ORT kernels that compute in integers (fused from Q/DQ groups or dynamic quantization)
-INTEGER_OPS = frozenset({
-    "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "QLinearAdd",
-    "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat",
-    "QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax", "QLinearReduceMean",
-    "QLinearWhere", "QLinearConvTranspose", "DynamicQuantizeLinear", "DynamicQuantizeMatMul",
-    "MatMulIntegerToFloat", "MatMulNBits", "QAttention", "NhwcMaxPool",
-})
-#: ops that do the heavy float arithmetic when a layer was not fused into an integer kernel
-FLOAT_COMPUTE_OPS = frozenset({
-    "Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul",
-    "NhwcFusedConv",
-})
-
-_ORT_SUFFIX = re.compile(r"(_token_\d+|_nchwc)+$")
-#: ops ORT fuses into the preceding conv/gemm (FusedConv etc. then carry the activation's name)
-_FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "Tanh"})
-
-
-def fx_name(onnx_node_name: str, aliases: dict[str, str] | None = None) -> str:
-    """Map an (optimized) ORT node name back to the fx node it came from, where possible.
-
-    The exporter names a node `node_<fx name>`; ORT's rewrites keep that name and append
-    `_token_<n>` (layout transforms), or name a node after its output value plus `_nchwc`.
-    A fused conv+activation carries the activation's name; `aliases` (`fusion_aliases`) maps
-    it back to the conv. Nodes ORT created from nothing (Transpose, Reorder*) stay as they are.
-    """
-    name = _ORT_SUFFIX.sub("", onnx_node_name).removeprefix("node_")
-    return (aliases or {}).get(name, name)
-
-
-def fusion_aliases(model: onnx.ModelProto) -> dict[str, str]:
-    """Names ORT may give a node -> the fx node it computes, from the exported graph (pure).
-
-    ORT's NCHWc rewrite names a node after its output value (`output_nchwc` for a conv whose
-    value is the graph output), and a conv fused with the activation after it carries the
-    activation's names: both are mapped to the conv's fx name.
-    """
-    producer = {o: n for n in model.graph.node for o in n.output}
-    aliases = {}
-    for node in model.graph.node:
-        owner = fx_name(node.name)
-        src = producer.get(node.input[0]) if node.input else None
-        if node.op_type in _FUSABLE_ACTIVATIONS and src is not None \
-                and src.op_type in FLOAT_COMPUTE_OPS:
-            owner = fx_name(src.name)
-            aliases[fx_name(node.name)] = owner
-        for value in node.output:
-            if value != owner:
-                aliases[value] = owner
-    return aliases
-
-
-_SUB_BYTE = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
-
-
-def _initializer_bytes(model: onnx.ModelProto) -> int:
-    """Stored bytes of the initializers (4-bit types pack two values a byte)."""
-    total = 0
-    for init in model.graph.initializer:
-        n = int(np.prod(init.dims, dtype=np.int64))
-        if init.data_type in _SUB_BYTE:
-            total += (n + 1) // 2
-            continue
-        total += n * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-    return total
-
-
-def summarize_graph(model: onnx.ModelProto, aliases: dict[str, str] | None = None
-                    ) -> dict[str, Any]:
-    """Op histogram and integer/float compute layers of an ORT-optimized graph (pure)."""
-    hist = collections.Counter(node.op_type for node in model.graph.node)
-    integer = {op: n for op, n in sorted(hist.items()) if op in INTEGER_OPS}
-    quantized_layers = sorted(fx_name(node.name, aliases) for node in model.graph.node
-                              if node.op_type in INTEGER_OPS
-                              and node.op_type != "DynamicQuantizeLinear")
-    float_layers = sorted(fx_name(node.name, aliases) for node in model.graph.node
-                          if node.op_type in FLOAT_COMPUTE_OPS)
-    # A node that reads a DequantizeLinear output computes in float: the DQ -> op -> Q group
-    # around it matched no fusion. These are the patterns to tell the quantizer about.
-    dq_outputs = {o for node in model.graph.node if node.op_type == "DequantizeLinear"
-                  for o in node.output}
-    unfused = sorted(f"{fx_name(node.name, aliases)} ({node.op_type})"
-                     for node in model.graph.node
-                     if node.op_type not in ("QuantizeLinear", "DequantizeLinear")
-                     and any(i in dq_outputs for i in node.input))
-    # DQ -> Q left over: a float round trip between two quantizers of different parameters,
-    # e.g. a Q/DQ pair the quantizer put between a conv and an activation it did not fold
-    dq_name = {o: node.name for node in model.graph.node if node.op_type == "DequantizeLinear"
-               for o in node.output}
-    requantize = sorted(f"{fx_name(dq_name[node.input[0]])} -> {fx_name(node.name)}"
-                        for node in model.graph.node
-                        if node.op_type == "QuantizeLinear" and node.input[0] in dq_name)
-    return {"op_histogram": dict(sorted(hist.items())), "integer_ops": integer,
-            "quantized_layers": quantized_layers, "float_compute_ops": float_layers,
-            "float_ops_on_dequantized": unfused, "requantize_pairs": requantize}
-
-
-def _session_options(threads: int, *, level: Any = None, profile_prefix: str | None = None,
-                     optimized_path: str | None = None) -> ort.SessionOptions:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = level or ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3  # errors only: the NCHWc serialization warning is expected
-    if profile_prefix is not None:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile_prefix
-    if optimized_path is not None:
-        so.optimized_model_filepath = optimized_path
-    return so
-
-
-def per_node_ms(trace: list[dict[str, Any]], runs: int,
-                aliases: dict[str, str] | None = None) -> dict[str, float]:
-    """Kernel time per node, ms per run: the median over the last `runs` model_run events.
-
-    The median, not the mean, because one preempted run on a shared machine would otherwise
-    add its stall to whichever kernel it hit (pure function of the parsed profile JSON).
-    """
-    model_runs = sorted((e for e in trace if e.get("cat") == "Session"
-                         and e.get("name") == "model_run"), key=lambda e: e["ts"])[-runs:]
-    windows = [(e["ts"], e["ts"] + e["dur"]) for e in model_runs]
-    per_run: dict[str, list[float]] = collections.defaultdict(lambda: [0.0] * len(windows))
-    for event in trace:
-        name = str(event.get("name", ""))
-        if event.get("cat") != "Node" or not name.endswith("_kernel_time"):
-            continue
-        run = next((i for i, (lo, hi) in enumerate(windows) if lo <= event["ts"] <= hi), None)
-        if run is not None:
-            node = fx_name(name.removesuffix("_kernel_time"), aliases)
-            per_run[node][run] += event["dur"] / 1e3
-    medians = {node: statistics.median(ms) for node, ms in per_run.items()}
-    return dict(sorted(medians.items(), key=lambda kv: -kv[1]))
-
 
 #: ONNX metadata_props key recording the device an artifact is for (targets/ort_isa.py)
 DEVICE_KEY = "quantflow.device"
@@ -213,19 +81,31 @@ class OrtTarget:
     """
 
     name = "ort"
-    devices = ort_isa.DEVICES
+    caps = TargetCaps(per_layer_profile=True, threads=True, devices=ort_isa.DEVICES,
+                      integer_options=frozenset({"W8A8", "W4A8"}), parity_taps=True,
+                      artifact_suffixes=ARTIFACT_SUFFIXES["ort"])
 
     def __init__(self, threads: int | None = None, opset: int | None = None,
                  device: str = ort_isa.DEFAULT_DEVICE) -> None:
         self.threads = threads
         self.opset = opset
-        self.device = ort_isa.resolve_device(device, host_cpu().isa_class)
+        self.device = ort_isa.resolve_device(device, hostcpu.host_cpu().isa_class)
         self._sessions: dict[tuple[str, int, int], ort.InferenceSession] = {}
 
     @property
     def kernel_rules(self) -> KernelRules:
         """What ORT's integer kernels on `device` need from the quantized weights."""
         return KernelRules(placement="ort", pair_limit=ort_isa.pair_limit(self.device))
+
+    def load_artifact(self, path: str | Path) -> Artifact:
+        """A QDQ ONNX file this target wrote (`quantflow profile`)."""
+        return load_onnx_artifact(path, self.name)
+
+    def artifact_warning(self, artifact: Artifact) -> str | None:
+        """Why this host may not run `artifact` exactly (None: it does): an x86-vnni or arm64
+        artifact on x86 without VNNI."""
+        device = artifact.meta.get("metadata", {}).get(DEVICE_KEY)
+        return ort_isa.host_warning(device, hostcpu.host_cpu().isa_class) if device else None
 
     def tensor_codes(self, artifact: Artifact, names: Sequence[str],
                      feeds: Sequence[Sequence[np.ndarray]], isa: str = "host"
@@ -244,7 +124,7 @@ class OrtTarget:
         key = (str(artifact.path), artifact.path.stat().st_mtime_ns, threads)
         if key not in self._sessions:
             self._sessions[key] = ort.InferenceSession(
-                str(artifact.path), _session_options(threads),
+                str(artifact.path), session_options(threads),
                 providers=["CPUExecutionProvider"])
         return self._sessions[key]
 
@@ -282,7 +162,7 @@ class OrtTarget:
             _set_metadata(path, {DEVICE_KEY: self.device, "onnxruntime": ort.__version__})
         with tempfile.TemporaryDirectory() as tmp:
             optimized = str(Path(tmp) / "optimized.onnx")
-            ort.InferenceSession(str(path), _session_options(1, optimized_path=optimized),
+            ort.InferenceSession(str(path), session_options(1, optimized_path=optimized),
                                  providers=["CPUExecutionProvider"])
             exported = onnx.load(str(path), load_external_data=False)
             aliases = fusion_aliases(exported)
@@ -294,7 +174,7 @@ class OrtTarget:
             "graph_optimization_level": "ORT_ENABLE_ALL",
             "onnxruntime": ort.__version__,
             "device": self.device,
-            "weights_bytes": _initializer_bytes(exported),
+            "weights_bytes": initializer_bytes(exported),
             "int4_packed_weights": len(packed),
             "fusion_aliases": aliases,
             **summary,
@@ -333,7 +213,7 @@ class OrtTarget:
     def _profile_layers(self, artifact: Artifact, feed: dict[str, np.ndarray], *, warmup: int,
                         runs: int, threads: int) -> dict[str, float]:
         with tempfile.TemporaryDirectory() as tmp:
-            so = _session_options(threads, profile_prefix=str(Path(tmp) / "ort_profile"))
+            so = session_options(threads, profile_prefix=str(Path(tmp) / "ort_profile"))
             sess = ort.InferenceSession(str(artifact.path), so,
                                         providers=["CPUExecutionProvider"])
             for _ in range(warmup + runs):

@@ -24,6 +24,7 @@ import onnxruntime as ort
 from quantflow.errors import TargetRuntimeError
 from quantflow.targets import emulate
 from quantflow.targets.base import Artifact
+from quantflow.targets.ort_graph import session_options, summarize_graph
 
 
 def tap(model: onnx.ModelProto, names: Sequence[str]) -> tuple[onnx.ModelProto, list[str]]:
@@ -47,10 +48,8 @@ def tap(model: onnx.ModelProto, names: Sequence[str]) -> tuple[onnx.ModelProto, 
 
 
 def _integer_layers(path: Path) -> list[str]:
-    from quantflow.targets.ort import _session_options, summarize_graph
-
     optimized = str(path.with_suffix(".opt.onnx"))
-    ort.InferenceSession(str(path), _session_options(1, optimized_path=optimized),
+    ort.InferenceSession(str(path), session_options(1, optimized_path=optimized),
                          providers=["CPUExecutionProvider"])
     layers: list[str] = summarize_graph(onnx.load(optimized))["quantized_layers"]
     return layers
@@ -73,9 +72,7 @@ def tensor_codes(artifact: Artifact, names: Sequence[str], feeds: Sequence[Seque
                 "limitation (please report it)")
         runs = [dict(zip(artifact.input_names, xs)) for xs in feeds]
         if isa == "host":
-            from quantflow.targets.ort import _session_options
-
-            sess = ort.InferenceSession(str(path), _session_options(1),
+            sess = ort.InferenceSession(str(path), session_options(1),
                                         providers=["CPUExecutionProvider"])
             results = []
             for feed in runs:

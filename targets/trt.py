@@ -52,7 +52,9 @@ from onnx import TensorProto, numpy_helper
 from torch import fx
 
 from quantflow.errors import TargetUnavailableError, UnsupportedOpError
-from quantflow.targets.base import Artifact, Latency, device_description, time_runs
+from quantflow.targets import ARTIFACT_SUFFIXES
+from quantflow.targets.base import Artifact, Latency, TargetCaps, device_description, time_runs
+from quantflow.targets.onnx_artifact import load_onnx_artifact
 from quantflow.targets.onnx_export import export_onnx
 from quantflow.targets.trt_rules import QDQ_OPS, check_trt_qdq, format_violations
 
@@ -267,6 +269,11 @@ class TrtTarget:
     """Lower to an explicitly quantized TensorRT engine (or its build bundle); run; profile."""
 
     name = "trt"
+    #: per-layer times come from the engine build's layer report, not from `profile`;
+    #: TensorRT has no int16 activations
+    caps = TargetCaps(per_layer_profile=False, threads=True, devices=("host",),
+                      integer_options=frozenset({"W8A8", "W4A8"}),
+                      artifact_suffixes=ARTIFACT_SUFFIXES["trt"])
 
     def __init__(self, fp16_fallback: bool = True, workspace_mb: int = 1024,
                  strongly_typed: bool = False, allow_ort_proxy: bool = False,
@@ -409,6 +416,15 @@ class TrtTarget:
             self._sessions[key] = ort.InferenceSession(artifact.files["onnx"], so,
                                                        providers=["CPUExecutionProvider"])
         return self._sessions[key]
+
+    def load_artifact(self, path: str | Path) -> Artifact:
+        """The Q/DQ ONNX file of a bundle this target wrote (`quantflow profile`)."""
+        art = load_onnx_artifact(path, self.name)
+        return Artifact(art.target, art.precision, {**art.files, "onnx": art.files["model"]},
+                        art.input_names, art.output_names, art.meta)
+
+    def artifact_warning(self, artifact: Artifact) -> str | None:
+        return None
 
     def run(self, artifact: Artifact, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         feed = dict(zip(artifact.input_names, inputs))

@@ -43,14 +43,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import fx
 
 from quantflow.errors import InputError, TargetUnavailableError
-from quantflow.targets.base import Artifact, Latency, device_description, time_runs
+from quantflow.targets import ARTIFACT_SUFFIXES
+from quantflow.targets.base import Artifact, Latency, TargetCaps, device_description, time_runs
 
 PRECISIONS = ("int8", "mixed", "fp32")
 DEVICES = ("host", "aarch64")
@@ -137,6 +138,12 @@ class TVMTarget:
     vnni: bool | None = None
     name: str = "tvm"
     _vms: dict[str, Any] = field(default_factory=dict, repr=False)
+    #: integer convs/linears only for 8-bit activations (tvm_frontend `_INT_ACT`): a W8A16
+    #: layer computes in float between its Q/DQ nodes
+    caps: ClassVar[TargetCaps] = TargetCaps(
+        per_layer_profile=True, threads=True, devices=("host", "aarch64"),
+        integer_options=frozenset({"W8A8", "W4A8"}),
+        artifact_suffixes=ARTIFACT_SUFFIXES["tvm"])
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -273,6 +280,13 @@ class TVMTarget:
         import tvm_ffi
 
         return int(tvm_ffi.get_global_func("runtime.NumThreads")())
+
+    def load_artifact(self, path: str | Path) -> Artifact:
+        """A host library this target wrote (`quantflow profile`; see `load_artifact`)."""
+        return load_artifact(path)
+
+    def artifact_warning(self, artifact: Artifact) -> str | None:
+        return None  # a host library was built for this machine's target string
 
     def profile(self, artifact: Artifact, inputs: Sequence[np.ndarray], *, warmup: int = 10,
                 runs: int = 50, threads: int | None = None, per_layer: bool = False) -> Latency:

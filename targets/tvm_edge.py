@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from quantflow.cache import cache_dir
 from quantflow.errors import TargetUnavailableError
 
 TVM_VERSION = "0.27.0.post1"
@@ -43,7 +44,7 @@ TRIPLE = "aarch64-linux-gnu"
 CXX = f"{TRIPLE}-g++"
 QEMU = "qemu-aarch64"
 SYSROOT = Path(f"/usr/{TRIPLE}")
-RUNTIME_CACHE = Path.home() / ".cache" / "quantflow" / "tvm-aarch64"
+RUNTIME_CACHE = cache_dir("tvm-aarch64")
 RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_ffi.so")
 RUNNER_SRC = Path(__file__).resolve().parent / "tvm_host" / "runner.cc"
 APT_PACKAGES = ("g++-aarch64-linux-gnu", "qemu-user")

@@ -40,9 +40,11 @@ from typing import Any
 
 import numpy as np
 
+from quantflow.cache import cache_dir
+
 log = logging.getLogger("quantflow.targets.tvm")
 
-DEFAULT_CACHE = Path.home() / ".cache" / "quantflow" / "tvm_tuning"
+DEFAULT_CACHE = cache_dir("tvm_tuning")
 DONE = "done.json"
 
 

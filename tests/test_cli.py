@@ -12,6 +12,8 @@ import torch
 from torch import nn
 
 from quantflow.cli import main
+from quantflow.pipeline import STAGES
+from quantflow.report import validate_report
 from quantflow.spec import ORT_ACT, LayerPlan, QSpec, QuantPlan
 
 
@@ -63,7 +65,9 @@ def test_compile_writes_checked_artifacts_and_report(files: dict[str, Path],
     text = capsys.readouterr().out
     assert "accuracy" in text and "latency" in text and "BN before" in text
     r = json.loads((out / "report.json").read_text())
-    assert r["schema"] == "quantflow.report/1"
+    assert r["schema"] == "quantflow.report/2"
+    validate_report(r)  # report.schema.json
+    assert list(r["stages"]) == list(STAGES)  # every stage, timed under its own name
     assert r["passes"]["before"]["batch_norm"] == 1 and r["passes"]["after"]["batch_norm"] == 0
     assert r["quality"]["fp32"]["accuracy"] == pytest.approx(100.0)
     assert r["quality"]["accuracy_drop"] <= 10 and r["gate"]["passed"]
@@ -240,3 +244,15 @@ def test_vnni_artifact_warns_on_an_avx2_host(files: dict[str, Path], tmp_path: P
     r = json.loads((tmp_path / "vnni2" / "report.json").read_text())
     assert r["device"]["host_exact"] is False and "portable" in r["device"]["warning"]
     assert "host" in r["parity"]["skipped"]
+
+
+def test_report_schema_catches_drift(files: dict[str, Path]) -> None:
+    """The schema is strict enough to fail: a missing section, an unknown one, a wrong type."""
+    import jsonschema
+
+    r = json.loads((files["dir"] / "out" / "report.json").read_text())
+    for broken in ({k: v for k, v in r.items() if k != "quality"}, {**r, "surprise": 1},
+                   {**r, "gate": {**r["gate"], "passed": "yes"}},
+                   {**r, "stages": {**r["stages"], "calibrate": 1.0}}):
+        with pytest.raises(jsonschema.ValidationError):
+            validate_report(broken)

@@ -3,7 +3,13 @@
 
 from __future__ import annotations
 
-from quantflow.pipeline import _gate
+from typing import Any
+
+from quantflow.gate import gate
+
+
+def _gate(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    return gate(*args, **kwargs).to_dict()
 
 LABELLED = {"accuracy_drop": 0.8, "quantized": {"agreement": 0.97}}
 UNLABELLED = {"accuracy_drop": None, "quantized": {"agreement": 0.985}}

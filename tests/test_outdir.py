@@ -125,11 +125,12 @@ def test_budget_failure_still_publishes_with_final_paths(
     """Exit 10 is a verdict on a finished compile: the artifacts and report are published (the
     user needs them to see why), and the message points at -o, not the staging folder."""
     from quantflow import pipeline
+    from quantflow.gate import GateResult
 
-    def failing_gate(*args: Any, **kwargs: Any) -> dict[str, object]:
-        return {"max_drop": 0.0, "passed": False, "reason": "accuracy drop 1.00 points > 0"}
+    def failing_gate(*args: Any, **kwargs: Any) -> GateResult:
+        return GateResult(passed=False, reason="accuracy drop 1.00 points > 0", max_drop=0.0)
 
-    monkeypatch.setattr(pipeline, "_gate", failing_gate)
+    monkeypatch.setattr(pipeline, "gate", failing_gate)
     out = tmp_path / "o"
     assert _compile(files, out, "--max-drop", "0") == 10
     err = capsys.readouterr().err

@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from quantflow.ir import capture
 from quantflow.search.latency import bops_table, layer_macs, measure_table
-from quantflow.targets.base import Artifact, Latency
+from quantflow.targets.base import Artifact, Latency, TargetCaps
 
 
 class Net(nn.Module):
@@ -46,6 +46,7 @@ class FakeTarget:
     """Per-layer times that depend on the precision recorded in the graph's Q/DQ nodes."""
 
     name = "fake"
+    caps = TargetCaps(per_layer_profile=True, threads=False)
 
     def __init__(self) -> None:
         self.lowered = 0

@@ -19,6 +19,7 @@ from quantflow.search import Budget, search_mixed
 from quantflow.search.database import EvalDB
 from quantflow.search.quantune import pareto_front
 from quantflow.spec import QuantPlan
+from quantflow.targets.base import TargetCaps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,6 +100,8 @@ def test_search_meets_size_budget_and_plan_reproduces(setup: tuple, tmp_path: Pa
     assert res.best.quality == max(t.quality for t in res.trials
                                    if t.size_bytes <= 0.75 * int8 + 1e-9)
     res.save(tmp_path / "out")
+    assert not (tmp_path / "out" / "plan.json").exists()  # the compile writes the plan, once
+    res.plan.save(tmp_path / "out" / "plan.json")
     plan = QuantPlan.load(tmp_path / "out" / "plan.json")
     assert plan == res.plan
     assert _acc(quantize(gm, plan, res.stats), x_test, y_test) == res.best.quality
@@ -202,6 +205,7 @@ class _SlowMixedTarget:
 
     name = "fake"
     threads = 1
+    caps = TargetCaps(per_layer_profile=False, threads=True)
 
     def lower(self, gm: fx.GraphModule, example_inputs: list[torch.Tensor], out_dir: Path, *,
               precision: str) -> fx.GraphModule:

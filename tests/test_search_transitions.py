@@ -19,7 +19,7 @@ from quantflow.search.latency import measure_table
 from quantflow.search.space import OPTIONS, Candidate, GlobalConfig, SearchSpace, layer_plan
 from quantflow.search.transitions import Edges, alternating, layer_edges
 from quantflow.spec import QuantPlan
-from quantflow.targets.base import Artifact, Latency
+from quantflow.targets.base import Artifact, Latency, TargetCaps
 
 
 class Residual(nn.Module):
@@ -69,6 +69,7 @@ class SwitchingTarget:
     that no layer owns (as onnxruntime's profiler would)."""
 
     name = "fake"
+    caps = TargetCaps(per_layer_profile=True, threads=False)
 
     def __init__(self, edges: Edges) -> None:
         self.edges = edges

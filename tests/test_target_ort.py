@@ -40,7 +40,8 @@ from quantflow.ir import capture
 from quantflow.pair_limit import fit_pairs, pair_bound, pair_index
 from quantflow.targets import Target, get_target
 from quantflow.targets.onnx_export import BASE_OPSET, WIDE_QDQ_OPSET, export_onnx
-from quantflow.targets.ort import OrtTarget, per_node_ms, summarize_graph
+from quantflow.targets.ort import OrtTarget
+from quantflow.targets.ort_graph import per_node_ms, summarize_graph
 
 qd = torch.ops.quantized_decomposed
 aten = torch.ops.aten

@@ -39,10 +39,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from quantflow import evaluate as ev
+from quantflow.config import CompileConfig
 from quantflow.data import natural_images_split
+from quantflow.dataset import Dataset
 from quantflow.ir import capture
 from quantflow.passes import DEFAULT_PIPELINE, run_pipeline
-from quantflow.pipeline import CompileConfig, Dataset, choose_plan
+from quantflow.plan import choose_uniform
 from quantflow.quantize import quantize
 from quantflow.search.space import GlobalConfig, layer_plan
 from quantflow.spec import QuantPlan
@@ -125,8 +127,8 @@ def main() -> None:
     model = mobilenet_v2_imagenet().eval()
     gm = capture(model, (calib[:1],))
     run_pipeline(gm, DEFAULT_PIPELINE)
-    g, int8, stats, _ = choose_plan(gm, Dataset(calib, None, "natural-images-calib"),
-                                    CompileConfig())
+    chosen = choose_uniform(gm, Dataset(calib, None, "natural-images-calib"), CompileConfig())
+    g, int8, stats = chosen.gm, chosen.plan, chosen.stats
     x = torch.cat([calib, evals])
     ref = ev.predict(g, x)
     rows = [row(name, ref, ev.predict(quantize(g, plan, stats, "ort"), x), calib.shape[0])

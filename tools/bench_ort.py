@@ -26,7 +26,7 @@ Rows per model:
 Quality: with labels, top-1 accuracy of FP32 and INT8 (drop in points); always top-1 agreement
 with the FP32 ONNX output and output SQNR = 10·log10(‖y‖²/‖y−ŷ‖²) over the evaluation set.
 quantflow's row also records its torch simulation's quality (fake-quant, against the torch FP32
-model, on the first `pipeline.SIM_SAMPLES` evaluation samples), for "vs simulation" comparisons.
+model, on the first `measure.SIM_SAMPLES` evaluation samples), for "vs simulation" comparisons.
 
 Quality per CPU class (`--isa`): ONNX Runtime picks its int8 kernels by the CPU it runs on, and
 on x86 without VNNI (AVX2: `vpmaddubsw`) they add two u8·s8 products in a saturating int16, so
@@ -227,11 +227,11 @@ def fusion_summary(path: Path) -> dict[str, Any]:
     import onnx
     import onnxruntime as ort
 
-    from quantflow.targets.ort import _session_options, summarize_graph
+    from quantflow.targets.ort_graph import session_options, summarize_graph
 
     with tempfile.TemporaryDirectory() as tmp:
         opt = str(Path(tmp) / "optimized.onnx")
-        ort.InferenceSession(str(path), _session_options(1, optimized_path=opt),
+        ort.InferenceSession(str(path), session_options(1, optimized_path=opt),
                              providers=["CPUExecutionProvider"])
         s = summarize_graph(onnx.load(opt))
     return {"integer_ops": s["integer_ops"], "float_compute_ops": len(s["float_compute_ops"]),
@@ -540,7 +540,7 @@ def _quantflow(name: str, model: Any, example: Any, data: BenchData, work: Path,
 
 def _simulation(rep: Any) -> dict[str, Any] | None:
     """The torch simulation's quality from a quantflow report (fake-quant vs the torch FP32
-    model, first `pipeline.SIM_SAMPLES` evaluation samples)."""
+    model, first `measure.SIM_SAMPLES` evaluation samples)."""
     q = rep.get("quality") or {}
     sim = q.get("simulation")
     if not sim:

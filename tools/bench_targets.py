@@ -54,10 +54,12 @@ ROWS = ("ort/fp32", "ort/int8", "tvm/fp32", "tvm/int8", "tvm/fp32-tuned", "tvm/i
 
 def prepare(name: str, calibrator: str, calib_limit: int, eval_limit: int) -> dict[str, Any]:
     """Deploy-form FP32 graph, its INT8 simulation, data, example input."""
+    from quantflow.config import CompileConfig
     from quantflow.data import builtin_dataset
+    from quantflow.dataset import Dataset
     from quantflow.ir import capture
     from quantflow.passes import DEFAULT_PIPELINE, run_pipeline
-    from quantflow.pipeline import CompileConfig, Dataset, choose_plan
+    from quantflow.plan import choose_uniform
     from quantflow.quantize import quantize
     from quantflow.zoo import MODELS, get_model
 
@@ -72,7 +74,8 @@ def prepare(name: str, calibrator: str, calib_limit: int, eval_limit: int) -> di
     gm = capture(get_model(name).eval(), example)
     run_pipeline(gm, DEFAULT_PIPELINE)
     config = CompileConfig(calibrator=calibrator, equalize="off")
-    gm, plan, stats, scores = choose_plan(gm, Dataset(x_cal, None, calib_set), config)
+    planned = choose_uniform(gm, Dataset(x_cal, None, calib_set), config)
+    gm, plan, stats, scores = planned.gm, planned.plan, planned.stats, planned.candidates
     qgm = quantize(gm, plan, stats, config.placement)
     return {"gm": gm, "qgm": qgm, "example": example, "x": x_ev, "y": y_ev,
             "calib": {"set": calib_set, "samples": int(x_cal.shape[0]), "calibrator": calibrator,

@@ -25,11 +25,13 @@ from typing import Any
 from torch import fx
 
 from quantflow.batch import chunks, run_size
-from quantflow.calibrate import TensorStats
+from quantflow.config import CompileConfig
+from quantflow.dataset import Dataset
 from quantflow.errors import QuantflowError
+from quantflow.plan import PlanResult, choose_uniform
 from quantflow.search.mixed import search_mixed
 from quantflow.search.quantune import Budget
-from quantflow.spec import QuantPlan
+from quantflow.search.space import OPTIONS
 
 log = logging.getLogger("quantflow.search")
 
@@ -38,8 +40,6 @@ log = logging.getLogger("quantflow.search")
 #: many candidates that pass on a few hundred images tends to lose more on unseen data
 #: (winner's curse), and the gate is applied on the evaluation data
 SEARCH_DROP_MARGIN = 0.5
-#: per-layer options when `--max-drop` alone caps latency at INT8's on onnxruntime
-ORT_LATENCY_OPTIONS = ("W8A8", "W4A8", "FP32")
 #: "never slower than uniform INT8" with room for timing noise: W4A8 and W8A8 run the same
 #: int8 kernels on ORT, yet their per-layer table entries differ by a few percent
 LATENCY_SLACK = 1.05
@@ -48,7 +48,7 @@ LATENCY_SLACK = 1.05
 HAWQ_BATCHES = 2
 
 
-def search_budget(config: Any, *, measured: bool) -> Budget:
+def search_budget(config: CompileConfig, *, measured: bool) -> Budget:
     """The search budget for a CompileConfig (module docstring)."""
     size_bytes = config.max_size_mb * 1e6 if config.max_size_mb else None
     if any(v is not None for v in (size_bytes, config.max_size_ratio, config.max_latency_ms)):
@@ -62,20 +62,20 @@ def search_budget(config: Any, *, measured: bool) -> Budget:
     return Budget(max_size_ratio=1.0)  # best quality at the size of uniform INT8
 
 
-def mixed_plan(gm: fx.GraphModule, calib: Any, evaluation: Any, config: Any, out: Path
-               ) -> tuple[fx.GraphModule, QuantPlan, dict[str, TensorStats], dict[str, float],
-                          dict[str, Any]]:
-    """(graph, plan, stats, candidate scores, report section) for `--bits mixed`."""
+def mixed_plan(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
+               config: CompileConfig, out: Path) -> PlanResult:
+    """The plan for `--bits mixed`, with the search's summary for the report."""
     from quantflow.evaluate import predict
-    from quantflow.pipeline import choose_plan
     from quantflow.targets import get_target
 
     # start where uniform INT8 would: its calibrator and cross-layer equalization choice
     # (the search space has no equalization axis; MobileNetV2 on ImageNet needs it), and the
     # uniform INT8 plan is the search's first candidate, so mixed is never worse on the
     # calibration data than what --bits 8 would ship
-    gm, int8, stats, _ = choose_plan(gm, calib, config)
-    int8_calibrator = int8.default.act.calibrator if int8.default.act else None
+    int8 = choose_uniform(gm, calib, config)
+    gm = int8.gm
+    act = int8.plan.default.act
+    int8_calibrator = act.calibrator if act else None
     x, y = calib.x, calib.y
     ref_logits = predict(gm, x)
 
@@ -91,12 +91,10 @@ def mixed_plan(gm: fx.GraphModule, calib: Any, evaluation: Any, config: Any, out
     target: Any = None
     latency = "proxy"
     try:
-        from quantflow.pipeline import target_options
-
         # one thread unless --threads says otherwise: with two threads on a 2-core machine
         # any other process stalls the thread barrier, and the tables and end-to-end checks
         # varied 40x (10 ms vs 0.25 ms for resnet_fmnist); one thread ranks the same way
-        opts = target_options(config)
+        opts = config.target_options()
         opts.setdefault("threads", 1)
         target = get_target(config.target, **opts)
         latency = "measured"
@@ -105,8 +103,8 @@ def mixed_plan(gm: fx.GraphModule, calib: Any, evaluation: Any, config: Any, out
                     "proxy", config.target, exc)
     budget = search_budget(config, measured=latency == "measured")
     kwargs: dict[str, Any] = {"placement": config.kernel_rules, "labels": labels,
-                              "data_key": f"{calib.name}|cle={int8.equalize}",
-                              "latency": latency, "stats": stats,
+                              "data_key": f"{calib.name}|cle={int8.plan.equalize}",
+                              "latency": latency, "stats": int8.stats,
                               "baseline_calibrator": int8_calibrator}
     if config.placement == "trt":  # TensorRT: symmetric int8 activations only
         kwargs["schemes"] = (True,)
@@ -115,19 +113,21 @@ def mixed_plan(gm: fx.GraphModule, calib: Any, evaluation: Any, config: Any, out
     size = run_size(gm, config.calib_batch)
     if size < config.calib_batch:  # as many Hessian samples as with calibration batches
         kwargs["hawq_batches"] = HAWQ_BATCHES * -(-config.calib_batch // size)
-    if config.target == "ort" and budget.max_latency_ratio is not None:
-        # onnxruntime has no int16 conv: a W8A16 layer is a float conv between Q16/DQ16 nodes,
-        # the size of W8A8 and slower than FP32, so under "not slower than INT8" it cannot pay;
-        # the per-layer tables do not see that (measured: every W8A16 candidate of
-        # mobilenetv2_fmnist failed the end-to-end check and the search fell back to INT8)
-        kwargs["options"] = ORT_LATENCY_OPTIONS
+    if target is not None and budget.max_latency_ratio is not None:
+        # "never slower than INT8": an option the target runs in float kernels between Q/DQ
+        # nodes (W8A16 on onnxruntime, which has no int16 conv) is the size of W8A8 and slower
+        # than FP32, so it cannot pay; the per-layer tables do not see that (measured: every
+        # W8A16 candidate of mobilenetv2_fmnist failed the end-to-end check on ORT)
+        kwargs["options"] = tuple(o for o in OPTIONS
+                                  if o in target.caps.integer_options or o == "FP32")
     # a target that fails to time a variant makes search_mixed fall back to the BOPs proxy
     # itself (TargetRuntimeError); anything else is a bug and must surface
     res = search_mixed(gm, batches, eval_fn, budget, target, **kwargs)
     res.save(out)
-    scores = {t.candidate.label(): round(t.quality, 3) for t in res.trials}
     summary = {k: v for k, v in res.to_dict().items() if k not in ("trials", "hessian")}
     summary["files"] = {"search": str(out / "search.json"),
                         "layers": str(out / "search_layers.md")}
-    summary["int8_baseline"] = {"calibrator": int8_calibrator, "equalize": int8.equalize}
-    return gm, replace(res.plan, equalize=int8.equalize), res.stats, scores, summary
+    summary["int8_baseline"] = {"calibrator": int8_calibrator, "equalize": int8.plan.equalize}
+    return PlanResult(gm, replace(res.plan, equalize=int8.plan.equalize), res.stats,
+                      candidates={t.candidate.label(): round(t.quality, 3) for t in res.trials},
+                      search=summary)

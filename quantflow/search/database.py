@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -25,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import fx
+
+from quantflow.cache import cache_dir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -44,8 +45,7 @@ CREATE TABLE IF NOT EXISTS evaluations (
 
 
 def default_path() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "quantflow" / "search.sqlite"
+    return cache_dir("search.sqlite")
 
 
 def model_hash(gm: fx.GraphModule) -> str:

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ import torch
 from torch import fx
 from tqdm import tqdm
 
+from quantflow.cache import cache_dir
 from quantflow.errors import QuantflowError, TargetRuntimeError
 from quantflow.ir import WEIGHTED_OPS, is_op
 from quantflow.search.space import OPTION_BITS
@@ -121,8 +121,7 @@ def _cache_file(cache_dir: Path, model_hash: str, target: str, device: str,
 
 
 def default_cache_dir() -> Path:
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "quantflow" / "latency"
+    return cache_dir("latency")
 
 
 def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
@@ -137,12 +136,12 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     edges: where int8 and float layers can meet; with them (and W8A8 and FP32 among the
     options, per-layer profiling) the switch cost τ is measured too (`transitions.py`).
     """
-    from quantflow.targets.base import device_description, profiles_per_layer
+    from quantflow.targets.base import device_description
 
     device = device_description()
     cache = _cache_file(cache_dir or default_cache_dir(), model_hash, target.name, device,
                         options, threads if threads is not None
-                        else getattr(target, "threads", None),
+                        else (target.threads if target.caps.threads else None),
                         [list(t.shape) for t in example_inputs])
     if cache.is_file():
         table = LatencyTable.from_dict(json.loads(cache.read_text()))
@@ -153,7 +152,7 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     kw: dict[str, Any] = {"warmup": warmup, "runs": runs}
     if threads is not None:
         kw["threads"] = threads
-    per_layer = profiles_per_layer(target)
+    per_layer = target.caps.per_layer_profile
     ms = np.zeros((len(layers), len(options)))
     rest = []
     switch = 0.0

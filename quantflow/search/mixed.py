@@ -122,9 +122,10 @@ class SearchResult:
         return "\n".join(rows)
 
     def save(self, out_dir: str | Path) -> None:
+        """search.json and search_layers.md (the plan itself is written once, by the compile
+        that ships it)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.plan.save(out / "plan.json")
         (out / "search.json").write_text(json.dumps(self.to_dict(), indent=1) + "\n")
         (out / "search_layers.md").write_text(self.layer_table() + "\n")
 

@@ -1,0 +1,237 @@
+"""The options of one compile, defined once: the CLI flags, their validation and docs/options.md
+all derive from the fields below.
+
+Each option is a field of a frozen dataclass whose metadata (`Flag`) carries its command-line
+name, help and choices: `quantflow.cli` builds the `compile` flags from `flags(...)`,
+`__post_init__` validates the choices from the same metadata (plus the rules between
+options), and `options_markdown()` writes docs/options.md (a test keeps the file in step).
+`CompileConfig` is what `pipeline.compile` takes; `DataOptions` says where calibration and
+evaluation data come from (the CLI resolves them into tensors before compiling).
+
+This module imports no torch, so the CLI starts fast and `--help` never waits for it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import Field, asdict, dataclass, field, fields
+from typing import Any
+
+from quantflow.devices import DEVICES, EMULATED_ISAS
+from quantflow.spec import CALIBRATORS, KernelRules
+
+TARGETS = ("ort", "tvm", "trt")
+BITS = ("8", "mixed")
+CALIBRATOR_CHOICES = ("auto", *CALIBRATORS)
+EQUALIZE = ("auto", "on", "off")
+#: built-in datasets: name -> (calibration split, evaluation split) of quantflow.data
+DATASETS: dict[str, tuple[str, str]] = {
+    "fashion-mnist": ("fashion-mnist-calib", "fashion-mnist"),
+    "natural-images": ("natural-images-calib", "natural-images"),
+}
+#: a zoo model's training dataset -> the built-in data it calibrates and evaluates on
+ZOO_DATASETS = {"imagenet": "natural-images"}
+PREPROCESSINGS = ("imagenet", "fashion-mnist")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How an option appears on the command line (and in docs/options.md)."""
+
+    name: str
+    help: str
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+    kind: str = "value"  # value | int | float | list (comma-separated choices)
+
+
+def option(default: Any, name: str, help: str, *, choices: tuple[str, ...] | None = None,
+           metavar: str | None = None, kind: str = "value") -> Any:
+    """A dataclass field that is also a command-line flag."""
+    return field(default=default,
+                 metadata={"flag": Flag(name, help, choices, metavar, kind)})
+
+
+def _finite_at_least(name: str, v: float | None, low: float, *, strict: bool = False) -> None:
+    # NaN compares false with everything, so `nan < 0` would let a NaN gate pass every
+    # compile: bounds are checked as `not (ok)` to catch it
+    if v is None:
+        return
+    ok = math.isfinite(v) and (v > low if strict else v >= low)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, "
+                         f"got {v}")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Options of one compile; validated on construction, stored in the report."""
+
+    target: str = option("ort", "--target", "ort: ONNX Runtime QDQ model; tvm: TVM Relax "
+                         "library; trt: TensorRT explicit-quantization ONNX (+ engine where "
+                         "TensorRT exists)", choices=TARGETS)
+    bits: str = option("8", "--bits", "8: uniform INT8; mixed: per-layer precision chosen by "
+                       "search", choices=BITS)
+    calibrator: str = option("auto", "--calibrator", "activation range calibrator (auto: "
+                             "the most faithful on the calibration data)",
+                             choices=CALIBRATOR_CHOICES)
+    equalize: str = option("auto", "--equalize", "cross-layer equalization (auto: when it "
+                           "improves fidelity)", choices=EQUALIZE)
+    plan_path: str | None = option(None, "--config", "re-use a saved quantization plan",
+                                   metavar="PLAN.json")
+    max_drop: float | None = option(None, "--max-drop", "fail (exit 10) when the accuracy "
+                                    "drop exceeds POINTS (without labels: top-1 disagreement "
+                                    "with FP32, in percent)", metavar="POINTS", kind="float")
+    #: --bits mixed: weight size budget in MB, or × uniform INT8 (the CLI's --max-size sets
+    #: one of the two: `1.5` is MB, `0.75x` a ratio)
+    max_size_mb: float | None = None
+    max_size_ratio: float | None = None
+    max_latency_ms: float | None = option(None, "--max-latency", "--bits mixed: latency "
+                                          "budget in ms, measured on the target",
+                                          metavar="MS", kind="float")
+    calib_batch: int = 32
+    profile_runs: int = option(50, "--profile-runs", "timed runs per model", kind="int")
+    profile_warmup: int = 10
+    threads: int | None = option(None, "--threads", "runtime threads for profiling "
+                                 "(default: all)", kind="int")
+    tune_trials: int = option(0, "--tune-trials", "--target tvm: MetaSchedule tuning trials "
+                              "per task (0: untuned; the tuning database is cached per model "
+                              "and target, so a re-compile is fast)", metavar="N", kind="int")
+    device: str | None = option(
+        None, "--device", "what the artifact is for. --target ort: portable (default: exact "
+        "on every CPU), x86-vnni, x86-avx2, arm64, host (this CPU's class); x86-vnni/arm64 "
+        "artifacts use full int8 weights and are wrong on AVX2 x86 without VNNI. --target "
+        "tvm: host (default) or aarch64 (a cross-compiled edge bundle)",
+        choices=tuple(sorted({d for ds in DEVICES.values() for d in ds})))
+    verify_isas: tuple[str, ...] = option(
+        (), "--verify-on", "--target ort: also check the artifact layer by layer on these "
+        "CPUs, by emulation; the host is always checked", choices=EMULATED_ISAS,
+        metavar="ISA[,ISA]", kind="list")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            spec = f.metadata.get("flag")
+            value = getattr(self, f.name)
+            if spec is None or spec.choices is None or value is None:
+                continue
+            for v in (value if spec.kind == "list" else (value,)):
+                if v not in spec.choices:
+                    raise ValueError(f"{spec.name} must be one of {', '.join(spec.choices)}, "
+                                     f"got {v!r}")
+        if self.device is not None and self.device not in DEVICES[self.target]:
+            raise ValueError(f"--device for --target {self.target} must be one of "
+                             f"{DEVICES[self.target]}, got {self.device!r}")
+        if self.tune_trials and self.target != "tvm":
+            raise ValueError("--tune-trials applies to --target tvm only")
+        if self.verify_isas and self.target != "ort":
+            raise ValueError("--verify-on applies to --target ort only (TVM and TensorRT "
+                             "check their own numerics)")
+        from quantflow.targets import ort_isa
+
+        for isa in self.verify_isas:
+            if not ort_isa.exact_on(self.resolved_device, isa):
+                raise ValueError(f"--verify-on {isa}: an artifact for --device "
+                                 f"{self.resolved_device} is not meant to be exact there; "
+                                 "use --device portable")
+        if self.max_drop is not None and not (math.isfinite(self.max_drop)
+                                              and 0 <= self.max_drop <= 100):
+            raise ValueError(f"--max-drop (max_drop) must be a finite number of points in "
+                             f"[0, 100], got {self.max_drop}")
+        for name in ("max_size_mb", "max_size_ratio", "max_latency_ms"):
+            _finite_at_least(name, getattr(self, name), 0, strict=True)
+        for name, low in (("calib_batch", 1), ("profile_runs", 1), ("profile_warmup", 0),
+                          ("tune_trials", 0), ("threads", 1)):
+            v = getattr(self, name)
+            if v is not None and not v >= low:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= {low}, "
+                                 f"got {v}")
+
+    @property
+    def placement(self) -> str:
+        return "trt" if self.target == "trt" else "ort"
+
+    @property
+    def resolved_device(self) -> str:
+        """The device, with the target's default filled in and `host` made concrete (ort)."""
+        from quantflow import hostcpu
+        from quantflow.targets import ort_isa
+
+        device = self.device or DEVICES[self.target][0]
+        if self.target == "ort":
+            return ort_isa.resolve_device(device, hostcpu.host_cpu().isa_class)
+        return device
+
+    @property
+    def kernel_rules(self) -> KernelRules:
+        """What the target's kernels need from the quantizer on the chosen device."""
+        from quantflow.targets import ort_isa
+
+        limit = ort_isa.pair_limit(self.resolved_device) if self.target == "ort" else None
+        return KernelRules(placement=self.placement, pair_limit=limit)
+
+    def target_options(self) -> dict[str, object]:
+        """Keyword options for `targets.get_target`."""
+        opts: dict[str, object] = {"threads": self.threads} if self.threads else {}
+        if self.target == "tvm":
+            opts.update(tune_trials=self.tune_trials, device=self.resolved_device)
+        if self.target == "ort":
+            opts.update(device=self.resolved_device)
+        return opts
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where calibration and evaluation data come from (resolved by quantflow.commands)."""
+
+    calib: str | None = option(
+        None, "--calib", "calibration data: " + " | ".join(DATASETS) + ", a .npy/.pt/.npz "
+        "file with (N,C,H,W) floats, a folder of such files or images, or `distilled` (ZeroQ: "
+        "synthesized from the model's BatchNorm statistics) (default: the zoo model's "
+        "dataset)", metavar="DATA")
+    eval_data: str | None = option(None, "--eval", "evaluation data (.npz with x and y gives "
+                                   "accuracy; default: the held-out split of a built-in "
+                                   "dataset, else the calibration data)", metavar="DATA")
+    preprocess: str = option("imagenet", "--preprocess", "preprocessing for image folders",
+                             choices=PREPROCESSINGS)
+    calib_samples: int = option(512, "--calib-samples", "calibration samples used",
+                                kind="int")
+    eval_samples: int | None = option(None, "--eval-samples", "limit evaluation samples",
+                                      kind="int")
+
+    def __post_init__(self) -> None:
+        if self.preprocess not in PREPROCESSINGS:
+            raise ValueError(f"--preprocess must be one of {', '.join(PREPROCESSINGS)}, "
+                             f"got {self.preprocess!r}")
+        for name, v in (("--calib-samples", self.calib_samples),
+                        ("--eval-samples", self.eval_samples)):
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+
+
+def flags(cls: type) -> list[tuple[Field[Any], Flag]]:
+    """The fields of `cls` that are command-line flags, in declaration order."""
+    return [(f, f.metadata["flag"]) for f in fields(cls) if "flag" in f.metadata]
+
+
+def options_markdown() -> str:
+    """docs/options.md: every compile flag with its default, choices and help."""
+    lines = ["# `quantflow compile` options", "",
+             ("Generated from `quantflow/config.py` (`python -m quantflow.config`); a test "
+             "keeps this file in step with the code."), "",
+             "| flag | default | choices | what it does |", "|---|---|---|---|"]
+    for cls in (CompileConfig, DataOptions):
+        for f, spec in flags(cls):
+            default = f.default if f.default not in (None, ()) else "-"
+            choices = ", ".join(spec.choices) if spec.choices else ""
+            lines.append(f"| `{spec.name}` | {default} | {choices} | {spec.help} |")
+    lines += ["", ("`--max-size MB|RATIOx` (`--bits mixed`): weight size budget, in MB (e.g. "
+              "1.5) or relative to uniform INT8 (e.g. 0.75x); it sets `max_size_mb` or "
+              "`max_size_ratio`."), ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(options_markdown(), end="")

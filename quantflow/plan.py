@@ -1,0 +1,101 @@
+"""Which plan ships: the uniform INT8 choice, or a saved plan (`--config`).
+
+`choose_uniform` tries the activation calibrators (and cross-layer equalization, run as a
+pass pipeline) and keeps the most faithful: the output SQNR of the torch simulation against
+FP32 on the CALIBRATION data, so the evaluation data stays unbiased. `load_saved` applies a
+plan file after checking that every layer it names exists. Both return a `PlanResult`, the
+same type the mixed-precision search returns (quantflow/search/compile.py, which starts from
+`choose_uniform`); `pipeline.compile` only picks which of the two to call.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from torch import fx
+
+from quantflow import calibrate as cal
+from quantflow import evaluate as ev
+from quantflow import validate
+from quantflow.config import CompileConfig
+from quantflow.dataset import Dataset
+from quantflow.passes import EQUALIZE_PIPELINE, run_pipeline
+from quantflow.quantize import quantize
+from quantflow.spec import CALIBRATORS, TRT_ACT, KernelRules, QuantPlan, int8_plan
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """The plan that ships, the graph it applies to and the statistics it was calibrated with.
+
+    `gm` is the graph the plan's tensors are named in (equalized when `plan.equalize`).
+    `candidates`: what was compared on the way (calibrator label -> output SQNR in dB for
+    uniform INT8; search candidate label -> quality for mixed). `search`: the mixed-precision
+    search's summary for the report (None for uniform INT8).
+    """
+
+    gm: fx.GraphModule
+    plan: QuantPlan
+    stats: dict[str, cal.TensorStats]
+    candidates: dict[str, float] = field(default_factory=dict)
+    search: dict[str, Any] | None = None
+
+    def calibration_section(self, calib: Dataset) -> dict[str, Any]:
+        """report.json's `calibration`."""
+        act = self.plan.default.act
+        return {"calibrator": act.calibrator if act else "none",
+                "equalize": self.plan.equalize, "samples": int(calib.x.shape[0]),
+                "data": calib.name, "candidates": self.candidates}
+
+
+def base_plan(placement: str, calibrator: str) -> QuantPlan:
+    """Uniform INT8 for a placement: TensorRT takes symmetric int8 activations only."""
+    if placement == "trt":
+        return int8_plan(calibrator, act=TRT_ACT)
+    return int8_plan(calibrator)
+
+
+def equalized(gm: fx.GraphModule) -> fx.GraphModule | None:
+    """A copy of `gm` after cross-layer equalization, None when it changed nothing."""
+    g = copy.deepcopy(gm)
+    return g if run_pipeline(g, EQUALIZE_PIPELINE).fired else None
+
+
+def load_saved(gm: fx.GraphModule, calib: Dataset, config: CompileConfig) -> PlanResult:
+    """`--config PLAN.json`: the saved plan on this graph (equalized if the plan says so)."""
+    assert config.plan_path is not None
+    plan = QuantPlan.load(config.plan_path)
+    validate.plan_layers(plan, gm, config.plan_path)  # never apply a plan in part
+    g = (equalized(gm) or gm) if plan.equalize else gm
+    stats = cal.collect_stats(g, cal.batched(calib.x, config.calib_batch), progress=True)
+    return PlanResult(g, plan, stats)
+
+
+def choose_uniform(gm: fx.GraphModule, calib: Dataset, config: CompileConfig,
+                   rules: KernelRules | None = None) -> PlanResult:
+    """Uniform INT8 with the most faithful calibrator (and equalization where it helps)."""
+    if config.plan_path:
+        return load_saved(gm, calib, config)
+    rules = rules or config.kernel_rules
+    variants: list[tuple[bool, fx.GraphModule]] = [(False, gm)]
+    if config.equalize != "off":
+        g_eq = equalized(gm)
+        if g_eq is not None:
+            variants = [(True, g_eq)] if config.equalize == "on" else [(False, gm), (True, g_eq)]
+    calibrators = CALIBRATORS if config.calibrator == "auto" else (config.calibrator,)
+    scores: dict[str, float] = {}
+    best: tuple[float, PlanResult] | None = None
+    batches = cal.batched(calib.x, config.calib_batch)
+    for eq, g in variants:
+        stats = cal.collect_stats(g, batches, progress=True)
+        ref = ev.predict(g, calib.x)
+        for c in calibrators:
+            plan = replace(base_plan(config.placement, c), equalize=eq)
+            s = ev.sqnr_db(ref, ev.predict(quantize(g, plan, stats, rules), calib.x))
+            scores[f"{c}{'+cle' if eq else ''}"] = round(s, 3)
+            if best is None or s > best[0]:
+                best = (s, PlanResult(g, plan, stats))
+    assert best is not None
+    return replace(best[1], candidates=scores)
