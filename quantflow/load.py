@@ -14,10 +14,11 @@ state dict or a pickled module):
 - TorchScript (``torch.jit.save``; a zip with ``code/__torch__*`` or ``constants.pkl``):
   `torch.export` refuses ScriptModules. With example inputs (``input_shape``) the archive is
   converted by torch's `TS2EPConverter` (names kept, `aten.convolution` rewritten to
-  `aten.conv2d`/`conv1d`, the form the passes match). Without them the ScriptModule is wrapped
-  so that a later `torch.export` traces through its interpreter; that works for scripted and
-  traced modules, but weights become anonymous constants and traced convolutions stay
-  `aten._convolution` (not quantized), so pass ``input_shape`` for TorchScript when possible.
+  `aten.conv2d`/`conv1d` by the `canonical_convs` pass, the form the passes match). Without
+  them the ScriptModule is wrapped so that a later `torch.export` traces through its
+  interpreter; that works for scripted and traced modules, but weights become anonymous
+  constants (and traced convs `aten._convolution`, which `canonical_convs`, first in the
+  default pipeline, rewrites too), so pass ``input_shape`` for TorchScript when possible.
 - state dict (a torch.save'd mapping of tensors, loaded with ``weights_only=True``, so no code
   runs) plus ``arch="module:factory"``: the factory builds the module, weights load strictly.
 - a pickled whole module: unpickling runs code from the file, so it needs ``trust_pickle``.
@@ -52,6 +53,7 @@ from torch import Tensor, fx, nn
 from quantflow import archive, resources, validate
 from quantflow.errors import CaptureError, InputError, UnsafeInputError
 from quantflow.ir import unlift
+from quantflow.passes.canonical import canonical_convs
 
 log = logging.getLogger("quantflow.load")
 aten = torch.ops.aten
@@ -205,29 +207,6 @@ def _reject_training_graph(gm: fx.GraphModule, path: str) -> None:
             )
 
 
-def _canonical_convs(gm: fx.GraphModule) -> None:
-    """Rewrite `aten.convolution(x, w, b, stride, pad, dil, transposed=False, out_pad, groups)`
-    (what TorchScript records for traced convs) as `aten.conv2d`/`conv1d(x, w, b, stride, pad,
-    dil, groups)`, the op the passes and quantizer match. Same math: a non-transposed
-    convolution ignores output_padding."""
-    for node in list(gm.graph.nodes):
-        if node.target not in (aten.convolution.default, aten._convolution.default):
-            continue
-        x, w, b, stride, pad, dil, transposed, _out_pad, groups = node.args[:9]
-        val = w.meta.get("val") if isinstance(w, fx.Node) else None
-        ndim = val.dim() if isinstance(val, Tensor) else None
-        if transposed or ndim not in (3, 4):
-            continue
-        op = aten.conv2d.default if ndim == 4 else aten.conv1d.default
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(op, (x, w, b, stride, pad, dil, groups))
-        new.meta = dict(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
-
-
 # ---------------------------------------------------------------- per-format loaders
 
 
@@ -336,7 +315,11 @@ def convert_torchscript(
             "original model with torch.export.save (or save its state_dict and pass --arch)"
         ) from exc
     gm = _plain_graph_module(ep, path)
-    _canonical_convs(gm)
+    # here, not only in the pipeline: the loaded graph is what the report's "before the
+    # passes" conv counts are taken from, and callers of load_model see conv2d/conv1d
+    canonical_convs(gm)
+    gm.graph.lint()
+    gm.recompile()
     return gm
 
 
@@ -356,7 +339,7 @@ def _load_torchscript(path: Path, input_shape: tuple[int, ...] | None) -> Loaded
     if input_shape is None:
         log.info(
             "%s: TorchScript without --input-shape: exported through its interpreter "
-            "(weights become constants, traced convs stay aten._convolution)",
+            "(weights become anonymous constants)",
             path,
         )
         return LoadedModel(
