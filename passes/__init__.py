@@ -4,12 +4,14 @@ Every pass is a plain `(gm: fx.GraphModule) -> bool` function (mutates in place,
 whether it changed anything). `DEFAULT_PIPELINE` is the explicit, ordered tuple `optimize` runs
 to a fixpoint:
 
+  canonical_convs   TorchScript's aten.convolution/_convolution → conv2d/conv1d (canonical.py)
   remove_identity   dropout/clone/detach/no-op casts and reshapes, asserts (cleanup.py)
   fold_bn           conv/linear → BN folded into the layer (fold_bn.py)
   <reparam passes>  standalone BN → conv, parallel/sequential conv merges (reparam_*.py)
   dead_code         unused nodes, then unused parameters/buffers/submodules (cleanup.py)
 
-Identity removal runs first so that e.g. conv → dropout → BN becomes a foldable conv → BN;
+Canonical convs come first: every other pass matches only conv1d/conv2d. Identity removal
+runs next so that e.g. conv → dropout → BN becomes a foldable conv → BN;
 dead_code runs last to drop the constants the folds replaced. Cross-layer equalization
 (`quantflow.passes.equalize.equalize` / `equalize_relu6`) is exact but optional, so it is not in
 the default tuple: `EQUALIZE_PIPELINE` runs it (quantflow/plan.py, when it helps fidelity).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 from torch import fx
 
+from quantflow.passes.canonical import canonical_convs
 from quantflow.passes.cleanup import dead_code, remove_identity
 from quantflow.passes.equalize import equalize as _equalize
 from quantflow.passes.fold_bn import fold_bn as _fold_bn
@@ -32,6 +35,7 @@ from quantflow.passes.reparam_sequential import merge_sequential_convs
 # it for `import quantflow.passes.fold_bn as m`); import them from their modules.
 
 DEFAULT_PIPELINE: tuple[Pass, ...] = (
+    canonical_convs,
     remove_identity,
     _fold_bn,
     bn_to_conv,
@@ -56,6 +60,7 @@ __all__ = [
     "EQUALIZE_PIPELINE",
     "Pass",
     "PassReport",
+    "canonical_convs",
     "dead_code",
     "optimize",
     "remove_identity",

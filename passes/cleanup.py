@@ -26,15 +26,15 @@ so a saved model shrinks after folding.
 
 from __future__ import annotations
 
-import logging
 import operator
 from typing import Any
 
 import torch
 from torch import fx
 
+from quantflow.passes.driver import for_each, skip
+
 aten = torch.ops.aten
-log = logging.getLogger("quantflow.passes")
 
 _DROPOUT = (aten.dropout.default, aten.dropout_.default, aten.feature_dropout.default,
             aten.feature_dropout_.default, aten.alpha_dropout.default,
@@ -181,29 +181,25 @@ class _Aliases:
 def remove_identity(gm: fx.GraphModule) -> bool:
     """Erase inference-time identity ops, rewiring their users to the input."""
     aliases = _Aliases(gm.graph)
-    changed = False
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function":
-            continue
+
+    def rewrite(node: fx.Node) -> bool:
         schema = getattr(node.target, "_schema", None)
         if schema is not None and schema.name.startswith("aten::_assert") and not node.users:
             gm.graph.erase_node(node)
-            changed = True
-            continue
+            return True
         x, why = _identity_input(node)
         if x is None:
-            if why:
-                log.debug("remove_identity: skip %s: %s", node.name, why)
-            continue
+            # `why` is empty for ops that are not identity-like at all: not worth a log line
+            return skip("remove_identity", node, why) if why else False
         if _is_copy(node) and not aliases.copy_removable(node, x):
-            log.debug("remove_identity: skip %s: it copies %s and one of the two is mutated "
-                      "in place later", node.name, x.name)
-            continue
+            return skip("remove_identity", node, f"it copies {x.name} and one of the two is "
+                        "mutated in place later")
         aliases.union(node, x)  # after the rewrite the users see x's storage
         node.replace_all_uses_with(x)
         gm.graph.erase_node(node)
-        changed = True
-    return changed
+        return True
+
+    return for_each(gm, lambda node: node.op == "call_function", rewrite)
 
 
 def _delete_tensor(gm: fx.GraphModule, qualname: str) -> None:

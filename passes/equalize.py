@@ -60,6 +60,7 @@ from quantflow.ir import (
     is_const,
 )
 from quantflow.passes.cleanup import dead_code
+from quantflow.passes.driver import skip
 
 aten = torch.ops.aten
 log = logging.getLogger("quantflow.passes")
@@ -191,22 +192,22 @@ def _bound_shape(layer: fx.Node, channels: int) -> tuple[int, ...]:
 
 
 def _find_pair(gm: fx.GraphModule, first: fx.Node, relu6: bool, st: _State) -> _Pair | None:
-    def skip(why: str) -> _Pair | None:
-        log.debug("equalize: skip %s: %s", first.name, why)
+    def no_pair(why: str) -> _Pair | None:
+        skip("equalize", first, why)
         return None
 
     w_node, b_node, _ = _weights(first)
     if not is_const(w_node) or not (b_node is None or is_const(b_node)):
-        return skip("weight/bias are not constants")
+        return no_pair("weight/bias are not constants")
     channels = _const(gm, w_node).shape[0]
     acts: list[fx.Node] = []
     cur = first
     while True:
         if len(cur.users) != 1:
-            return skip(f"{cur.name} has {len(cur.users)} users; they would see scaled values")
+            return no_pair(f"{cur.name} has {len(cur.users)} users; they would see scaled values")
         nxt = next(iter(cur.users))
         if nxt.op != "call_function":
-            return skip(f"{cur.name} feeds {nxt.op} {nxt.name}")
+            return no_pair(f"{cur.name} feeds {nxt.op} {nxt.name}")
         if nxt.target in WEIGHTED_OPS:
             break
         if nxt.target in _HOMOGENEOUS or (nxt.target == aten.clamp.default and
@@ -215,8 +216,8 @@ def _find_pair(gm: fx.GraphModule, first: fx.Node, relu6: bool, st: _State) -> _
             acts.append(nxt)
         elif nxt.target in _CLIP and (hi := _clip_bound(nxt)) is not None:
             if not relu6:
-                return skip(f"{nxt.name} is a ReLU6-style clip; use equalize_relu6 to rewrite "
-                            "it into a per-channel bound")
+                return no_pair(f"{nxt.name} is a ReLU6-style clip; use equalize_relu6 to "
+                               "rewrite it into a per-channel bound")
             st.bound[nxt] = torch.full(_bound_shape(first, channels), hi, dtype=torch.float64)
             acts.append(nxt)
         elif nxt.target == aten.minimum.default and is_const(nxt.args[1]) and \
@@ -224,20 +225,20 @@ def _find_pair(gm: fx.GraphModule, first: fx.Node, relu6: bool, st: _State) -> _
             st.bound[nxt] = _const(gm, nxt.args[1]).to(torch.float64)
             acts.append(nxt)
         else:
-            return skip(f"{nxt.name} ({nxt.target}) is not positively homogeneous")
+            return no_pair(f"{nxt.name} ({nxt.target}) is not positively homogeneous")
         cur = nxt
     second = nxt
     same_family = (second.target == first.target) if first.target in CONV_OPS else \
         second.target in LINEAR_OPS
     if not same_family or second.args[0] is not cur:
-        return skip(f"{second.name} ({second.target}) is not a matching consumer")
+        return no_pair(f"{second.name} ({second.target}) is not a matching consumer")
     w2_node, _, groups2 = _weights(second)
     if not is_const(w2_node):
-        return skip(f"{second.name} weight is not a constant")
+        return no_pair(f"{second.name} weight is not a constant")
     w2 = get_tensor(gm, w2_node)
     assert w2 is not None
     if w2.shape[1] * groups2 != channels:
-        return skip(f"{channels} channels vs {w2.shape[1] * groups2} inputs of {second.name}")
+        return no_pair(f"{channels} channels vs {w2.shape[1] * groups2} inputs of {second.name}")
     for layer in (first, second):
         if layer not in st.w:
             wn, bn, _ = _weights(layer)

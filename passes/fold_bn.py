@@ -25,7 +25,6 @@ left for `reparam_bn_branch`.
 
 from __future__ import annotations
 
-import logging
 import operator
 from typing import Any
 
@@ -33,9 +32,10 @@ import torch
 from torch import fx
 
 from quantflow.ir import BN_OPS, CONV_OPS, LINEAR_OPS, ConvArgs, add_const, get_tensor, is_const
+from quantflow.passes.driver import for_each, skip
+from quantflow.passes.reparam_math import F64, bn_scale_shift
 
 aten = torch.ops.aten
-log = logging.getLogger("quantflow.passes")
 
 #: schema argument names, to read args and kwargs alike (export may pass either)
 _BN_ARG_NAMES: dict[Any, tuple[str, ...]] = {
@@ -53,19 +53,14 @@ def fold_bn_weights(w: torch.Tensor, b: torch.Tensor | None, mean: torch.Tensor,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(W', b') of the layer followed by the inference BN; channel along `axis` of `w`.
 
-    Computed in float64, returned in w's dtype. Never mutates its inputs.
+    With BN(y) = a·y + t (`bn_scale_shift`): W' = a·W, b' = a·b + t. Computed in float64,
+    returned in w's dtype. Never mutates its inputs.
     """
-    f64 = torch.float64
-    a = torch.rsqrt(var.to(f64) + eps)
-    if gamma is not None:
-        a = a * gamma.to(f64)
+    a, t = bn_scale_shift(mean, var, eps, gamma, beta)
     shape = [1] * w.dim()
     shape[axis] = -1
-    w_new = w.to(f64) * a.reshape(shape)
-    b0 = torch.zeros_like(a) if b is None else b.to(f64)
-    b_new = a * (b0 - mean.to(f64))
-    if beta is not None:
-        b_new = b_new + beta.to(f64)
+    w_new = w.to(F64) * a.reshape(shape)
+    b_new = t if b is None else a * b.to(F64) + t
     return w_new.to(w.dtype), b_new.to(w.dtype)
 
 
@@ -101,32 +96,25 @@ def _bn_outputs(bn: fx.Node) -> list[fx.Node] | None:
     return outs
 
 
-def _skip(bn: fx.Node, why: str) -> None:
-    log.debug("fold_bn: skip %s: %s", bn.name, why)
-
-
 def _fold_one(gm: fx.GraphModule, bn: fx.Node) -> bool:
     args = _bn_args(bn)
     layer = args["input"]
     if not isinstance(layer, fx.Node) or layer.op != "call_function" or \
             layer.target not in CONV_OPS + LINEAR_OPS:
-        _skip(bn, "input is not a conv/linear (standalone BN: left to reparam_bn_branch)")
-        return False
+        return skip("fold_bn", bn,
+                    "input is not a conv/linear (standalone BN: left to reparam_bn_branch)")
     if len(layer.users) != 1:
-        _skip(bn, f"{layer.name} has other users; folding would change what they see")
-        return False
+        return skip("fold_bn", bn,
+                    f"{layer.name} has other users; folding would change what they see")
     if args["training"]:
-        _skip(bn, "training=True uses batch statistics, not the running ones")
-        return False
+        return skip("fold_bn", bn, "training=True uses batch statistics, not the running ones")
     outs = _bn_outputs(bn)
     if outs is None:
-        _skip(bn, "saved mean/invstd outputs are used")
-        return False
+        return skip("fold_bn", bn, "saved mean/invstd outputs are used")
     params = [args["weight"], args["bias"], args["running_mean"], args["running_var"]]
     if not all(p is None or is_const(p) for p in params) or args["running_mean"] is None \
             or args["running_var"] is None:
-        _skip(bn, "BN parameters/statistics are not constants")
-        return False
+        return skip("fold_bn", bn, "BN parameters/statistics are not constants")
     is_conv = layer.target in CONV_OPS
     w_node: Any
     b_node: Any
@@ -137,22 +125,20 @@ def _fold_one(gm: fx.GraphModule, bn: fx.Node) -> bool:
         w_node = layer.args[1]
         b_node = layer.args[2] if len(layer.args) > 2 else layer.kwargs.get("bias")
     if not is_const(w_node) or not (b_node is None or is_const(b_node)):
-        _skip(bn, f"{layer.name} weight/bias are not constants")
-        return False
+        return skip("fold_bn", bn, f"{layer.name} weight/bias are not constants")
     w = get_tensor(gm, w_node)
     assert w is not None
     # the BN normalizes dim 1: the layer's channel only for a batched conv / 2-D linear output
     want_rank = w.dim() if is_conv else 2
     rank = _rank(layer)
     if rank != want_rank:
-        _skip(bn, f"{layer.name} output rank {rank} (need {want_rank}): BN dim 1 would not be "
-                  "the layer's output channel")
-        return False
+        return skip("fold_bn", bn, f"{layer.name} output rank {rank} (need {want_rank}): BN dim 1 "
+                    "would not be the layer's output channel")
     mean, var = get_tensor(gm, args["running_mean"]), get_tensor(gm, args["running_var"])
     assert mean is not None and var is not None
     if mean.numel() != w.shape[0]:
-        _skip(bn, f"{mean.numel()} BN channels vs {w.shape[0]} output channels of {layer.name}")
-        return False
+        return skip("fold_bn", bn,
+                    f"{mean.numel()} BN channels vs {w.shape[0]} output channels of {layer.name}")
     w_new, b_new = fold_bn_weights(w, get_tensor(gm, b_node), mean, var, float(args["eps"]),
                                    get_tensor(gm, args["weight"]), get_tensor(gm, args["bias"]))
     # new constants: the old weight may be a Parameter shared with other layers
@@ -173,8 +159,5 @@ def _fold_one(gm: fx.GraphModule, bn: fx.Node) -> bool:
 
 def fold_bn(gm: fx.GraphModule) -> bool:
     """Fold every inference BN whose input is a conv/linear used only by that BN."""
-    changed = False
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in BN_OPS:
-            changed |= _fold_one(gm, node)
-    return changed
+    return for_each(gm, lambda node: node.op == "call_function" and node.target in BN_OPS,
+                    lambda bn: _fold_one(gm, bn))

@@ -34,6 +34,7 @@ import torch
 from torch import fx
 
 from quantflow.ir import CONV_OPS, ConvArgs
+from quantflow.passes.driver import for_each, skip
 from quantflow.passes.reparam_graph import (
     Constants,
     conv_constants,
@@ -99,34 +100,31 @@ def _bn_one(gm: fx.GraphModule, consts: Constants, bn: fx.Node) -> bool:
     a: dict[str, Any] = dict(zip(_BN_NAMES, bn.args))
     a.update(bn.kwargs)
     x = a["input"]
-
-    def skip(why: str) -> bool:
-        log.debug("bn_to_conv: skip %s: %s", bn.name, why)
-        return False
-
     if not isinstance(x, fx.Node):
-        return skip("input is not a tensor node")
+        return skip("bn_to_conv", bn, "input is not a tensor node")
     if x.op == "call_function" and x.target in CONV_OPS and len(x.users) == 1:
-        return skip(f"its input {x.name} is a conv used only by it: left to fold_bn")
+        return skip("bn_to_conv", bn,
+                    f"its input {x.name} is a conv used only by it: left to fold_bn")
     if a.get("training"):
-        return skip("training mode uses batch statistics")
+        return skip("bn_to_conv", bn, "training mode uses batch statistics")
     tree = enclosing_add_tree(bn)
     if tree is None:
-        return skip("not a summand of an add (a lone BN is left to fold_bn, or kept)")
+        return skip("bn_to_conv", bn,
+                    "not a summand of an add (a lone BN is left to fold_bn, or kept)")
     mean, var = consts.value(a.get("running_mean")), consts.value(a.get("running_var"))
     gamma, beta = consts.value(a.get("weight")), consts.value(a.get("bias"))
     if mean is None or var is None or (a.get("weight") is not None and gamma is None) or \
             (a.get("bias") is not None and beta is None):
-        return skip("BN parameters are not constants")
+        return skip("bn_to_conv", bn, "BN parameters are not constants")
     channels = mean.numel()
     val = fake_val(bn)
     if val is None or val.dim() < 3:
-        return skip("unknown rank, or no spatial dims")
+        return skip("bn_to_conv", bn, "unknown rank, or no spatial dims")
     nd = val.dim() - 2
     leaves = [leaf for leaf in tree.leaves if leaf is not bn]
     found = _sibling(consts, leaves, {x: ((1,) * nd, (0,) * nd)}, channels, square=True)
     if isinstance(found, str):
-        return skip(f"nothing to merge with: {found}")
+        return skip("bn_to_conv", bn, f"nothing to merge with: {found}")
     conv, w, groups = found
     s, t = bn_scale_shift(mean, var, float(a.get("eps", 1e-5)), gamma, beta)
     kernel = identity_kernel(channels, groups, (1,) * nd, s, w.dtype)
@@ -142,11 +140,9 @@ def _bn_one(gm: fx.GraphModule, consts: Constants, bn: fx.Node) -> bool:
 def bn_to_conv(gm: fx.GraphModule) -> bool:
     """Rewrite standalone BN branches that are summed with sibling convs as 1×1 convs."""
     consts = Constants(gm)
-    changed = False
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target == aten.batch_norm.default:
-            changed |= _bn_one(gm, consts, node)
-    return changed
+    return for_each(
+        gm, lambda node: node.op == "call_function" and node.target == aten.batch_norm.default,
+        lambda bn: _bn_one(gm, consts, bn))
 
 
 def _tuple(v: Any, nd: int) -> tuple[int, ...]:
@@ -159,21 +155,18 @@ def _pool_one(gm: fx.GraphModule, consts: Constants, pool: fx.Node) -> bool:
     a: dict[str, Any] = dict(zip(_POOL_NAMES, pool.args))
     a.update(pool.kwargs)
     x = a["input"]
-
-    def skip(why: str) -> bool:
-        log.debug("avgpool_to_conv: skip %s: %s", pool.name, why)
-        return False
-
     kernel = _tuple(a["kernel_size"], nd)
     stride = _tuple(a.get("stride") or kernel, nd)
     padding = _tuple(a.get("padding", 0), nd)
     if a.get("ceil_mode"):
-        return skip("ceil_mode: the last window may be partial and divide by fewer elements")
+        return skip("avgpool_to_conv", pool,
+                    "ceil_mode: the last window may be partial and divide by fewer elements")
     if not a.get("count_include_pad", True) and any(padding):
-        return skip("count_include_pad=False: border windows divide by fewer elements")
+        return skip("avgpool_to_conv", pool,
+                    "count_include_pad=False: border windows divide by fewer elements")
     val = fake_val(pool)
     if not isinstance(x, fx.Node) or val is None or val.dim() != nd + 2:
-        return skip("unknown input/output shape")
+        return skip("avgpool_to_conv", pool, "unknown input/output shape")
     channels = int(val.shape[1])
     # the branch may continue with a BN before it is summed
     tip = pool
@@ -181,7 +174,7 @@ def _pool_one(gm: fx.GraphModule, consts: Constants, pool: fx.Node) -> bool:
         tip = next(iter(tip.users))
     tree = enclosing_add_tree(tip)
     if tree is None:
-        return skip("not on a branch summed with convs (kept as a pool)")
+        return skip("avgpool_to_conv", pool, "not on a branch summed with convs (kept as a pool)")
     # where the pool samples, relative to its input, or to the input of a 1x1 conv feeding it
     # through affine/pad ops (its padding then adds to the pool's once they are merged)
     centre2 = tuple(2 * p - (k - 1) for k, p in zip(kernel, padding))
@@ -196,10 +189,11 @@ def _pool_one(gm: fx.GraphModule, consts: Constants, pool: fx.Node) -> bool:
     leaves = [leaf for leaf in tree.leaves if leaf is not tip]
     found = _sibling(consts, leaves, wants, channels, square=False)
     if isinstance(found, str):
-        return skip(f"nothing to merge with: {found}")
+        return skip("avgpool_to_conv", pool, f"nothing to merge with: {found}")
     conv, w, groups = found
     if channels % groups:
-        return skip(f"{channels} channels do not split into the sibling's {groups} groups")
+        return skip("avgpool_to_conv", pool,
+                    f"{channels} channels do not split into the sibling's {groups} groups")
     divisor = a.get("divisor_override") or math.prod(kernel)
     weight = identity_kernel(channels, groups, kernel, 1.0 / divisor, w.dtype)
     new = make_conv(gm, x, weight, None, stride, padding, (1,) * nd, groups, before=pool,
@@ -214,8 +208,5 @@ def _pool_one(gm: fx.GraphModule, consts: Constants, pool: fx.Node) -> bool:
 def avgpool_to_conv(gm: fx.GraphModule) -> bool:
     """Rewrite average pools on branches summed with convs as constant-kernel convs."""
     consts = Constants(gm)
-    changed = False
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in _POOLS:
-            changed |= _pool_one(gm, consts, node)
-    return changed
+    return for_each(gm, lambda node: node.op == "call_function" and node.target in _POOLS,
+                    lambda pool: _pool_one(gm, consts, pool))

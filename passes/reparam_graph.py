@@ -13,6 +13,7 @@ import torch
 from torch import fx
 
 from quantflow.ir import CONV_OPS, ConvArgs, add_const, get_tensor
+from quantflow.passes.driver import is_erased
 from quantflow.passes.reparam_math import (
     Geometry,
 )
@@ -83,10 +84,6 @@ class Constants:
 def fake_val(node: Any) -> torch.Tensor | None:
     v = node.meta.get("val") if isinstance(node, fx.Node) else None
     return v if isinstance(v, torch.Tensor) else None
-
-
-def is_erased(node: fx.Node) -> bool:
-    return bool(getattr(node, "_erased", False))
 
 
 def erase_dead(gm: fx.GraphModule, nodes: list[fx.Node]) -> None:

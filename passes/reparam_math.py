@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -54,6 +55,23 @@ def bn_scale_shift(mean: torch.Tensor, var: torch.Tensor, eps: float,
     if beta is not None:
         t = t + beta.to(F64)
     return s, t
+
+
+def per_channel(t: Any, channels: int, rank: int) -> torch.Tensor | None:
+    """A scalar or a tensor constant along every dim but 1 (the channel), as a float64 [C]."""
+    if isinstance(t, bool) or t is None:
+        return None
+    if isinstance(t, (int, float)):
+        return torch.full((channels,), float(t), dtype=F64)
+    if not isinstance(t, torch.Tensor) or t.dim() > rank:
+        return None
+    t = t.to(F64).reshape((1,) * (rank - t.dim()) + tuple(t.shape))
+    if t.shape[1] not in (1, channels):
+        return None
+    flat = t.movedim(1, 0).reshape(t.shape[1], -1)
+    if flat.numel() and not torch.equal(flat.amax(1), flat.amin(1)):
+        return None
+    return flat[:, 0].expand(channels).clone()
 
 
 def identity_kernel(channels: int, groups: int, kernel_size: Sequence[int],

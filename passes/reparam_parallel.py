@@ -39,6 +39,7 @@ import torch
 from torch import fx
 
 from quantflow.ir import CONV_OPS
+from quantflow.passes.driver import for_each, skip
 from quantflow.passes.reparam_graph import (
     AddTree,
     Constants,
@@ -47,7 +48,6 @@ from quantflow.passes.reparam_graph import (
     erase_dead,
     fake_val,
     geometry,
-    is_erased,
     is_inner_add,
     make_conv,
 )
@@ -85,10 +85,6 @@ class _Group:
     branches: list[_Branch] = field(default_factory=list)
 
 
-def _skip(node: fx.Node, why: str) -> None:
-    log.debug("merge_parallel_convs: skip %s: %s", node.name, why)
-
-
 def _conv_groups(consts: Constants, tree: AddTree) -> dict[tuple[Any, ...], _Group]:
     """Mergeable conv summands of the tree, grouped by everything that must be equal."""
     groups: dict[tuple[Any, ...], _Group] = {}
@@ -98,11 +94,12 @@ def _conv_groups(consts: Constants, tree: AddTree) -> dict[tuple[Any, ...], _Gro
                 and leaf.target in CONV_OPS):
             continue
         if not set(leaf.users) <= tree_nodes:
-            _skip(tree.root, f"{leaf.name} is also used outside the sum")
+            skip("merge_parallel_convs", tree.root,
+                 f"{leaf.name} is also used outside the sum")
             continue
         got = conv_constants(consts, leaf)
         if isinstance(got, str):
-            _skip(tree.root, got)
+            skip("merge_parallel_convs", tree.root, got)
             continue
         args, w, b = got
         geo = geometry(args, w)
@@ -117,8 +114,9 @@ def _conv_groups(consts: Constants, tree: AddTree) -> dict[tuple[Any, ...], _Gro
         by_input.setdefault(key[0], []).append(key)
     for x, keys in by_input.items():
         if len(keys) > 1:
-            _skip(tree.root, f"branches reading {x.name} differ in stride/groups/channels/"
-                             f"dtype/centre offset: {[k[1:] for k in keys]}")
+            skip("merge_parallel_convs", tree.root,
+                 f"branches reading {x.name} differ in stride/groups/channels/"
+                 f"dtype/centre offset: {[k[1:] for k in keys]}")
     return groups
 
 
@@ -136,7 +134,8 @@ def _add_identity(tree: AddTree, groups: dict[tuple[Any, ...], _Group], leaf: fx
         elif any(c != 0 for c in grp.centre2):
             why = "the convs' outputs are not centred on the input pixels"
         if why:
-            _skip(tree.root, f"identity summand {leaf.name} cannot join its convs: {why}")
+            skip("merge_parallel_convs", tree.root,
+                 f"identity summand {leaf.name} cannot join its convs: {why}")
             continue
         nd = len(grp.centre2)
         dtype = grp.branches[0].weight.dtype
@@ -208,7 +207,7 @@ def _merge_tree(gm: fx.GraphModule, consts: Constants, tree: AddTree) -> bool:
     groups = _conv_groups(consts, tree)
     if not groups:
         if any(isinstance(leaf, fx.Node) and leaf.target in CONV_OPS for leaf in tree.leaves):
-            _skip(tree.root, "no mergeable conv summands")
+            skip("merge_parallel_convs", tree.root, "no mergeable conv summands")
         return False
     leftovers: list[Any] = []
     scalars = 0.0
@@ -227,9 +226,10 @@ def _merge_tree(gm: fx.GraphModule, consts: Constants, tree: AddTree) -> bool:
         subsets = _split_by_cost(grp.branches) if len(grp.branches) >= 2 else []
         n_chosen = sum(len(c) for c, _ in subsets)
         if len(grp.branches) >= 2 and n_chosen < len(grp.branches):
-            _skip(tree.root, f"{len(grp.branches) - n_chosen} of the {len(grp.branches)} "
-                             f"branches reading {grp.x.name} kept apart: merging them would "
-                             "cost more MACs than running them")
+            skip("merge_parallel_convs", tree.root,
+                 f"{len(grp.branches) - n_chosen} of the {len(grp.branches)} "
+                 f"branches reading {grp.x.name} kept apart: merging them would "
+                 "cost more MACs than running them")
         for br in grp.branches:
             if not any(br is c for chosen, _ in subsets for c in chosen):
                 leftovers.append(br.node if br.node is not None else grp.x)
@@ -251,8 +251,9 @@ def _merge_tree(gm: fx.GraphModule, consts: Constants, tree: AddTree) -> bool:
                   for leaf in leftovers if isinstance(leaf, fx.Node)
                   and leaf.target not in CONV_OPS]
         if others and any(len(g.branches) == 1 for g in groups.values()):
-            _skip(tree.root, "no two summands merge; not conv branches of the same input: "
-                             + ", ".join(others))
+            skip("merge_parallel_convs", tree.root,
+                 "no two summands merge; not conv branches of the same input: "
+                 + ", ".join(others))
         return False
     result = _build_sum(gm, merged_nodes + leftovers, tree.root)
     tree.root.replace_all_uses_with(result)
@@ -277,14 +278,11 @@ def _build_sum(gm: fx.GraphModule, terms: list[Any], root: fx.Node) -> fx.Node:
 
 def merge_parallel_convs(gm: fx.GraphModule) -> bool:
     """Merge every sum of compatible parallel convs (plus identity/scalar summands)."""
-    changed = False
     consts = Constants(gm)
-    for node in list(gm.graph.nodes):
-        if is_erased(node) or is_inner_add(node):
-            continue
-        tree = add_tree(node)
-        if tree is None:
-            continue
-        changed |= _merge_tree(gm, consts, tree)
-    return changed
+
+    def rewrite(node: fx.Node) -> bool:
+        tree = add_tree(node)  # None: not the root of a sum
+        return tree is not None and _merge_tree(gm, consts, tree)
+
+    return for_each(gm, lambda node: not is_inner_add(node), rewrite)
 

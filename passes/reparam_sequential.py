@@ -42,12 +42,12 @@ import torch
 from torch import fx
 
 from quantflow.ir import CONV_OPS
+from quantflow.passes.driver import for_each, skip
 from quantflow.passes.reparam_graph import (
     Constants,
     conv_constants,
     erase_dead,
     fake_val,
-    is_erased,
     make_conv,
 )
 from quantflow.passes.reparam_math import (
@@ -56,6 +56,7 @@ from quantflow.passes.reparam_math import (
     bn_scale_shift,
     compose_pointwise,
     conv_macs,
+    per_channel,
 )
 
 aten = torch.ops.aten
@@ -80,23 +81,6 @@ class Step:
     pad: tuple[int, ...] | None = None
     rings: list[torch.Tensor] = field(default_factory=list)
     extra: list[fx.Node] = field(default_factory=list)
-
-
-def per_channel(t: Any, channels: int, rank: int) -> torch.Tensor | None:
-    """A scalar or a tensor constant along every dim but 1 (the channel), as a float64 [C]."""
-    if isinstance(t, bool) or t is None:
-        return None
-    if isinstance(t, (int, float)):
-        return torch.full((channels,), float(t), dtype=F64)
-    if not isinstance(t, torch.Tensor) or t.dim() > rank:
-        return None
-    t = t.to(F64).reshape((1,) * (rank - t.dim()) + tuple(t.shape))
-    if t.shape[1] not in (1, channels):
-        return None
-    flat = t.movedim(1, 0).reshape(t.shape[1], -1)
-    if flat.numel() and not torch.equal(flat.amax(1), flat.amin(1)):
-        return None
-    return flat[:, 0].expand(channels).clone()
 
 
 def _pad_step(node: fx.Node, consts: Constants, channels: int, rank: int) -> Step | str:
@@ -198,8 +182,8 @@ def _affine_step(node: fx.Node, consts: Constants, channels: int, rank: int
     """(step, input) for BN / ± / × by per-channel constants."""
     t = node.target
     if t == aten.batch_norm.default:
-        a: dict[str, Any] = dict(zip(("input", "weight", "bias", "running_mean", "running_var", "training",
-                      "momentum", "eps"), node.args))
+        a: dict[str, Any] = dict(zip(("input", "weight", "bias", "running_mean", "running_var",
+                                      "training", "momentum", "eps"), node.args))
         a.update(node.kwargs)
         if a.get("training"):
             return f"{node.name} is a BN in training mode"
@@ -309,10 +293,6 @@ def _close(a: torch.Tensor, b: torch.Tensor, magnitude: float, dtype: torch.dtyp
     return bool(((a - b).abs() <= _ULPS * eps * scale).all())
 
 
-def _skip(node: fx.Node, why: str) -> None:
-    log.debug("merge_sequential_convs: skip %s: %s", node.name, why)
-
-
 def _merge_one(gm: fx.GraphModule, consts: Constants, conv2: fx.Node) -> bool:
     got2 = conv_constants(consts, conv2)
     if isinstance(got2, str):
@@ -326,24 +306,23 @@ def _merge_one(gm: fx.GraphModule, consts: Constants, conv2: fx.Node) -> bool:
     if isinstance(chain, ChainError):
         # report near misses only (e.g. conv→ReLU→conv), not every conv after an activation
         if chain.near_miss:
-            _skip(conv2, chain.reason)
+            return skip("merge_sequential_convs", conv2, chain.reason)
         return False
     conv1, steps = chain
     got1 = conv_constants(consts, conv1)
     if isinstance(got1, str):
-        _skip(conv2, got1)
-        return False
+        return skip("merge_sequential_convs", conv2, got1)
     a1, w1, b1 = got1
     if w1.dim() != rank or any(k != 1 for k in w1.shape[2:]):
-        _skip(conv2, f"{conv1.name} is not a 1x1 conv ({tuple(w1.shape[2:])})")
-        return False
+        return skip("merge_sequential_convs", conv2,
+                    f"{conv1.name} is not a 1x1 conv ({tuple(w1.shape[2:])})")
     if any(s != 1 for s in a1.stride):
-        _skip(conv2, f"{conv1.name} has stride {a1.stride}; strided sampling before a "
-                     "spatial conv is not one conv of the input")
-        return False
+        return skip("merge_sequential_convs", conv2,
+                    f"{conv1.name} has stride {a1.stride}; strided sampling before a "
+                    "spatial conv is not one conv of the input")
     if w1.shape[0] != mid:
-        _skip(conv2, f"{conv1.name} has {w1.shape[0]} output channels, {conv2.name} reads {mid}")
-        return False
+        return skip("merge_sequential_convs", conv2,
+                    f"{conv1.name} has {w1.shape[0]} output channels, {conv2.name} reads {mid}")
     dtype = w2.dtype
     scale = torch.ones(mid, dtype=F64)
     beta = torch.zeros(mid, dtype=F64) if b1 is None else b1.to(F64)
@@ -358,14 +337,14 @@ def _merge_one(gm: fx.GraphModule, consts: Constants, conv2: fx.Node) -> bool:
         assert st.pad is not None
         for ring in st.rings:
             if not _close(ring, beta, magnitude, dtype):
-                _skip(conv2, f"{st.node.name} pads with values that differ from the "
-                             "intermediate's bias; the merged conv's borders would differ")
-                return False
+                return skip("merge_sequential_convs", conv2,
+                            f"{st.node.name} pads with values that differ from the "
+                            "intermediate's bias; the merged conv's borders would differ")
         padding = [p + q for p, q in zip(padding, st.pad)]
     if any(a2.padding) and not _close(beta, torch.zeros_like(beta), magnitude, dtype):
-        _skip(conv2, f"{conv2.name} zero-pads an intermediate that carries a nonzero bias "
-                     f"(from {conv1.name}); the merged conv's borders would differ")
-        return False
+        return skip("merge_sequential_convs", conv2,
+                    f"{conv2.name} zero-pads an intermediate that carries a nonzero bias "
+                    f"(from {conv1.name}); the merged conv's borders would differ")
     padding = [p + q for p, q in zip(padding, a2.padding)]
     c_in = w1.shape[1] * a1.groups
     gc = math.gcd(a1.groups, a2.groups)
@@ -374,9 +353,9 @@ def _merge_one(gm: fx.GraphModule, consts: Constants, conv2: fx.Node) -> bool:
         conv_macs(w2.shape[0], mid, a2.groups, w2.shape[2:])
     after = conv_macs(w2.shape[0], c_in, gc, w2.shape[2:])
     if after > before:
-        _skip(conv2, f"merging {conv1.name} into it would cost {after} MACs/pixel instead of "
-                     f"{before}")
-        return False
+        return skip("merge_sequential_convs", conv2,
+                    f"merging {conv1.name} into it would cost {after} MACs/pixel instead of "
+                    f"{before}")
     w1s = w1.to(F64) * scale.reshape(-1, *([1] * (rank - 1)))
     w, groups = compose_pointwise(w1s, a1.groups, w2.to(F64), a2.groups)
     b = bias_through(w2, a2.groups, beta)
@@ -396,10 +375,6 @@ def _merge_one(gm: fx.GraphModule, consts: Constants, conv2: fx.Node) -> bool:
 
 def merge_sequential_convs(gm: fx.GraphModule) -> bool:
     """Merge every 1×1 conv (through affine/pad-with-bias ops) into the conv that follows."""
-    changed = False
     consts = Constants(gm)
-    for node in list(gm.graph.nodes):
-        if is_erased(node) or node.op != "call_function" or node.target not in CONV_OPS:
-            continue
-        changed |= _merge_one(gm, consts, node)
-    return changed
+    return for_each(gm, lambda node: node.op == "call_function" and node.target in CONV_OPS,
+                    lambda conv2: _merge_one(gm, consts, conv2))

@@ -32,6 +32,8 @@ import torch
 from torch import Tensor, fx
 from torch.utils import _pytree as pytree
 
+from quantflow.export import export_dynamic_batch
+
 log = logging.getLogger("quantflow")
 aten = torch.ops.aten
 
@@ -261,8 +263,6 @@ def make_batch_dynamic(gm: fx.GraphModule, inputs: Sequence[Tensor]) -> fx.Graph
     Never raises for a rewrite or proof that fails: the static graph is always correct at
     its own batch, so any failure here only means chunked runs (logged with the reason).
     """
-    from quantflow.ir import export_dynamic_batch  # ir.capture calls this module
-
     batch = _batch_of(inputs)
     info: dict[str, Any] = {"mode": "static", "exported_batch": batch, "rewritten": [],
                             "reason": None}

@@ -28,7 +28,7 @@ from quantflow import resources
 from quantflow.errors import CaptureError, InputError, UsageError
 
 if TYPE_CHECKING:
-    from quantflow.load import LoadedModel
+    from quantflow.loaded import LoadedModel
     from quantflow.pipeline import Dataset
     from quantflow.spec import QuantPlan
 
@@ -74,7 +74,7 @@ def _first_bad(t: Tensor) -> tuple[int, int, tuple[int, ...]]:
 
 def _tensors(module: nn.Module) -> Iterator[tuple[str, str, Tensor]]:
     """(kind, name, tensor) for every parameter, buffer and graph constant of `module`, and
-    of a ScriptModule kept out of the module tree (load._ScriptModuleCall)."""
+    of a ScriptModule kept out of the module tree (load_torchscript._ScriptModuleCall)."""
     mods = [module]
     hidden = getattr(module, "_script", None)
     if isinstance(hidden, tuple) and hidden and isinstance(hidden[0], nn.Module):

@@ -1,9 +1,11 @@
-"""fold_bn, remove_identity, dead_code and the default pipeline: exact equivalence on models with
-randomized BN statistics/affine parameters (identity-initialized BN would prove nothing)."""
+"""canonical_convs, fold_bn, remove_identity, dead_code and the default pipeline: exact
+equivalence on models with randomized BN statistics/affine parameters (identity-initialized BN
+would prove nothing)."""
 
 from __future__ import annotations
 
 import io
+import logging
 import operator
 from collections.abc import Callable
 from typing import TypeVar
@@ -15,7 +17,13 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 from quantflow.ir import capture, count_ops, unlift
-from quantflow.passes import DEFAULT_PIPELINE, dead_code, optimize, remove_identity
+from quantflow.passes import (
+    DEFAULT_PIPELINE,
+    canonical_convs,
+    dead_code,
+    optimize,
+    remove_identity,
+)
 from quantflow.passes.fold_bn import fold_bn, fold_bn_weights
 from quantflow.testing import check_pass
 
@@ -270,6 +278,52 @@ def test_dead_code_drops_folded_constants() -> None:
     assert [name for name, _ in gm.named_modules()] == [""]  # unused submodules gone
 
 
+# ----------------------------------------------------------------------------- canonical_convs
+
+class GenericConvs(nn.Module):
+    """Convs the way TorchScript records them: `aten.convolution` (TS2EPConverter) and
+    `aten._convolution` (export through the interpreter), grouped/strided/dilated, 2-d and 1-d,
+    then a BN (foldable only once the conv is canonical) and a transposed conv (no canonical
+    form)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w2 = nn.Parameter(torch.randn(8, 2, 3, 3, generator=g))
+        self.b2 = nn.Parameter(torch.randn(8, generator=g))
+        self.w3 = nn.Parameter(torch.randn(6, 8, 3, 3, generator=g))
+        self.w1 = nn.Parameter(torch.randn(5, 6, 3, generator=g))
+        self.wt = nn.Parameter(torch.randn(5, 4, 3, generator=g))
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = aten.convolution.default(x, self.w2, self.b2, [2, 1], [1, 1], [1, 1], False,
+                                     [0, 0], 2)
+        y = aten._convolution.default(y, self.w3, None, [1, 1], [2, 2], [2, 2], False, [0, 0],
+                                      1, False, False, True, True)
+        y = self.bn(y).flatten(2)
+        y = aten.convolution.default(y, self.w1, None, [1], [1], [1], False, [0], 1)
+        return aten.convolution.default(y, self.wt, None, [1], [0], [1], True, [0], 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_canonical_convs(dtype: torch.dtype, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="quantflow.passes")
+    model = randomize_bn(GenericConvs()).to(dtype)
+    gm = check_pass(canonical_convs, model, (torch.randn(2, 4, 10, 10, dtype=dtype),))
+    assert n_ops(gm, aten.conv2d.default) == 2 and n_ops(gm, aten.conv1d.default) == 1
+    assert n_ops(gm, aten._convolution.default) == 0
+    assert n_ops(gm, aten.convolution.default) == 1  # the transposed one, with its reason
+    assert "canonical_convs: skip" in caplog.text and "transposed" in caplog.text
+
+
+def test_pipeline_folds_bn_after_a_generic_conv() -> None:
+    """canonical_convs runs first, so fold_bn sees conv2d in the same pipeline run."""
+    x = torch.randn(2, 4, 10, 10)
+    gm = check_pass(as_bool, randomize_bn(GenericConvs()), (x,))
+    assert count_ops(gm)["batch_norm"] == 0 and count_ops(gm)["conv"] == 3
+
+
 # ----------------------------------------------------------------------------- pipeline
 
 class Block(nn.Module):
@@ -302,7 +356,7 @@ class TinyResNet(nn.Module):
 
 
 def test_default_pipeline_order() -> None:
-    assert DEFAULT_PIPELINE[:2] == (remove_identity, fold_bn)
+    assert DEFAULT_PIPELINE[:3] == (canonical_convs, remove_identity, fold_bn)
     assert DEFAULT_PIPELINE[-1] is dead_code
 
 
