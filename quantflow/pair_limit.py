@@ -26,9 +26,12 @@ pair keep their codes and scale untouched.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
+
+from quantflow.spec import KernelRules, LayerPlan, QSpec
 
 #: int16 accumulator limit of the pair sum
 INT16_MAX = 32767
@@ -167,3 +170,59 @@ def fit_pairs(w: torch.Tensor, scale: torch.Tensor, qmax: int, a: torch.Tensor,
     after = codes * (s.reshape(-1, 1) * growth.reshape(-1, 1)) - w
     return PairFit(codes, new_scale, int(bad0.sum()), int(rows.sum()), float(growth.max()),
                    before, _sqnr(w, after))
+
+
+# ------------------------------------------------------------------ applied to one layer
+
+
+def seven_bit(spec: QSpec) -> QSpec:
+    """The same weight spec in 7 bits, [-63, 63]: no two same-sign codes sum past 128."""
+    return replace(spec, bits=min(spec.bits, 7))
+
+
+def needs_pair_limit(rules: KernelRules, lp: LayerPlan, w: torch.Tensor, groups: int,
+                     repair: str | None) -> bool:
+    """Whether the layer runs on pair-summing kernels that the rules say to respect: 8-bit
+    activations into a symmetric int8 weight (4-bit codes, |w| <= 7, never reach the bound),
+    not a depthwise conv (its kernels widen to 16/32 bits before adding: exact)."""
+    if rules.pair_limit is None and repair != "pairs":
+        return False
+    assert lp.weight is not None
+    if lp.act is None or lp.act.bits != 8 or lp.weight.bits != 8 or not lp.weight.symmetric:
+        return False
+    depthwise = groups > 1 and w.dim() > 2 and w.shape[1] == 1 and w.shape[0] == groups
+    return not depthwise
+
+
+def fit_layer(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, spec: QSpec,
+              lp: LayerPlan, groups: int, input_sq_mean: torch.Tensor | None,
+              rules: KernelRules) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any] | None]:
+    """Codes and scales of one layer's weight `w` that no kernel pair can saturate, and the
+    record of what changed for the report (None: nothing needed to)."""
+    assert lp.act is not None
+    limit = rules.pair_limit.acc_max if rules.pair_limit else INT16_MAX
+    act_max = lp.act.qmax - lp.act.qmin  # raw codes reach the whole range: x - qmin
+    bound = pair_bound(max(act_max, 1), limit)
+    a, b = pair_index(tuple(w.shape))
+    w2d = w.detach().reshape(w.shape[0], -1)
+    col = None
+    if input_sq_mean is not None and input_sq_mean.numel() == w.shape[1] * groups:
+        # E[x²] of the input channel each weight multiplies (groups: the first group's
+        # channels stand for all; the error weighting only needs relative sizes)
+        per_in = input_sq_mean.reshape(groups, -1).mean(0)
+        col = per_in.repeat_interleave(w2d.shape[1] // w.shape[1])
+    shared = spec.granularity != "channel"
+    fit = fit_pairs(w2d, scale, spec.qmax, a, b, bound, col, shared_scale=shared)
+    if fit.pairs_over == 0:
+        return codes, scale, None
+    record = {
+        "fix": "pairs", "pairs_over_bound": fit.pairs_over, "pair_bound": bound,
+        "channels_changed": fit.channels_changed, "channels": int(w.shape[0]),
+        "max_scale_growth": round(fit.max_scale_growth, 4),
+        "weight_sqnr_db": {"unconstrained": round(fit.weight_sqnr_before_db, 2),
+                           "pair_limited": round(fit.weight_sqnr_after_db, 2)},
+        "why": rules.pair_limit.why if rules.pair_limit
+        else "runtime parity check found this layer off"}
+    new_scale = fit.scale.float().reshape(scale.shape) if not shared \
+        else fit.scale.float().reshape(())
+    return fit.codes.reshape(w.shape), new_scale, record

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ from quantflow.calibrate import TensorStats
 from quantflow.calibrators import activation_qparams
 from quantflow.errors import CaptureError
 from quantflow.ir import CONV_OPS, WEIGHTED_OPS, ConvArgs, add_const, get_tensor, is_const, is_op
-from quantflow.pair_limit import fit_pairs, pair_bound, pair_index
+from quantflow.pair_limit import fit_layer, needs_pair_limit, seven_bit
 from quantflow.qmath import quantize as q_codes
 from quantflow.qmath import weight_qparams
 from quantflow.spec import KernelRules, LayerPlan, QSpec, QuantPlan
@@ -273,7 +273,7 @@ def _quantize_weight(gm: fx.GraphModule, n: fx.Node, lp: LayerPlan, info: QuantI
     groups = ConvArgs.of(n).groups if is_op(n, CONV_OPS) else 1
     repair = info.rules.repairs.get(n.name)
     if repair == "7bit":  # the parity gate's last resort: |w| <= 64 cannot saturate a pair
-        spec = _seven_bit(spec)
+        spec = seven_bit(spec)
     scale, zp = weight_qparams(w, spec)
     per_channel = spec.granularity == "channel"
     codes = q_codes(w.double(), scale.double(), zp, spec.qmin, spec.qmax,
@@ -281,9 +281,11 @@ def _quantize_weight(gm: fx.GraphModule, n: fx.Node, lp: LayerPlan, info: QuantI
     if repair == "7bit":
         info.portability[n.name] = {"op": _op_name(n), "fix": "7bit",
                                     "why": "runtime parity check found this layer off"}
-    elif _pair_limited(info.rules, lp, w, groups, repair):
-        codes, scale = _fit_pair_limit(n, w, codes, scale, spec, lp, groups, input_sq_mean,
-                                       info)
+    elif needs_pair_limit(info.rules, lp, w, groups, repair):
+        codes, scale, record = fit_layer(w, codes, scale, spec, lp, groups, input_sq_mean,
+                                         info.rules)
+        if record is not None:
+            info.portability[n.name] = {"op": _op_name(n), **record}
     codes = codes.to(dtype_of(spec))
     wq = add_const(gm, f"{n.name}_weight_int{spec.bits}", codes, n)
     with gm.graph.inserting_before(n):
@@ -337,58 +339,6 @@ def _quantize_weight(gm: fx.GraphModule, n: fx.Node, lp: LayerPlan, info: QuantI
 
 def _op_name(n: fx.Node) -> str:
     return str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
-
-
-def _seven_bit(spec: QSpec) -> QSpec:
-    """The same weight spec in 7 bits, [-63, 63]: no two same-sign codes sum past 128."""
-    return replace(spec, bits=min(spec.bits, 7))
-
-
-def _pair_limited(rules: KernelRules, lp: LayerPlan, w: torch.Tensor, groups: int,
-                  repair: str | None) -> bool:
-    """Whether the layer runs on pair-summing kernels that the rules say to respect: 8-bit
-    activations into a symmetric int8 weight (4-bit codes, |w| <= 7, never reach the bound),
-    not a depthwise conv (its kernels widen to 16/32 bits before adding: exact)."""
-    if rules.pair_limit is None and repair != "pairs":
-        return False
-    assert lp.weight is not None
-    if lp.act is None or lp.act.bits != 8 or lp.weight.bits != 8 or not lp.weight.symmetric:
-        return False
-    depthwise = groups > 1 and w.dim() > 2 and w.shape[1] == 1 and w.shape[0] == groups
-    return not depthwise
-
-
-def _fit_pair_limit(n: fx.Node, w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-                    spec: QSpec, lp: LayerPlan, groups: int, input_sq_mean: torch.Tensor | None,
-                    info: QuantInfo) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (and scales) of `n`'s weight that no kernel pair can saturate; records why."""
-    assert lp.act is not None
-    limit = info.rules.pair_limit.acc_max if info.rules.pair_limit else 32767
-    act_max = lp.act.qmax - lp.act.qmin  # raw codes reach the whole range: x - qmin
-    bound = pair_bound(max(act_max, 1), limit)
-    a, b = pair_index(tuple(w.shape))
-    w2d = w.detach().reshape(w.shape[0], -1)
-    col = None
-    if input_sq_mean is not None and input_sq_mean.numel() == w.shape[1] * groups:
-        # E[x²] of the input channel each weight multiplies (groups: the first group's
-        # channels stand for all; the error weighting only needs relative sizes)
-        per_in = input_sq_mean.reshape(groups, -1).mean(0)
-        col = per_in.repeat_interleave(w2d.shape[1] // w.shape[1])
-    shared = spec.granularity != "channel"
-    fit = fit_pairs(w2d, scale, spec.qmax, a, b, bound, col, shared_scale=shared)
-    if fit.pairs_over == 0:
-        return codes, scale
-    info.portability[n.name] = {
-        "op": _op_name(n), "fix": "pairs", "pairs_over_bound": fit.pairs_over,
-        "pair_bound": bound, "channels_changed": fit.channels_changed,
-        "channels": int(w.shape[0]), "max_scale_growth": round(fit.max_scale_growth, 4),
-        "weight_sqnr_db": {"unconstrained": round(fit.weight_sqnr_before_db, 2),
-                           "pair_limited": round(fit.weight_sqnr_after_db, 2)},
-        "why": info.rules.pair_limit.why if info.rules.pair_limit
-        else "runtime parity check found this layer off"}
-    new_scale = fit.scale.float().reshape(scale.shape) if not shared \
-        else fit.scale.float().reshape(())
-    return fit.codes.reshape(w.shape), new_scale
 
 
 def _bcast(t: torch.Tensor, dim: int, axis: int | None) -> torch.Tensor:

@@ -38,8 +38,8 @@ import onnx
 import torch
 from torch import fx
 
-from quantflow.errors import TargetUnavailableError
 from quantflow import hostcpu
+from quantflow.errors import TargetUnavailableError
 from quantflow.spec import KernelRules
 from quantflow.targets import ARTIFACT_SUFFIXES, onnx_int4, ort_isa
 from quantflow.targets.base import Artifact, Latency, TargetCaps, device_description, time_runs

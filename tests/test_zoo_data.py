@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from quantflow import data, zoo
+from quantflow import data, images, zoo
 from quantflow.data import DataError, load_tensor_data, preprocess_image
 from quantflow.zoo import MODELS, get_model, list_models, load_metadata
 from quantflow.zoo.imagenet import imagenet_class_names
@@ -159,19 +159,19 @@ def test_missing_fashion_mnist_says_apt_get(
 def test_natural_images_are_many_distinct_and_split_by_photo() -> None:
     x, sources = data.natural_images_with_sources()
     assert x.shape[1:] == (3, 224, 224) and x.shape[0] >= 100
-    assert len(set(sources)) == len(data.NATURAL_PHOTOS)
+    assert len(set(sources)) == len(images.NATURAL_PHOTOS)
     flat = x.flatten(1)
     assert torch.unique(flat, dim=0).shape[0] == x.shape[0]  # all views distinct
-    group = {p.name: p.group for p in data.NATURAL_PHOTOS}
-    calib_groups = {group[s] for s in sources if group[s] in data.CALIB_GROUPS}
-    eval_groups = {group[s] for s in sources if group[s] not in data.CALIB_GROUPS}
+    group = {p.name: p.group for p in images.NATURAL_PHOTOS}
+    calib_groups = {group[s] for s in sources if group[s] in images.CALIB_GROUPS}
+    eval_groups = {group[s] for s in sources if group[s] not in images.CALIB_GROUPS}
     assert calib_groups and eval_groups and not calib_groups & eval_groups
     calib, evals = data.natural_images_split()
     assert calib.shape[0] + evals.shape[0] == x.shape[0] and min(len(calib), len(evals)) >= 40
     calib_rows = {r.numpy().tobytes() for r in calib.flatten(1)}
     assert not any(r.numpy().tobytes() in calib_rows for r in evals.flatten(1))
     # The first 8 views are the standard 256/224 center crops.
-    astronaut = Image.fromarray(data.NATURAL_PHOTOS[0].load())
+    astronaut = Image.fromarray(images.NATURAL_PHOTOS[0].load())
     assert torch.allclose(x[0], preprocess_image(astronaut, "imagenet"))
 
 
