@@ -8,8 +8,9 @@ the artifact lowered again: first with the pair limit on that layer (pair-aware 
 targets/ort_isa.py), then with 7-bit weights; a layer still off after both, or one without
 weights to change (an add, a pool), fails the compile with ParityError (exit 7).
 
-A target opts in by having `tensor_codes(artifact, names, feeds, isa)`; TVM and TensorRT keep
-their own numerics checks (runtime output vs simulation, targets/tvm.py and targets/trt.py).
+A target opts in by declaring `caps.parity_taps` and so providing `tensor_codes(artifact, names,
+feeds, isa)` (targets.base.ParityTaps); TVM and TensorRT keep their own numerics checks
+(runtime output vs simulation, in their tests).
 """
 
 from __future__ import annotations

@@ -130,10 +130,24 @@ class TargetCaps:
 
 @runtime_checkable
 class Target(Protocol):
-    """What every backend provides. See targets/ort.py for the reference implementation."""
+    """What every backend provides; what a backend can do beyond this, it declares in `caps`
+    (callers ask `caps`, never probe). See targets/ort.py for the reference implementation.
+
+    `isinstance(obj, Target)` checks that every member below exists (not their signatures:
+    mypy does that where a target is used as a `Target`, e.g. tests/test_target_caps.py).
+    """
 
     name: str
-    caps: TargetCaps
+
+    @property
+    def caps(self) -> TargetCaps:
+        """What this target can do; a class attribute in every target (read-only here, so
+        a `ClassVar` on a dataclass target conforms too)."""
+        ...
+
+    #: the runtime's thread count for run/profile (None: the runtime's default); honoured
+    #: where `caps.threads`
+    threads: int | None
 
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
               out_dir: Path, *, precision: str) -> Artifact:
@@ -145,9 +159,9 @@ class Target(Protocol):
         ...
 
     def profile(self, artifact: Artifact, inputs: Sequence[np.ndarray], *, warmup: int = 10,
-                runs: int = 50, threads: int | None = None) -> Latency:
-        """Latency on this machine with the target's own runtime (`per_layer=True` too, where
-        `caps.per_layer_profile`)."""
+                runs: int = 50, threads: int | None = None, per_layer: bool = False) -> Latency:
+        """Latency on this machine with the target's own runtime. `per_layer=True` fills
+        `Latency.per_layer_ms` where `caps.per_layer_profile`; elsewhere it stays None."""
         ...
 
     def load_artifact(self, path: str | Path) -> Artifact:
@@ -156,4 +170,16 @@ class Target(Protocol):
 
     def artifact_warning(self, artifact: Artifact) -> str | None:
         """Why this host may not run `artifact` exactly, or None."""
+        ...
+
+
+@runtime_checkable
+class ParityTaps(Protocol):
+    """What a target with `caps.parity_taps` adds: the integer codes of quantized tensors, as
+    the runtime computes them on `isa` ("host" or an emulated CPU class), per run of `feeds`
+    (the parity gate, quantflow.verify)."""
+
+    def tensor_codes(self, artifact: Artifact, names: Sequence[str],
+                     feeds: Sequence[Sequence[np.ndarray]], isa: str = "host"
+                     ) -> list[dict[str, np.ndarray]]:
         ...

@@ -28,241 +28,50 @@ Without TensorRT (this CI: no GPU, PyPI's `tensorrt` is a downloader stub) `run`
 same Q/DQ ONNX in onnxruntime — identical Q/DQ semantics, which is how numerics are proven here
 — and `profile` refuses (TensorRT latency exists only on the device) unless
 `allow_ort_proxy=True`, which times onnxruntime and labels the result as a proxy.
+
+Modules: this one is the target (lower, run, profile); the bundle files and the int32-bias
+folding are trt_bundle.py, the in-process engine (and whether TensorRT can run here)
+trt_engine.py, the placement rules trt_rules.py over the graph index in trt_qdq_graph.py.
 """
 
 from __future__ import annotations
 
 import collections
-import importlib.util
 import json
 import logging
 import os
-import re
-import shlex
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, numpy_helper
 from torch import fx
 
+from quantflow import devices
 from quantflow.errors import TargetUnavailableError, UnsupportedOpError
 from quantflow.targets import ARTIFACT_SUFFIXES
 from quantflow.targets.base import Artifact, Latency, TargetCaps, device_description, time_runs
 from quantflow.targets.onnx_artifact import load_onnx_artifact
 from quantflow.targets.onnx_export import export_onnx
-from quantflow.targets.trt_rules import QDQ_OPS, check_trt_qdq, format_violations
+from quantflow.targets.trt_bundle import (
+    MIN_TRT,
+    build_script,
+    fold_int32_bias_dq,
+    load_build_script,
+    render_readme,
+    trtexec_command,
+)
+from quantflow.targets.trt_engine import Engine, engine_latency, tensorrt_unavailable_reason
+from quantflow.targets.trt_qdq_graph import QDQ_OPS
+from quantflow.targets.trt_rules import check_trt_qdq, format_violations
 
 log = logging.getLogger("quantflow.targets")
 
 PRECISIONS = ("int8", "mixed", "fp32")
 #: violations quoted in an error message (all of them are in qdq_check.json)
 MAX_LISTED = 8
-#: oldest TensorRT whose Python API has everything used here (name-based I/O tensors,
-#: execute_async_v3, engine inspector, set_memory_pool_limit)
-MIN_TRT = "8.6"
-
-
-#: The standalone build script shipped in every bundle and run in-process when TensorRT exists:
-#: `trt_build_engine.py`, plain Python >= 3.9 + tensorrt, no quantflow import (it must run on a
-#: bare device). Its `DEFAULTS = {...}` line is rewritten with the lowering's flags.
-BUILD_SCRIPT = Path(__file__).resolve().parent / "trt_build_engine.py"
-_DEFAULTS_LINE = re.compile(r"^DEFAULTS: dict\[str, Any\] = \{[^}]*\}", re.MULTILINE)
-
-
-def build_script(defaults: dict[str, Any]) -> str:
-    """The bundle's build_engine.py with `defaults` (one line) as its default flags."""
-    text, n = _DEFAULTS_LINE.subn(lambda _: f"DEFAULTS: dict[str, Any] = {defaults!r}",
-                                  BUILD_SCRIPT.read_text())
-    assert n == 1, "trt_build_engine.py must have exactly one DEFAULTS line"
-    return text
-
-
-def tensorrt_unavailable_reason() -> str | None:
-    """None if TensorRT can build and run engines here, else why not (for messages)."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return "the tensorrt Python package is not installed"
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - the PyPI stub and broken installs raise anything
-        return f"`import tensorrt` failed ({type(exc).__name__}: {exc})"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU is visible to torch (torch.cuda.is_available() is False)"
-    return None
-
-
-def fold_int32_bias_dq(model: onnx.ModelProto) -> list[str]:
-    """Replace DequantizeLinear(int32 constant) by its float value, in place; return the names.
-
-    y = (x - zp) * s computed in float32 exactly as DequantizeLinear does, so the graph's
-    numbers do not change. TensorRT's DequantizeLinear takes INT8/FP8/INT4/FP4 only.
-    """
-    inits = {i.name: i for i in model.graph.initializer}
-    folded: list[str] = []
-    for node in list(model.graph.node):
-        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
-            continue
-        x_init = inits[node.input[0]]
-        if x_init.data_type != TensorProto.INT32 or node.input[1] not in inits:
-            continue
-        x = numpy_helper.to_array(x_init).astype(np.float32)
-        s = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        zp_name = node.input[2] if len(node.input) > 2 else ""
-        zp = (numpy_helper.to_array(inits[zp_name]).astype(np.float32) if zp_name in inits
-              else np.zeros_like(s))
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        if s.ndim == 1 and s.size > 1:  # per-axis: broadcast along `axis`
-            shape = [1] * x.ndim
-            shape[axis % x.ndim] = s.size
-            s, zp = s.reshape(shape), zp.reshape(shape)
-        value = ((x - zp) * s).astype(np.float32)
-        model.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
-        model.graph.node.remove(node)
-        folded.append(node.output[0])
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    for init in list(model.graph.initializer):
-        if init.name not in used:
-            model.graph.initializer.remove(init)
-    return folded
-
-
-def trtexec_command(*, int8: bool, fp16: bool, strongly_typed: bool, workspace_mb: int) -> str:
-    """The trtexec line equivalent to build_engine.py, plus a per-layer benchmark.
-
-    Flags per the trtexec reference (https://docs.nvidia.com/deeplearning/tensorrt/latest/
-    reference/command-line-programs.html and samples/trtexec/README.md): `--stronglyTyped`
-    forbids precision flags; `--memPoolSize` needs TensorRT >= 8.4 (older: `--workspace`).
-    """
-    args = ["trtexec", "--onnx=model.onnx", "--saveEngine=model.engine"]
-    if strongly_typed:
-        args.append("--stronglyTyped")  # precision flags are not allowed with it
-    else:
-        args += ["--int8"] * int8 + ["--fp16"] * fp16
-    args += [f"--memPoolSize=workspace:{workspace_mb}M", "--timingCacheFile=timing.cache",
-             "--profilingVerbosity=detailed", "--dumpLayerInfo", "--exportLayerInfo=layers.json",
-             "--dumpProfile", "--separateProfileRun"]
-    return shlex.join(args)
-
-
-def render_readme(*, trtexec: str, reason: str | None, warnings: list[str],
-                  quantized: bool) -> str:
-    status = ("The engine was built here (`model.engine`); rebuild it on every other device."
-              if reason is None else
-              f"No engine was built on the machine that wrote this bundle: {reason}.")
-    warn = "\n".join(f"- {w}" for w in warnings) or "- none"
-    model = ("an explicitly quantized (Q/DQ) ONNX model with symmetric int8 scales. No "
-             "calibration data or calibrator is needed: the scales are in the Q/DQ nodes, and "
-             "`--int8` only allows TensorRT to use int8 kernels where they say so; `--fp16` "
-             "lets the layers kept in float run in half precision." if quantized else
-             "the float (FP32 baseline) model, without Q/DQ nodes; `--fp16`, if given, lets "
-             "TensorRT run it in half precision.")
-    return f"""# TensorRT deployment bundle (quantflow)
-
-{status}
-
-A TensorRT engine is specific to the GPU model, the TensorRT version and the CUDA version it is
-built with, so it must be built **on the target device**, with TensorRT >= {MIN_TRT} (8.6 or
-10.x; `--stronglyTyped` needs 10.x): the builder times candidate kernels (tactics) on that very
-GPU and serializes the fastest, and a plan file is not portable across GPUs or versions. Where
-your TensorRT release deprecates weakly typed networks (precision flags), build with
-`--strongly-typed` / `trtexec --stronglyTyped` instead; float layers then run in FP32.
-
-`model.onnx` is portable: {model}
-
-## Build
-
-    python build_engine.py            # TensorRT Python API; writes model.engine, timing.cache,
-                                      # layers.json and prints a per-layer precision report
-    python build_engine.py --help     # --int8/--no-int8, --fp16/--no-fp16, --strongly-typed
-
-or with trtexec (also benchmarks and prints per-layer times):
-
-    {trtexec}
-
-`timing.cache` makes rebuilds fast; it is valid only for the same device and TensorRT version.
-
-## Check the result
-
-`layers.json` (engine inspector, detailed verbosity) lists every fused layer with its input and
-output formats: quantized convolutions show `Int8` inputs. Layers reported as FP32 and
-`Reformat` layers are where time goes beyond the int8 kernels.
-
-## Structural check of the Q/DQ placement (`qdq_check.json`)
-
-Warnings found by quantflow's TensorRT rule checker:
-
-{warn}
-"""
-
-
-def _load_build_script(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("quantflow_trt_build_engine", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-class _Engine:
-    """A deserialized engine bound to torch CUDA buffers (TensorRT >= 8.6 name-based API).
-
-    Each I/O tensor gets a device address via set_tensor_address; execute_async_v3 enqueues on
-    a torch CUDA stream. Docs: IExecutionContext, https://docs.nvidia.com/deeplearning/tensorrt/
-    latest/_static/python-api/infer/Core/ExecutionContext.html; "Migrating I/O Buffer Allocation
-    to Named Tensors", https://docs.nvidia.com/deeplearning/tensorrt/latest/api/migration/
-    tensorrt-8x-to-10x-python-api-patterns.html. Not exercised in CI (no GPU there).
-    """
-
-    def __init__(self, engine_path: Path) -> None:
-        import tensorrt as trt
-
-        self.trt = trt
-        self.logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
-        if self.engine is None:
-            raise TargetUnavailableError(f"trt: could not deserialize {engine_path} (built with "
-                                         "another TensorRT version or GPU?); rebuild it here")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names
-                       if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.outputs = [n for n in names if n not in self.inputs]
-        self.stream = torch.cuda.Stream()
-        self._keep: list[torch.Tensor] = []
-
-    def bind(self, feed: dict[str, np.ndarray]) -> list[torch.Tensor]:
-        self._keep = []
-        for name in self.inputs:
-            t = torch.from_numpy(np.ascontiguousarray(feed[name])).cuda()
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
-            self._keep.append(t)  # the buffer must outlive the enqueued work
-        outs = []
-        for name in self.outputs:
-            shape = tuple(self.context.get_tensor_shape(name))
-            np_dtype = np.dtype(self.trt.nptype(self.engine.get_tensor_dtype(name)))
-            t = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, np_dtype)).dtype,
-                            device="cuda")
-            self.context.set_tensor_address(name, t.data_ptr())
-            outs.append(t)
-        self._keep += outs
-        return outs
-
-    def execute(self) -> None:
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeError("trt: execute_async_v3 failed (see the TensorRT log above)")
-
-    def run(self, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        outs = self.bind(feed)
-        self.execute()
-        self.stream.synchronize()
-        return [o.cpu().numpy() for o in outs]
 
 
 class TrtTarget:
@@ -271,7 +80,7 @@ class TrtTarget:
     name = "trt"
     #: per-layer times come from the engine build's layer report, not from `profile`;
     #: TensorRT has no int16 activations
-    caps = TargetCaps(per_layer_profile=False, threads=True, devices=("host",),
+    caps = TargetCaps(per_layer_profile=False, threads=True, devices=devices.DEVICES["trt"],
                       integer_options=frozenset({"W8A8", "W4A8"}),
                       artifact_suffixes=ARTIFACT_SUFFIXES["trt"])
 
@@ -286,7 +95,7 @@ class TrtTarget:
         self.timing_cache = timing_cache
         self.opset = opset
         self.threads = threads
-        self._engines: dict[str, _Engine] = {}
+        self._engines: dict[str, Engine] = {}
         self._sessions: dict[str, Any] = {}
 
     # -- lower ----------------------------------------------------------------------------------
@@ -363,7 +172,7 @@ class TrtTarget:
                             meta)
 
         engine_path = out_dir / "model.engine"
-        summary = _load_build_script(script).build(
+        summary = load_build_script(script).build(
             onnx_path, engine_path, int8=int8, fp16=fp16, strongly_typed=self.strongly_typed,
             workspace_mb=self.workspace_mb,
             timing_cache=self.timing_cache or str(out_dir / "timing.cache"),
@@ -390,10 +199,10 @@ class TrtTarget:
             return False
         return True
 
-    def _engine(self, artifact: Artifact) -> _Engine:
+    def _engine(self, artifact: Artifact) -> Engine:
         key = artifact.files["model"]
         if key not in self._engines:
-            self._engines[key] = _Engine(Path(key))
+            self._engines[key] = Engine(Path(key))
         return self._engines[key]
 
     def _ort_session(self, artifact: Artifact, threads: int | None = None) -> Any:
@@ -437,12 +246,16 @@ class TrtTarget:
 
     # -- profile --------------------------------------------------------------------------------
     def profile(self, artifact: Artifact, inputs: Sequence[np.ndarray], *, warmup: int = 10,
-                runs: int = 50, threads: int | None = None) -> Latency:
-        """GPU time per inference (CUDA events around execute_async_v3, inputs resident)."""
+                runs: int = 50, threads: int | None = None, per_layer: bool = False) -> Latency:
+        """GPU time per inference (CUDA events around execute_async_v3, inputs resident).
+
+        `per_layer` is accepted as the `Target` protocol has it, and ignored: per-layer times
+        come from the engine build's layer report (`caps.per_layer_profile` is False)."""
         batch = int(inputs[0].shape[0]) if inputs and np.ndim(inputs[0]) else 1
         feed = dict(zip(artifact.input_names, inputs))
         if self._use_engine(artifact):
-            return self._profile_engine(artifact, feed, warmup=warmup, runs=runs, batch=batch)
+            return engine_latency(self._engine(artifact), feed, warmup=warmup, runs=runs,
+                                  batch=batch)
         if not self.allow_ort_proxy:
             raise TargetUnavailableError(
                 "trt: TensorRT latency can only be measured on the device with the built "
@@ -455,28 +268,6 @@ class TrtTarget:
         return time_runs(lambda: sess.run(names, feed), warmup=warmup, runs=runs, threads=n,
                          batch=batch, device="PROXY onnxruntime-CPU, NOT TensorRT: "
                                            + device_description())
-
-    def _profile_engine(self, artifact: Artifact, feed: dict[str, np.ndarray], *, warmup: int,
-                        runs: int, batch: int) -> Latency:
-        eng = self._engine(artifact)
-        eng.bind(feed)
-        for _ in range(warmup):
-            eng.execute()
-        eng.stream.synchronize()
-        times = []
-        for _ in range(runs):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(eng.stream)
-            eng.execute()
-            end.record(eng.stream)
-            end.synchronize()
-            times.append(float(start.elapsed_time(end)))
-        times.sort()
-        return Latency(median_ms=statistics.median(times),
-                       p90_ms=times[min(len(times) - 1, round(0.9 * (len(times) - 1)))],
-                       mean_ms=statistics.fmean(times), runs=runs, warmup=warmup, threads=1,
-                       batch=batch, device=f"{torch.cuda.get_device_name()} (TensorRT "
-                                           f"{eng.trt.__version__}, GPU time, CUDA events)")
 
 
 def make_target(fp16_fallback: bool = True, workspace_mb: int = 1024,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-#: the flags quantflow lowered with; rewritten in every bundle (targets/trt.py)
+#: the flags quantflow lowered with; rewritten in every bundle (targets/trt_bundle.py)
 DEFAULTS: dict[str, Any] = {
     "int8": True, "fp16": True, "strongly_typed": False, "workspace_mb": 1024,
 }

@@ -4,21 +4,21 @@ Pipeline (`TVMTarget.lower`):
 1. `tvm_frontend.to_relax`: torch.export the graph and import it with
    `relax.frontend.torch.from_exported_program`; quantized convs and linears become
    uint8/int8 x int8 -> int32 kernels with zero-point correction, and the requantize is folded
-   into the next quantize by operator fusion (algebra in tvm_frontend's docstring).
+   into the next quantize by operator fusion (algebra in tvm_int_math's docstring).
    Why not the QDQ-ONNX route: `relax.frontend.onnx` imports QDQ as fp32 convs between
    quantize/dequantize (simulation only), and the int rewrite would then have to rediscover
    which DQ feeds which conv; the fx graph says it directly.
    With `vnni` (default: when tuning for an AVX512-VNNI host), uint8 convs with in channels
    % 4 == 0 and out channels % 16 == 0 become an NHWC conv over a weight packed in 16 x 4
-   blocks (`tvm_frontend.vnni_conv2d_nhwc`), the only form MetaSchedule's x86 VNNI rule can
+   blocks (`tvm_int_math.vnni_conv2d_nhwc`), the only form MetaSchedule's x86 VNNI rule can
    tensorize into vpdpbusd; TVM's NCHW int8 conv tunes to about FP32 speed (docs/benchmarks.md).
 2. `tvm_tune.prepare` (legalize, fold constants, fuse) and, with `tune_trials > 0`,
    MetaSchedule tuning cached per (model, target) (`tvm_tune.tune`).
 3. `tvm.compile` for the host CPU (`llvm -mcpu=<this CPU>`, num-cores) or, with
    `device="aarch64"`, a cross-compiled bundle (`tvm_edge`), and `export_library`.
-4. `out_dir/manifest.json`: inputs/outputs (name, shape, dtype), sha256 of every file, target,
-   integer/float layer lists, kernel -> fx layer names (`kernel_layers`, read by per-layer
-   profiles), tuning record and untuned/tuned latencies. Like the ort target,
+4. `out_dir/manifest.json` (`tvm_artifact`): inputs/outputs (name, shape, dtype), sha256 of
+   every file, target, integer/float layer lists, kernel -> fx layer names (`kernel_layers`,
+   read by per-layer profiles), tuning record and untuned/tuned latencies. Like the ort target,
    fp32 and quantized artifacts share `out_dir` (the pipeline lowers both there): fp32 writes
    `model_fp32.so` + `manifest_fp32.json`, int8/mixed write `model.so` + `manifest.json`.
 
@@ -29,14 +29,13 @@ Threads: TVM's pool reads TVM_NUM_THREADS when it starts; `profile(threads=N)` r
 with the runtime's `config_threadpool`.
 
 Profiling a library later (`quantflow profile model.so`): `load_artifact` reads it back with
-its manifest (sha256 checked); `profile(per_layer=True)` times every kernel call through the
-VM instrument and names it after its fx layer (`conv2d_3`, `conv2d_3 (pad)`) where the
-manifest's `kernel_layers` knows it, by TVM's fused-kernel name otherwise.
+its manifest (sha256 checked; `tvm_artifact`); `profile(per_layer=True)` times every kernel call
+through the VM instrument and names it after its fx layer (`conv2d_3`, `conv2d_3 (pad)`) where
+the manifest's `kernel_layers` knows it, by TVM's fused-kernel name otherwise (`tvm_profile`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -49,12 +48,16 @@ import numpy as np
 import torch
 from torch import fx
 
-from quantflow.errors import InputError, TargetUnavailableError
+from quantflow import devices
+from quantflow.errors import TargetUnavailableError
 from quantflow.targets import ARTIFACT_SUFFIXES
 from quantflow.targets.base import Artifact, Latency, TargetCaps, device_description, time_runs
+from quantflow.targets.tvm_artifact import io_specs, load_artifact, write_manifest
+from quantflow.targets.tvm_profile import by_layer, per_kernel_ms
 
 PRECISIONS = ("int8", "mixed", "fp32")
-DEVICES = ("host", "aarch64")
+#: this machine or a cross-compiled aarch64 bundle (named once, torch-free, for the CLI)
+DEVICES = devices.DEVICES["tvm"]
 
 
 def _import_tvm() -> Any:
@@ -79,31 +82,6 @@ def host_target(num_cores: int | None = None) -> Any:
 
     return tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()),
                               "num-cores": int(num_cores or os.cpu_count() or 1)})
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def io_specs(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
-             ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Input/output name, shape, dtype (names are fx node names, as in the ONNX export)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    ins = [{"name": n.name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-           for n, t in zip(placeholders, example_inputs)]
-    with torch.no_grad():
-        outs = gm(*example_inputs)
-    outs_t = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    args = out_node.args[0]
-    arg_list = list(args) if isinstance(args, (tuple, list)) else [args]
-    names = [a.name if isinstance(a, fx.Node) else f"output_{i}" for i, a in enumerate(arg_list)]
-    return ins, [{"name": nm, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-                 for nm, t in zip(names, outs_t)]
 
 
 def set_threads(threads: int) -> int:
@@ -133,15 +111,15 @@ class TVMTarget:
     cache_dir: Path | None = None
     num_cores: int | None = None
     threads: int | None = None  # TVM thread pool size for run/profile (None: TVM's default)
-    #: integer convs in the VNNI layout (`tvm_frontend.vnni_conv2d_nhwc`); None: when tuning
+    #: integer convs in the VNNI layout (`tvm_int_math.vnni_conv2d_nhwc`); None: when tuning
     #: for a host CPU with AVX512-VNNI (untuned, the layout only adds transposes)
     vnni: bool | None = None
     name: str = "tvm"
     _vms: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: integer convs/linears only for 8-bit activations (tvm_frontend `_INT_ACT`): a W8A16
+    #: integer convs/linears only for 8-bit activations (tvm_match `_INT_ACT`): a W8A16
     #: layer computes in float between its Q/DQ nodes
     caps: ClassVar[TargetCaps] = TargetCaps(
-        per_layer_profile=True, threads=True, devices=("host", "aarch64"),
+        per_layer_profile=True, threads=True, devices=DEVICES,
         integer_options=frozenset({"W8A8", "W4A8"}),
         artifact_suffixes=ARTIFACT_SUFFIXES["tvm"])
 
@@ -225,14 +203,9 @@ class TVMTarget:
             lib = out_dir / f"model{suffix}.so"
             ex.export_library(str(lib))
             files["model"] = str(lib)
-        manifest = {
-            "target": self.name, "precision": precision, "inputs": inputs_spec,
-            "outputs": outputs_spec,
-            "sha256": {Path(p).name: sha256_file(Path(p)) for p in files.values()},
-            "meta": meta,
-        }
         manifest_path = out_dir / f"manifest{suffix}.json"
-        manifest_path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        write_manifest(manifest_path, target=self.name, precision=precision,
+                       inputs=inputs_spec, outputs=outputs_spec, files=files, meta=meta)
         files["manifest"] = str(manifest_path)
         return Artifact(target=self.name, precision=precision, files=files,
                         input_names=tuple(s["name"] for s in inputs_spec),
@@ -282,7 +255,7 @@ class TVMTarget:
         return int(tvm_ffi.get_global_func("runtime.NumThreads")())
 
     def load_artifact(self, path: str | Path) -> Artifact:
-        """A host library this target wrote (`quantflow profile`; see `load_artifact`)."""
+        """A host library this target wrote (`quantflow profile`; `tvm_artifact.load_artifact`)."""
         return load_artifact(path)
 
     def artifact_warning(self, artifact: Artifact) -> str | None:
@@ -312,90 +285,6 @@ class TVMTarget:
             if previous is not None:
                 set_threads(previous)
         return lat
-
-
-def per_kernel_ms(vm: Any, args: list[Any], *, runs: int) -> dict[str, float]:
-    """Median time per compiled kernel (fused TIR function), via the VM call instrument.
-
-    Kernel names are TVM's fused-function names (e.g. `fused_conv2d_add_multiply_relu`);
-    VM builtins (allocation, shape checks) are excluded. Each call is timed in Python around
-    the synchronous CPU kernel, which adds a few microseconds per kernel.
-    """
-    samples: dict[str, list[float]] = {}
-    current: dict[str, float] = {}
-    counts: dict[str, int] = {}
-
-    def instrument(func: Any, symbol: str, before: bool, ret: Any, *rest: Any) -> int:
-        if symbol.startswith("vm."):  # VM builtins: allocation, shape checks
-            return 0
-        if before:
-            current[symbol] = time.perf_counter()
-        else:
-            n = counts.get(symbol, 0)
-            counts[symbol] = n + 1
-            samples.setdefault(f"{symbol}#{n}" if n else symbol, []).append(
-                (time.perf_counter() - current.pop(symbol)) * 1e3)
-        return 0
-
-    vm.set_instrument(instrument)
-    try:
-        for _ in range(runs):
-            counts.clear()
-            vm["main"](*args)
-    finally:
-        vm.set_instrument(None)
-    return {k: float(np.median(v)) for k, v in samples.items()}
-
-
-def load_artifact(path: str | Path) -> Artifact:
-    """The host artifact `TVMTarget.lower` wrote, from its library (`model.so`,
-    `model_fp32.so`), its manifest (`manifest*.json`) or the output directory (the quantized
-    one). The library must match the manifest's sha256."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "manifest.json"
-    if path.suffix == ".json":
-        manifest_path = path
-    else:
-        manifests = [m for m in sorted(path.parent.glob("manifest*.json"))
-                     if path.name in json.loads(m.read_text()).get("sha256", {})]
-        if not manifests:
-            raise InputError(f"{path}: no manifest*.json next to it lists this library; "
-                             "fix: profile the directory `quantflow compile --target tvm` wrote")
-        manifest_path = manifests[0]
-    if not manifest_path.exists():
-        raise InputError(f"{manifest_path} does not exist; fix: pass the library or manifest "
-                         "written by `quantflow compile --target tvm`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        libs = [n for n in manifest["sha256"] if n.startswith("model") and n.endswith(".so")]
-        inputs, outputs = manifest["inputs"], manifest["outputs"]
-    except (ValueError, KeyError) as exc:
-        raise InputError(f"{manifest_path}: not a quantflow TVM manifest ({exc})") from exc
-    if len(libs) != 1:
-        raise InputError(f"{manifest_path}: expected one model*.so in sha256, found {libs}")
-    lib = manifest_path.parent / libs[0]
-    if not lib.exists():
-        raise InputError(f"{lib} (listed in {manifest_path}) does not exist")
-    if sha256_file(lib) != manifest["sha256"][libs[0]]:
-        raise InputError(f"{lib} does not match the sha256 in {manifest_path}; fix: re-run "
-                         "`quantflow compile --target tvm` (the library was rebuilt or replaced)")
-    return Artifact(target="tvm", precision=str(manifest.get("precision", "unknown")),
-                    files={"model": str(lib), "manifest": str(manifest_path)},
-                    input_names=tuple(i["name"] for i in inputs),
-                    output_names=tuple(o["name"] for o in outputs),
-                    meta={**manifest.get("meta", {}), "input_specs": inputs})
-
-
-def by_layer(kernel_ms: dict[str, float], kernel_layers: dict[str, str]) -> dict[str, float]:
-    """Per-kernel times keyed by fx layer name where the manifest's `kernel_layers` names the
-    kernel (`tvm_tune.kernel_layers`), by kernel name otherwise; kernels that map to the same
-    name are summed."""
-    out: dict[str, float] = {}
-    for kernel, ms in kernel_ms.items():
-        name = kernel_layers.get(kernel, kernel)
-        out[name] = out.get(name, 0.0) + ms
-    return out
 
 
 def make_target(*, device: str = "host", tune_trials: int = 0,

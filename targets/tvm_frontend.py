@@ -6,23 +6,10 @@ fx graph still says, by node identity, which DQ feeds which conv; the int8/int32
 be read as tensors to precompute per-channel terms. The result is the same Relax an after-the-
 fact rewrite would produce, without pattern matching over an already-float graph.
 
-The algebra, for one output channel o of a conv (or a linear row) whose input is
-`x = (xq - zx) * sx` (per-tensor, uint8 or int8) and whose weight is `w = wq * sw[o]` (int8,
-symmetric: zero points must be 0):
-
-    conv(x, w)[o] = sx * sw[o] * conv(xq - zx, wq)[o]
-                  = sx * sw[o] * (conv(pad(xq, value=zx), wq)[o] - zx * sum(wq[o]))
-
-Padding xq with zx (not 0) makes the padded border equal zero in real terms, so the
-correction `zx * sum(wq[o])` is one constant per channel, folded with the int32 bias `bq[o]`
-when the bias scale is sx * sw[o] (PT2E's convention). `conv(uint8, int8) -> int32` is exact.
-The int32 accumulator is then cast to float and scaled by `sx * sw[o]`; the ops between it and
-the next quantize (relu, clamp) and that quantize itself (`round(y / sy) + zy`, clip, cast)
-are elementwise, so Relax's FuseOps folds the requantize into the conv's epilogue.
-
-Relative to the torch simulation (fp32 conv of dequantized values), the only difference is the
-fp32 rounding of the simulated sum, which moves a value across a rounding boundary of the next
-quantize at most once: outputs agree to within 1 quantization step.
+Which layers qualify is decided in tvm_match.py; the arithmetic they are lowered to (integer
+conv of zero-point-padded codes, a per-channel int32 bias that absorbs the zero-point
+correction, requantize fused by FuseOps; at most 1 step from the simulation) is derived in
+tvm_int_math.py. This module holds the Relax converters and `to_relax`.
 
 Quantize/dequantize nodes not absorbed this way are converted with torch's exact formulas
 (`clamp(round(x * (1/s)) + z)`, `(q - z) * s`), so everything else is the simulation, op for op.
@@ -37,192 +24,26 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.ao.quantization.fx._decomposed
 from torch import fx
 
 from quantflow.errors import UnsupportedOpError
 from quantflow.ir import ConvArgs
+from quantflow.targets.tvm_int_math import (
+    VNNI_K,
+    VNNI_LANES,
+    pack_vnni_weight,
+    vnni_conv2d_nhwc,
+)
+from quantflow.targets.tvm_match import (
+    ConstTable,
+    IntLayer,
+    match_dq,
+    match_int_layer,
+    scalar_or_const,
+)
 
 log = logging.getLogger("quantflow.targets.tvm")
 
-qd = torch.ops.quantized_decomposed
-Q_PT = (qd.quantize_per_tensor.default,)
-DQ_PT = (qd.dequantize_per_tensor.default,)
-DQ_PC = (qd.dequantize_per_channel.default,)
-_INT_ACT = (torch.uint8, torch.int8)
-#: relative tolerance for "bias scale == sx * sw" (PT2E computes it in fp32)
-BIAS_SCALE_RTOL = 1e-5
-
-
-# ----------------------------------------------------------------------------- pure math
-
-def zero_point_correction(wq: np.ndarray, zx: int) -> np.ndarray:
-    """`zx * sum(wq[o])` per output channel o (axis 0), as int64 (exact)."""
-    return zx * wq.reshape(wq.shape[0], -1).astype(np.int64).sum(axis=1)
-
-
-def integer_bias(bq: np.ndarray | None, wq: np.ndarray, zx: int) -> np.ndarray:
-    """The int32 term added to the raw accumulator: `bq - zx * sum(wq[o])`."""
-    corr = -zero_point_correction(wq, zx)
-    if bq is not None:
-        corr = corr + bq.astype(np.int64)
-    if np.abs(corr).max(initial=0) >= 2**31:
-        raise OverflowError("integer bias does not fit int32")
-    return corr.astype(np.int32)
-
-
-def bias_matches_scale(bias_scale: np.ndarray, sx: float, sw: np.ndarray) -> bool:
-    """True if the int32 bias is in accumulator units (scale sx * sw[o])."""
-    want = np.float32(sx) * sw.astype(np.float32)
-    return bool(np.allclose(bias_scale, want, rtol=BIAS_SCALE_RTOL, atol=0.0))
-
-
-#: VNNI block: vpdpbusd multiplies 4 consecutive uint8 inputs by a 16 x 4 int8 block
-VNNI_LANES, VNNI_K = 16, 4
-
-
-def pack_vnni_weight(wq: np.ndarray) -> np.ndarray:
-    """OIHW int8 -> [O/16, KH, KW, I/4, 16, 4]: each 16 (out) x 4 (in) block contiguous, the
-    operand layout of TVM's `dot_16x4_vnni` intrinsic (needs O % 16 == 0, I % 4 == 0)."""
-    o, i, kh, kw = wq.shape
-    w = wq.reshape(o // VNNI_LANES, VNNI_LANES, i // VNNI_K, VNNI_K, kh, kw)
-    return np.ascontiguousarray(w.transpose(0, 4, 5, 2, 1, 3))
-
-
-def vnni_conv2d_nhwc(data: Any, wp: Any, strides: Sequence[int], dilation: Sequence[int]) -> Any:
-    """TE: int32 NHWC conv of padded uint8 NHWC `data` with a `pack_vnni_weight` weight.
-
-    The innermost reduction (4 input channels) and the 16 output channels of one weight block
-    are separate iterators over contiguous memory, which is what MetaSchedule's x86 VNNI rule
-    needs to tensorize the block into vpdpbusd (TVM's own NCHW conv cannot be).
-    """
-    from tvm import te
-
-    n, hp, wdp, _c = data.shape
-    o0, kh_, kw_, i0, o1, i1 = wp.shape
-    (sh, sw), (dh, dw) = strides, dilation
-    oh = (hp - dh * (kh_ - 1) - 1) // sh + 1
-    ow = (wdp - dw * (kw_ - 1) - 1) // sw + 1
-    kh = te.reduce_axis((0, kh_), "kh")
-    kw = te.reduce_axis((0, kw_), "kw")
-    c0 = te.reduce_axis((0, i0), "c0")
-    c1 = te.reduce_axis((0, i1), "c1")
-    return te.compute(
-        (n, oh, ow, o0 * o1),
-        lambda b, h, w, oc: te.sum(
-            data[b, h * sh + kh * dh, w * sw + kw * dw, c0 * VNNI_K + c1].astype("int32")
-            * wp[oc // VNNI_LANES, kh, kw, c0, oc % VNNI_LANES, c1].astype("int32"),
-            axis=[kh, kw, c0, c1]),
-        name="conv2d_vnni")
-
-
-# ----------------------------------------------------------------------------- matching
-
-@dataclass
-class QuantOperand:
-    """A dequantize node's integer input and quantization parameters."""
-
-    q: fx.Node  # the integer tensor node
-    scale: np.ndarray  # per-tensor: shape (); per-channel: shape (C,)
-    zero_point: np.ndarray
-    dtype: torch.dtype
-    axis: int | None
-
-
-class ConstTable:
-    """Tensors behind the exported program's parameter/buffer/constant placeholders."""
-
-    def __init__(self, ep: torch.export.ExportedProgram) -> None:
-        state = dict(ep.state_dict)
-        state.update(ep.constants)
-        self.by_node: dict[str, torch.Tensor] = {}
-        for spec in ep.graph_signature.input_specs:
-            tgt = spec.target
-            if tgt is not None and tgt in state:
-                value = state[tgt]
-                if isinstance(value, torch.Tensor):
-                    self.by_node[spec.arg.name] = value.detach()  # type: ignore[union-attr]
-
-    def get(self, node: Any) -> torch.Tensor | None:
-        if isinstance(node, fx.Node) and node.op == "placeholder":
-            return self.by_node.get(node.name)
-        return None
-
-
-def _scalar_or_const(arg: Any, consts: ConstTable) -> np.ndarray | None:
-    if isinstance(arg, (int, float)):
-        return np.asarray(arg)
-    t = consts.get(arg)
-    return None if t is None else t.numpy()
-
-
-def match_dq(node: Any, consts: ConstTable) -> QuantOperand | None:
-    """The quantization of `node` if it is a dequantize with constant parameters."""
-    if not isinstance(node, fx.Node) or node.op != "call_function":
-        return None
-    args: tuple[Any, ...] = tuple(node.args)
-    if node.target in DQ_PT:
-        q, s, z, _qmin, _qmax, dtype = args[:6]
-        axis = None
-    elif node.target in DQ_PC:
-        q, s, z, axis, _qmin, _qmax, dtype = args[:7]
-    else:
-        return None
-    scale, zp = _scalar_or_const(s, consts), _scalar_or_const(z, consts)
-    if scale is None or zp is None or not isinstance(q, fx.Node):
-        return None
-    return QuantOperand(q=q, scale=scale.astype(np.float32), zero_point=zp.astype(np.int64),
-                        dtype=dtype, axis=axis)
-
-
-@dataclass
-class IntLayer:
-    """A conv/linear whose operands all qualify for the integer path."""
-
-    x: QuantOperand
-    w: QuantOperand
-    wq: np.ndarray  # int8 weight
-    sw: np.ndarray  # per-output-channel weight scale, shape (O,)
-    bias_node: Any  # fx node of the bias (float path) or None
-    bias_int: np.ndarray  # int32 added to the accumulator (includes zero-point correction)
-    bias_float: bool  # bias did not match accumulator scale: add it in float
-
-
-def match_int_layer(node: fx.Node, x_arg: Any, w_arg: Any, b_arg: Any,
-                    consts: ConstTable) -> tuple[IntLayer | None, str]:
-    """Decide whether a conv/linear can run in integers; the string says why not."""
-    x = match_dq(x_arg, consts)
-    if x is None or x.axis is not None or x.dtype not in _INT_ACT:
-        return None, "input is not a per-tensor uint8/int8 dequantize"
-    w = match_dq(w_arg, consts)
-    if w is None or w.dtype != torch.int8:
-        return None, "weight is not an int8 dequantize"
-    wt = consts.get(w.q)
-    if wt is None:
-        return None, "weight integer tensor is not a constant"
-    if w.axis not in (None, 0) or np.any(w.zero_point != 0):
-        return None, "weight is not symmetric per-output-channel (axis 0, zero point 0)"
-    wq = wt.numpy()
-    n_out = wq.shape[0]
-    sw = np.broadcast_to(w.scale, (n_out,)).astype(np.float32)
-    sx, zx = float(x.scale), int(x.zero_point)
-    bias_node, bias_float, bq = None, False, None
-    b = match_dq(b_arg, consts) if b_arg is not None else None
-    if b is not None and b.dtype == torch.int32 and consts.get(b.q) is not None \
-            and np.all(b.zero_point == 0) \
-            and bias_matches_scale(np.broadcast_to(b.scale, (n_out,)), sx, sw):
-        bq = consts.get(b.q).numpy()  # type: ignore[union-attr]
-    elif b_arg is not None:
-        bias_node, bias_float = b_arg, True
-    try:
-        bias_int = integer_bias(bq, wq, zx)
-    except OverflowError:
-        return None, "zero-point correction overflows int32"
-    return IntLayer(x=x, w=w, wq=wq, sw=sw, bias_node=bias_node, bias_int=bias_int,
-                    bias_float=bias_float), ""
-
-
-# ----------------------------------------------------------------------------- conversion
 
 @dataclass
 class LoweringStats:
@@ -252,8 +73,8 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, vnni: bool = F
     def quantize(node: fx.Node, imp: Any) -> Any:
         args: tuple[Any, ...] = tuple(node.args)
         x, s, z, qmin, qmax, dtype = args[:6]
-        scale = _scalar_or_const(s, consts)
-        zp = _scalar_or_const(z, consts)
+        scale = scalar_or_const(s, consts)
+        zp = scalar_or_const(z, consts)
         if scale is None or zp is None:
             raise UnsupportedOpError(f"node {node.name!r}: quantize with non-constant scale")
         bb, xv = imp.block_builder, imp.env[x]
@@ -306,7 +127,7 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, vnni: bool = F
         xq, wq = imp.env[layer.x.q], imp.env[layer.w.q]
         ph, pw = c.padding
         if ph or pw:
-            # pad with the input zero point: real-valued zero at the border (see docstring)
+            # pad with the input zero point: real-valued zero at the border (tvm_int_math)
             xq = bb.emit(relax.op.nn.pad(xq, [0, 0, 0, 0, ph, ph, pw, pw], "constant",
                                          float(int(layer.x.zero_point))),
                          name_hint=f"{node.name}_pad")

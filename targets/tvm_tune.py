@@ -142,7 +142,7 @@ def fuse_tir(fused: Any, target: Any) -> Any:
 def kernel_layers(fused: Any, weights: list[tuple[np.ndarray, str]]) -> dict[str, str]:
     """Kernel call -> fx layer name, from the output of `fuse`.
 
-    Keys are the VM's kernel names as `targets.tvm.per_kernel_ms` reports them: the kernel
+    Keys are the VM's kernel names as `targets.tvm_profile.per_kernel_ms` reports them: the kernel
     name, then `#n` for its n-th call within one run (FuseOps shares one function between
     identical call sites, e.g. float convs of equal shape). Call sites are main's bindings in
     order, the order the VM executes them. A call is named after the layer whose weight

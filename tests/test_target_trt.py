@@ -44,13 +44,9 @@ from quantflow.quantize import quantize
 from quantflow.spec import TRT_ACT, int8_plan
 from quantflow.targets import get_target
 from quantflow.targets.base import Artifact
-from quantflow.targets.trt import (
-    TrtTarget,
-    _load_build_script,
-    fold_int32_bias_dq,
-    tensorrt_unavailable_reason,
-    trtexec_command,
-)
+from quantflow.targets.trt import TrtTarget
+from quantflow.targets.trt_bundle import fold_int32_bias_dq, load_build_script, trtexec_command
+from quantflow.targets.trt_engine import tensorrt_unavailable_reason
 from quantflow.targets.trt_rules import RULES, Violation, check_trt_qdq
 from quantflow.testing import FP32_REL
 
@@ -429,7 +425,7 @@ def test_fp32_baseline_gets_its_own_bundle(data: torch.Tensor, tmp_path: Path) -
     cmd = shlex.split(Path(art.files["trtexec"]).read_text())
     assert "--int8" not in cmd and "--fp16" not in cmd
     # the shipped build_engine.py defaults to the same (non-default) flags
-    script = _load_build_script(Path(art.files["build_script"]))
+    script = load_build_script(Path(art.files["build_script"]))
     assert script.DEFAULTS == art.meta["build_flags"]
     assert script.DEFAULTS["int8"] is False
     assert "float (FP32 baseline)" in Path(art.files["readme"]).read_text()
@@ -588,7 +584,7 @@ def fake_trt(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[Any, ...]]]
 
 def test_build_script_call_sequence(lowered: tuple[TrtTarget, Artifact], tmp_path: Path,
                                     fake_trt: list[tuple[Any, ...]]) -> None:
-    script = _load_build_script(Path(lowered[1].files["build_script"]))
+    script = load_build_script(Path(lowered[1].files["build_script"]))
     cache, engine = tmp_path / "timing.cache", tmp_path / "model.engine"
     rc = script.main(["--onnx", lowered[1].files["onnx"], "--engine", str(engine),
                       "--timing-cache", str(cache), "--layers", str(tmp_path / "layers.json")])

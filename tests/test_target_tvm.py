@@ -30,8 +30,8 @@ pytest.importorskip("tvm")
 
 from quantflow.ir import capture
 from quantflow.targets import get_target
-from quantflow.targets.tvm import sha256_file
-from quantflow.targets.tvm_frontend import integer_bias
+from quantflow.targets.tvm_artifact import sha256_file
+from quantflow.targets.tvm_int_math import integer_bias
 
 pytestmark = pytest.mark.tvm
 qd = torch.ops.quantized_decomposed

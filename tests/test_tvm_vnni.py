@@ -1,4 +1,4 @@
-"""TVM target, VNNI layout for integer convs (tvm_frontend.vnni_conv2d_nhwc): weight packing,
+"""TVM target, VNNI layout for integer convs (tvm_int_math.vnni_conv2d_nhwc): weight packing,
 lowering vs the torch simulation (same bounds as test_target_tvm: <= 1 output step, >= 99 %
 exact), which convs qualify, and (slow) that tuning really emits vpdpbusd."""
 
@@ -20,7 +20,7 @@ from test_target_tvm import MIN_EXACT, OneConv, QConv, QNet, q, steps_apart  # s
 from quantflow.ir import capture
 from quantflow.targets import get_target
 from quantflow.targets.tvm import host_target
-from quantflow.targets.tvm_frontend import pack_vnni_weight
+from quantflow.targets.tvm_int_math import pack_vnni_weight
 
 pytestmark = pytest.mark.tvm
 
