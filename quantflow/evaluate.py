@@ -59,6 +59,20 @@ def quality(logits: torch.Tensor, labels: torch.Tensor | None = None,
                    sqnr_db=sqnr_db(reference, logits), kl=kl_divergence(reference, logits))
 
 
+#: elements (samples × per-sample size) a candidate plan is scored on: all 512 Fashion-MNIST
+#: calibration images (784 each), 32 of the 80 ImageNet views (150528 each). Scoring the 8
+#: calibrator candidates on all 80 ImageNet views was most of the default compile's time.
+SCORE_ELEMENTS = 32 * 3 * 224 * 224
+
+
+def scoring_subset(x: torch.Tensor, max_elements: int = SCORE_ELEMENTS,
+                   min_samples: int = 16) -> torch.Tensor:
+    """The first samples of `x` that fit `max_elements` (at least `min_samples`): enough to
+    rank candidates, cheap enough to score many."""
+    per = max(1, int(x[0].numel())) if x.shape[0] else 1
+    return x[:max(min_samples, max_elements // per)]
+
+
 #: small batches keep activations in cache: mobilenetv2_fmnist's INT8 simulation of 1000
 #: images takes 1.1 s in batches of 100, 1.6 s of 256, 4.9 s of 1000 (1 core)
 PREDICT_BATCH = 100

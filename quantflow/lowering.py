@@ -30,8 +30,6 @@ from quantflow.targets import ort_isa
 
 log = logging.getLogger("quantflow")
 
-#: calibration samples the fidelity cost of portability is measured on
-PORTABILITY_SAMPLES = 256
 
 
 @dataclass(frozen=True)
@@ -126,7 +124,7 @@ def portability(planned: PlanResult, qgm: fx.GraphModule, calib: Dataset,
     section: dict[str, Any] = {"device": config.resolved_device, "layers": info.portability}
     if not info.portability:
         return section
-    x = calib.x[:PORTABILITY_SAMPLES]
+    x = ev.scoring_subset(calib.x[:256])
     ref = ev.predict(planned.gm, x)
     free = quantize(planned.gm, planned.plan, planned.stats,
                     KernelRules(placement=config.placement))

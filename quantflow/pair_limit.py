@@ -26,6 +26,7 @@ pair keep their codes and scale untouched.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -194,11 +195,44 @@ def needs_pair_limit(rules: KernelRules, lp: LayerPlan, w: torch.Tensor, groups:
     return not depthwise
 
 
+#: fits by their inputs: a compile quantizes the same weights for every calibrator candidate
+#: (and the search for every plan), and the fit depends on the weights, not the calibrator
+_FITS: dict[str, tuple[torch.Tensor, torch.Tensor, dict[str, Any] | None]] = {}
+_MAX_FITS = 512
+
+
+def _key(*parts: Any) -> str:
+    h = hashlib.sha1()
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            t = p.detach().contiguous().cpu()
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy()
+                     .tobytes())
+        else:
+            h.update(repr(p).encode())
+    return h.hexdigest()
+
+
 def fit_layer(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, spec: QSpec,
               lp: LayerPlan, groups: int, input_sq_mean: torch.Tensor | None,
               rules: KernelRules) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any] | None]:
     """Codes and scales of one layer's weight `w` that no kernel pair can saturate, and the
-    record of what changed for the report (None: nothing needed to)."""
+    record of what changed for the report (None: nothing needed to). Memoized on its inputs."""
+    assert lp.act is not None
+    key = _key(w, codes, scale, spec, lp.act.qmin, lp.act.qmax, groups,
+               input_sq_mean if input_sq_mean is not None else "none", rules.pair_limit)
+    if key not in _FITS:
+        if len(_FITS) >= _MAX_FITS:
+            _FITS.pop(next(iter(_FITS)))
+        _FITS[key] = _fit_layer(w, codes, scale, spec, lp, groups, input_sq_mean, rules)
+    codes_out, scale_out, record = _FITS[key]
+    return codes_out.clone(), scale_out.clone(), None if record is None else dict(record)
+
+
+def _fit_layer(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, spec: QSpec,
+               lp: LayerPlan, groups: int, input_sq_mean: torch.Tensor | None,
+               rules: KernelRules) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any] | None]:
     assert lp.act is not None
     limit = rules.pair_limit.acc_max if rules.pair_limit else INT16_MAX
     act_max = lp.act.qmax - lp.act.qmin  # raw codes reach the whole range: x - qmin

@@ -2,7 +2,8 @@
 
 `choose_uniform` tries the activation calibrators (and cross-layer equalization, run as a
 pass pipeline) and keeps the most faithful: the output SQNR of the torch simulation against
-FP32 on the CALIBRATION data, so the evaluation data stays unbiased. `load_saved` applies a
+FP32 on the CALIBRATION data (statistics from all of it, scores on `evaluate.scoring_subset`),
+so the evaluation data stays unbiased. `load_saved` applies a
 plan file after checking that every layer it names exists. Both return a `PlanResult`, the
 same type the mixed-precision search returns (quantflow/search/compile.py, which starts from
 `choose_uniform`); `pipeline.compile` only picks which of the two to call.
@@ -88,12 +89,13 @@ def choose_uniform(gm: fx.GraphModule, calib: Dataset, config: CompileConfig,
     scores: dict[str, float] = {}
     best: tuple[float, PlanResult] | None = None
     batches = cal.batched(calib.x, config.calib_batch)
+    x = ev.scoring_subset(calib.x)  # statistics from all the data, scores from a subset
     for eq, g in variants:
         stats = cal.collect_stats(g, batches, progress=True)
-        ref = ev.predict(g, calib.x)
+        ref = ev.predict(g, x)
         for c in calibrators:
             plan = replace(base_plan(config.placement, c), equalize=eq)
-            s = ev.sqnr_db(ref, ev.predict(quantize(g, plan, stats, rules), calib.x))
+            s = ev.sqnr_db(ref, ev.predict(quantize(g, plan, stats, rules), x))
             scores[f"{c}{'+cle' if eq else ''}"] = round(s, 3)
             if best is None or s > best[0]:
                 best = (s, PlanResult(g, plan, stats))
