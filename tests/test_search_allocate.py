@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from quantflow.search.allocate import (
     InfeasibleBudgetError,
-    Switches,
     pareto_sweep,
     solve_dp,
     solve_milp,
@@ -116,33 +115,3 @@ def test_pareto_sweep_is_monotone() -> None:
 def test_bad_shapes_are_rejected() -> None:
     with pytest.raises(ValueError, match="cost must be"):
         solve_milp(np.ones((3, 2)), np.ones((3, 3)), 1.0)
-
-
-@settings(max_examples=60, deadline=None)
-@given(instances(integer=False, resources=2), st.integers(0, 2**31 - 1))
-def test_milp_with_domain_switches_equals_brute_force(
-        inst: tuple[np.ndarray, np.ndarray, np.ndarray], seed: int) -> None:
-    """Pairwise switch costs (Q/DQ where int8 and float layers meet) stay exact."""
-    s, c, b = inst
-    n_layers, n_opts = s.shape
-    rng = np.random.default_rng(seed)
-    edges = np.asarray([(i, i + 1) for i in range(n_layers - 1)]
-                       + ([(0, n_layers - 1)] if n_layers > 2 else []), dtype=np.int64)
-    int8 = rng.random(n_opts) < 0.5
-    sw = Switches(edges, rng.random((c.shape[0], len(edges))) * c.max(), int8)
-    b = b + 0.5 * sw.weight.sum(axis=1)  # room for about half the switches
-    best = np.inf
-    for choice in itertools.product(range(n_opts), repeat=n_layers):
-        idx = np.arange(n_layers)
-        cost = c[:, idx, list(choice)].sum(axis=1) + sw.count(choice)
-        if (cost <= b + 1e-9).all():
-            best = min(best, float(s[idx, list(choice)].sum()))
-    if not np.isfinite(best):
-        with pytest.raises(InfeasibleBudgetError):
-            solve_milp(s, c, b, sw)
-        return
-    a = solve_milp(s, c, b, sw)
-    _check_solution(a.sensitivity, a.cost, best, b)
-    idx = np.arange(n_layers)
-    np.testing.assert_allclose(a.cost, c[:, idx, list(a.choice)].sum(axis=1)
-                               + sw.count(a.choice), rtol=1e-12)

@@ -184,6 +184,6 @@ def test_ort_drops_w8a16_only_when_latency_is_capped_at_int8(
     config = CompileConfig(bits="mixed", calibrator="minmax", equalize="off", **flags)
     with pytest.raises(_Stop):
         sc.mixed_plan(gm, Dataset(x, None, "rand"), None, config, tmp_path)
-    options = seen.get("options", OPTIONS)
+    options = seen["search"].options
     assert ("W8A16" in options) is w8a16
     assert {"W8A8", "W4A8", "FP32"} <= set(options)

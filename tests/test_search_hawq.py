@@ -10,6 +10,7 @@ from torch import nn
 
 from quantflow.ir import capture
 from quantflow.search.hawq import GraphLoss, hutchinson_traces, sensitivity_table
+from quantflow.search.options import TraceOptions
 from quantflow.spec import ORT_ACT, ORT_WEIGHT, LayerPlan, QSpec
 
 W4 = QSpec(bits=4, granularity="channel")
@@ -76,7 +77,8 @@ def exact_traces(gm: torch.fx.GraphModule, batches: list, ys: list | None
 def test_hutchinson_matches_exact_trace(labels: bool) -> None:
     gm, batches, ys = _setup(labels)
     rel_tol = 0.05
-    est = hutchinson_traces(gm, batches, ys, rel_tol=rel_tol, max_iter=3000, seed=1)
+    est = hutchinson_traces(gm, batches, ys, seed=1,
+                            options=TraceOptions(rel_tol=rel_tol, max_iter=3000))
     wt, at = exact_traces(gm, batches, ys)
     assert est.converged, f"did not converge in {est.iterations} draws"
     for n in wt:
@@ -90,7 +92,8 @@ def test_hutchinson_matches_exact_trace(labels: bool) -> None:
 def test_joint_product_is_unbiased() -> None:
     """One joint Hessian-vector product per draw: noisier, still centred on the exact trace."""
     gm, batches, ys = _setup(True)
-    est = hutchinson_traces(gm, batches, ys, rel_tol=0.0, max_iter=300, per_block=False)
+    joint = TraceOptions(rel_tol=0.0, max_iter=300, per_block=False)
+    est = hutchinson_traces(gm, batches, ys, options=joint)
     wt, at = exact_traces(gm, batches, ys)
     assert not est.converged
     for n in wt:
@@ -112,10 +115,11 @@ def test_graph_loss_is_the_model_loss() -> None:
 
 def test_convergence_is_reported() -> None:
     gm, batches, ys = _setup(True)
-    short = hutchinson_traces(gm, batches, ys, rel_tol=1e-6, max_iter=4, min_iter=2)
+    short = hutchinson_traces(gm, batches, ys,
+                              options=TraceOptions(rel_tol=1e-6, max_iter=4, min_iter=2))
     assert not short.converged and short.iterations == 4
     assert len(short.history) == 4
-    loose = hutchinson_traces(gm, batches, ys, rel_tol=0.2, max_iter=2000)
+    loose = hutchinson_traces(gm, batches, ys, options=TraceOptions(rel_tol=0.2, max_iter=2000))
     assert loose.converged and loose.iterations < 2000
     for t in loose.weight.values():
         assert t.stderr <= 0.2 * abs(t.trace)
@@ -124,7 +128,7 @@ def test_convergence_is_reported() -> None:
 def test_sensitivity_orders_precisions() -> None:
     """Per layer: FP32 costs nothing, W4 costs more than W8, A8 more than A16."""
     gm, batches, ys = _setup(True)
-    tr = hutchinson_traces(gm, batches, ys, rel_tol=0.1, max_iter=500)
+    tr = hutchinson_traces(gm, batches, ys, options=TraceOptions(rel_tol=0.1, max_iter=500))
     options = [LayerPlan(ORT_WEIGHT, ORT_ACT), LayerPlan(ORT_WEIGHT, A16),
                LayerPlan(W4, ORT_ACT), LayerPlan(None, None)]
     layers, table = sensitivity_table(gm, tr, options)

@@ -13,6 +13,7 @@ from torch import fx, nn
 
 from quantflow.ir import capture
 from quantflow.search.latency import bops_table, layer_macs, measure_table
+from quantflow.search.options import LatencyOptions
 from quantflow.targets.base import Artifact, Latency, TargetCaps
 
 
@@ -100,18 +101,41 @@ def test_measured_table_attribution_and_cache(gm: fx.GraphModule, tmp_path: Path
     target = FakeTarget()
     opts = ["W8A8", "W8A16", "W4A8", "FP32"]
     t = measure_table(gm, x, ["conv2d", "linear"], opts, quantize_with, target,
-                      model_hash="abc", cache_dir=tmp_path)
+                      model_hash="abc", latency=LatencyOptions(cache_dir=tmp_path))
     assert t.method == "per_layer_profile" and target.lowered == 4
     np.testing.assert_allclose(t.ms[1], [1.0, 1.5, 0.9, 2.0])
     np.testing.assert_allclose(t.ms[0], [2.1, 3.1, 1.9, 4.1])
     np.testing.assert_allclose(t.rest, [0.3] * 4)
     again = measure_table(gm, x, ["conv2d", "linear"], opts, quantize_with, target,
-                          model_hash="abc", cache_dir=tmp_path)
+                          model_hash="abc", latency=LatencyOptions(cache_dir=tmp_path))
     assert target.lowered == 4, "the cached table must not be measured again"
     np.testing.assert_array_equal(again.ms, t.ms)
     measure_table(gm, x, ["conv2d", "linear"], opts, quantize_with, target,
-                  model_hash="other", cache_dir=tmp_path)
+                  model_hash="other", latency=LatencyOptions(cache_dir=tmp_path))
     assert target.lowered == 8, "another model hash is another table"
+
+
+def test_cached_table_with_a_switch_cost_is_still_read(gm: fx.GraphModule,
+                                                       tmp_path: Path) -> None:
+    """Tables cached while they also measured a Q/DQ switch cost (always 0 where measured)
+    keep their key and are read as they are: the search prices the same rows."""
+    import json
+
+    x = (torch.randn(4, 2, 5, 5),)
+    target = FakeTarget()
+    opts = ["W8A8", "FP32"]
+    timing = LatencyOptions(cache_dir=tmp_path)
+    first = measure_table(gm, x, ["conv2d", "linear"], opts, _quantizer(gm, x), target,
+                          model_hash="abc", latency=timing)
+    (cached,) = tmp_path.glob("*.json")
+    assert "switch_ms_per_kelem" not in json.loads(cached.read_text())
+    cached.write_text(json.dumps({**json.loads(cached.read_text()),
+                                  "switch_ms_per_kelem": 0.0}))
+    again = measure_table(gm, x, ["conv2d", "linear"], opts, _quantizer(gm, x), target,
+                          model_hash="abc", latency=timing)
+    assert target.lowered == 2
+    np.testing.assert_array_equal(again.ms, first.ms)
+    assert again.rest == first.rest
 
 
 class RuntimeFailure(Exception):
@@ -136,6 +160,7 @@ def test_runtime_failure_names_the_variant(gm: fx.GraphModule, tmp_path: Path) -
     with pytest.raises(TargetRuntimeError, match=r"fake failed .* W4A8 variant.*"
                        r"RuntimeFailure: INT4 kernel missing") as err:
         measure_table(gm, x, ["conv2d", "linear"], ["W8A8", "W4A8", "FP32"], quantize_with,
-                      FailingTarget(), model_hash="abc", cache_dir=tmp_path)
+                      FailingTarget(), model_hash="abc",
+                      latency=LatencyOptions(cache_dir=tmp_path))
     assert isinstance(err.value.__cause__, RuntimeFailure)
     assert not list(tmp_path.rglob("*.json")), "a failed table must not be cached"

@@ -17,6 +17,7 @@ from quantflow.passes.pipeline import run_pipeline
 from quantflow.quantize import quantize
 from quantflow.search import Budget, search_mixed
 from quantflow.search.database import EvalDB
+from quantflow.search.options import HawqOptions, LatencyOptions, SearchOptions
 from quantflow.search.quantune import pareto_front
 from quantflow.spec import QuantPlan
 from quantflow.targets.base import TargetCaps
@@ -69,9 +70,17 @@ def _acc(g: fx.GraphModule, x: torch.Tensor, y: torch.Tensor) -> float:
         return 100.0 * float((g(x).argmax(-1) == y).double().mean())
 
 
-SMALL = {"calibrators": ("minmax", "percentile"), "schemes": (False,),
-         "granularities": ("channel",), "hawq_batches": 2, "hawq_max_iter": 15,
-         "pool_size": 60, "latency": "proxy", "progress": False}
+def small(max_evals: int, strategy: str = "xgb") -> SearchOptions:
+    """A small space and pool, so a search takes seconds."""
+    return SearchOptions(calibrators=("minmax", "percentile"), schemes=(False,),
+                         granularities=("channel",), pool_size=60, max_evals=max_evals,
+                         strategy=strategy)
+
+
+#: what every search here shares: few Hessian draws, no progress bars, proxy latency (the
+#: tests with a fake target replace `latency`)
+SMALL = {"hawq": HawqOptions(batches=2, max_iter=15), "latency": LatencyOptions(mode="proxy"),
+         "progress": False}
 
 
 def test_search_meets_size_budget_and_plan_reproduces(setup: tuple, tmp_path: Path) -> None:
@@ -83,7 +92,7 @@ def test_search_meets_size_budget_and_plan_reproduces(setup: tuple, tmp_path: Pa
         return _acc(g, x_test, y_test)
 
     budget = Budget(max_size_ratio=0.75)
-    res = search_mixed(gm, batches, eval_fn, budget, labels=labels, max_evals=6,
+    res = search_mixed(gm, batches, eval_fn, budget, labels=labels, search=small(6),
                        db=tmp_path / "db.sqlite", **SMALL)  # type: ignore[arg-type]
     assert len(res.trials) == 6 and res.real_evaluations == 6
     assert len(calls) == 7  # the FP32 reference + 6 candidates
@@ -122,7 +131,7 @@ def test_resume_after_interrupt_loses_nothing(setup: tuple, tmp_path: Path) -> N
 
     with pytest.raises(KeyboardInterrupt):
         search_mixed(gm, batches, interrupted, Budget(max_size_ratio=0.75), labels=labels,
-                     max_evals=6, db=db_path, **SMALL)  # type: ignore[arg-type]
+                     search=small(6), db=db_path, **SMALL)  # type: ignore[arg-type]
     with EvalDB(db_path) as db:
         before = {r.key for r in db.records()}
     assert len(before) == 4  # everything finished before Ctrl-C is on disk
@@ -133,7 +142,7 @@ def test_resume_after_interrupt_loses_nothing(setup: tuple, tmp_path: Path) -> N
 
     calls["n"] = 0
     res = search_mixed(gm, batches, counting, Budget(max_size_ratio=0.75), labels=labels,
-                       max_evals=6, db=db_path, **SMALL)  # type: ignore[arg-type]
+                       search=small(6), db=db_path, **SMALL)  # type: ignore[arg-type]
     with EvalDB(db_path) as db:
         after = {r.key for r in db.records()}
     # every call evaluated something new: nothing that was on disk ran again
@@ -146,7 +155,7 @@ def test_resume_after_interrupt_loses_nothing(setup: tuple, tmp_path: Path) -> N
 def test_accuracy_budget_only_picks_cheapest_within_drop(setup: tuple, tmp_path: Path) -> None:
     gm, batches, labels, x_test, y_test, _model = setup
     res = search_mixed(gm, batches, lambda g: _acc(g, x_test, y_test), Budget(max_drop=1.0),
-                       labels=labels, max_evals=6, db=tmp_path / "db.sqlite", strategy="random",
+                       labels=labels, search=small(6, "random"), db=tmp_path / "db.sqlite",
                        **SMALL)  # type: ignore[arg-type]
     ok = [t for t in res.trials if t.drop <= 1.0]
     assert res.satisfied == bool(ok)
@@ -157,8 +166,8 @@ def test_accuracy_budget_only_picks_cheapest_within_drop(setup: tuple, tmp_path:
 def test_pareto_front_is_nondominated(setup: tuple, tmp_path: Path) -> None:
     gm, batches, labels, x_test, y_test, _model = setup
     res = search_mixed(gm, batches, lambda g: _acc(g, x_test, y_test),
-                       Budget(max_size_ratio=1.0), labels=labels, max_evals=5,
-                       db=tmp_path / "db.sqlite", strategy="grid", **SMALL)  # type: ignore[arg-type]
+                       Budget(max_size_ratio=1.0), labels=labels, search=small(5, "grid"),
+                       db=tmp_path / "db.sqlite", **SMALL)  # type: ignore[arg-type]
     front = pareto_front(res.trials)
     for f in front:
         assert not any(t.quality >= f.quality and t.size_bytes < f.size_bytes
@@ -201,7 +210,8 @@ def test_compile_pipeline_bits_mixed(setup: tuple, tmp_path: Path,
 
 
 class _SlowMixedTarget:
-    """A target on which only uniform W8A8 is fast end to end (mixed plans pay transitions)."""
+    """A target on which only uniform W8A8 is fast end to end, whatever its per-layer table
+    says (a mixed plan pays for what runs around its layers)."""
 
     name = "fake"
     threads = 1
@@ -227,13 +237,12 @@ def test_latency_limit_validated_end_to_end_falls_back_to_int8(setup: tuple,
     """Candidates the per-layer table calls fast but that are slow end to end are rejected;
     with none left, uniform W8A8 is evaluated (database still open) and returned."""
     gm, batches, labels, x_test, y_test, _model = setup
-    small = {k: v for k, v in SMALL.items() if k != "latency"}
+    shared = {**SMALL, "latency": LatencyOptions(cache_dir=tmp_path / "lat")}
     res = search_mixed(gm, batches, lambda g: _acc(g, x_test, y_test),
                        Budget(max_drop=50.0, minimize="size", max_size_ratio=1.0,
                               max_latency_ratio=1.0),
-                       _SlowMixedTarget(), labels=labels, max_evals=5, latency="measured",
-                       db=tmp_path / "db.sqlite", latency_cache=tmp_path / "lat",
-                       **small)  # type: ignore[arg-type]
+                       _SlowMixedTarget(), labels=labels, search=small(5),
+                       db=tmp_path / "db.sqlite", **shared)  # type: ignore[arg-type]
     assert res.latency_checks and res.latency_checks[0].limit_ms == pytest.approx(1.0 * 1.0)
     assert set(res.best.candidate.options) == {"W8A8"}
     assert all(not c.accepted for c in res.latency_checks if "W4A8" in c.config)
@@ -251,9 +260,9 @@ def test_failing_runtime_falls_back_to_proxy_only_without_latency_budget(
     from quantflow.errors import TargetRuntimeError
 
     gm, batches, labels, x_test, y_test, _model = setup
-    small = {k: v for k, v in SMALL.items() if k != "latency"}
-    common: dict = {"labels": labels, "max_evals": 3, "latency": "measured",
-                    "db": tmp_path / "db.sqlite", "latency_cache": tmp_path / "lat", **small}
+    common: dict = {**SMALL, "labels": labels, "search": small(3),
+                    "latency": LatencyOptions(cache_dir=tmp_path / "lat"),
+                    "db": tmp_path / "db.sqlite"}
     res = search_mixed(gm, batches, lambda g: _acc(g, x_test, y_test),
                        Budget(max_size_ratio=1.0), _BrokenRuntimeTarget(), **common)
     assert res.latency.method == "bops_proxy" and not res.latency_checks

@@ -53,6 +53,7 @@ from quantflow.passes import DEFAULT_PIPELINE, run_pipeline
 from quantflow.quantize import quantize
 from quantflow.search.hawq import hutchinson_traces
 from quantflow.search.mixed import build_space
+from quantflow.search.options import TraceOptions
 from quantflow.search.space import Candidate, GlobalConfig
 from quantflow.zoo import MODELS, get_model
 
@@ -168,7 +169,8 @@ def bench_model(name: str, args: argparse.Namespace) -> dict[str, Any]:
     t1 = time.perf_counter()
     traces = hutchinson_traces(gm, batches[:args.hawq_batches],
                                None if labels is None else labels[:args.hawq_batches],
-                               rel_tol=args.hawq_tol, max_iter=args.hawq_iters, seed=0)
+                               options=TraceOptions(rel_tol=args.hawq_tol,
+                                                    max_iter=args.hawq_iters), seed=0)
     hawq_s = time.perf_counter() - t1
     g = GlobalConfig(weight_granularity=args.weight_granularity)
     space = build_space(gm, traces, batches[0], ("W8A8", "W4A8"), [g], None)

@@ -24,7 +24,8 @@ STRATEGY is evaluated (median and mean over `--repeats` seeds; a run that never 
 counts as its cap + 1). Random search also in closed form: (N+1)/(k+1) with k near-best
 candidates among N. Also reported: the ILP seed's own quality (zero search), Spearman of
 −Σ Ω vs accuracy, ZeroQ (INT8 calibrated on distilled vs real data) and latency-aware vs
-BOPs-proxy allocation on ORT.
+BOPs-proxy allocation on ORT, with the per-layer tables checked end to end and the Q/DQ
+switch cost measured (`bench_search_latency.py`; `--latency-only` re-measures just that).
 
 Usage: .venv/bin/python tools/bench_search.py --out bench_results/search [--models ...]
 """
@@ -48,6 +49,9 @@ import torch
 from torch import fx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_search_latency
+
+from bench_search_latency import latency_markdown, latency_vs_proxy
 
 from quantflow.calibrate import batched, collect_stats
 from quantflow.data import builtin_dataset, load_fashion_mnist
@@ -59,6 +63,7 @@ from quantflow.search.costmodel import RandomCostModel, XGBCostModel
 from quantflow.search.database import EvalDB, Record, model_hash, tensor_hash
 from quantflow.search.hawq import hutchinson_traces
 from quantflow.search.mixed import build_space
+from quantflow.search.options import LoopOptions, TraceOptions
 from quantflow.search.space import SPACE_VERSION, Candidate, global_configs
 from quantflow.search.zeroq import distill
 from quantflow.spec import int8_plan
@@ -98,7 +103,7 @@ def _fp32_and_space(name: str, args: argparse.Namespace, model: torch.nn.Module 
     labels = [y_cal[i:i + 64] for i in range(0, x_cal.shape[0], 64)]
     stats = collect_stats(gm, batches)
     traces = hutchinson_traces(gm, batches[:args.hawq_batches], labels[:args.hawq_batches],
-                               rel_tol=0.1, max_iter=args.hawq_iters)
+                               options=TraceOptions(rel_tol=0.1, max_iter=args.hawq_iters))
     globs = global_configs(args.calibrators, (False, True), ("channel", "tensor"))
     space = build_space(gm, traces, batches[0], ("W8A8", "W8A16", "W4A8", "FP32"), globs, None)
     return {"captured": captured, "gm": gm, "stats": stats, "traces": traces, "space": space,
@@ -153,9 +158,9 @@ def bench_model(name: str, args: argparse.Namespace, db: EvalDB,
     for r in tqdm(range(args.repeats), desc=f"{name}: quantune runs", leave=False):
         q_pool = qt.candidate_pool(space, budget, seeds, args.pool, np.random.default_rng(r))
         runs["quantune"].append(qt.run_search(
-            space, q_pool, evaluate, budget, strategy="xgb", max_evals=args.max_evals,
+            space, q_pool, evaluate, budget, LoopOptions(max_evals=args.max_evals, seed=r),
             cost_model=XGBCostModel(seed=r, bootstrap=args.bootstrap), first=seeds[:1],
-            seed=r, progress=False, prior=prior))
+            progress=False, prior=prior))
     best = max([max(scores.values())] + [t.quality for ts in runs["quantune"] for t in ts])
 
     # 3. strategies replayed on the reference pool (its scores are known: no new evaluations)
@@ -177,13 +182,13 @@ def bench_model(name: str, args: argparse.Namespace, db: EvalDB,
                 cm: Any = XGBCostModel(seed=r, bootstrap=args.bootstrap)
                 if strat == "xgb_on_pool_warm":
                     cm.warm_start(wx, wy)
-                ts = qt.run_search(space, pool, lookup, budget, strategy="xgb",
-                                   max_evals=len(pool), cost_model=cm, grow_pool=False, seed=r,
-                                   progress=False)
+                ts = qt.run_search(space, pool, lookup, budget,
+                                   LoopOptions(max_evals=len(pool), grow_pool=False, seed=r),
+                                   cost_model=cm, progress=False)
             else:
                 ts = qt.run_search(space, grid_pool if strat == "grid" else pool, lookup,
-                                   budget, strategy=strat, max_evals=len(pool),
-                                   cost_model=RandomCostModel(r), seed=r, progress=False)
+                                   budget, LoopOptions(strat, max_evals=len(pool), seed=r),
+                                   cost_model=RandomCostModel(r), progress=False)
             runs[strat].append(ts)
 
     def summary(strat: str, w: float) -> dict[str, Any]:
@@ -222,8 +227,9 @@ def bench_model(name: str, args: argparse.Namespace, db: EvalDB,
         "real_evaluations_now": n_real, "model_hash": m_hash,
     }
     out["zeroq"] = zeroq_section(ctx, args) if args.zeroq_steps > 0 else {}
-    out["latency_vs_proxy"] = latency_vs_proxy(gm, stats, space, m_hash, ctx["x_cal"][:1],
-                                               x_test, y_test, args) if args.latency else {}
+    out["latency_vs_proxy"] = latency_vs_proxy(
+        gm, stats, space, m_hash, ctx["x_cal"][:1], lambda g: accuracy(g, x_test, y_test),
+        args) if args.latency else {}
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -247,80 +253,6 @@ def zeroq_section(ctx: dict[str, Any], args: argparse.Namespace) -> dict[str, An
     zq["bn_loss"] = {"start": dist.loss_start, "end": dist.loss_end, "steps": dist.steps,
                      "samples": args.zeroq_n}
     return zq
-
-
-def latency_vs_proxy(gm: fx.GraphModule, stats: dict[str, Any], space: Any, m_hash: str,
-                     example: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-                     args: argparse.Namespace) -> dict[str, Any]:
-    """ILP under a BOPs budget vs ILP under the measured-latency budget it implies, on ORT.
-
-    Proxy: minimize Σ Ω s.t. BOPs ≤ `--bops-ratio` × BOPs(uniform W8A8). Latency-aware:
-    minimize Σ Ω s.t. table latency ≤ the table latency of the proxy's choice. Both are then
-    lowered and timed end to end, and evaluated.
-    """
-    from quantflow.search.allocate import solve_milp
-    from quantflow.search.latency import bops_table, measure_table
-    from quantflow.search.space import SearchSpace, layer_plan
-    from quantflow.search.transitions import alternating, layer_edges
-    from quantflow.search.validate import end_to_end_ms
-    from quantflow.spec import QuantPlan
-    from quantflow.targets import get_target
-
-    target = get_target("ort", threads=1)
-    g0 = space.globs[0]
-
-    def quantize_with(assign: dict[str, str]) -> fx.GraphModule:
-        return quantize(gm, QuantPlan(default=layer_plan("W8A8", g0), layers={
-            n: layer_plan(assign.get(n, "FP32"), g0) for n in space.layers}), stats)
-
-    edges = layer_edges(gm, space.layers, (example,))
-    table = measure_table(gm, (example,), space.layers, space.options, quantize_with, target,
-                          model_hash=m_hash, cache_dir=Path(args.out) / "latency_cache",
-                          runs=args.latency_runs, threads=1, edges=edges)
-    priced = SearchSpace(space.layers, space.options, space.globs, space.sens, space.size,
-                         table.ms, table.rest_for("W8A8"), edges, table.switch_ms_per_kelem)
-    bops = bops_table(gm, (example,), space.layers, space.options)
-    sens = space.sens[g0.scheme_key]
-    w8 = space.options.index("W8A8")
-
-    def table_ms(choice: tuple[int, ...]) -> float:
-        """The table's latency of an allocation, Q/DQ switches included."""
-        lat = priced.latency_ms(Candidate(g0, tuple(space.options[k] for k in choice)))
-        assert lat is not None
-        return lat
-
-    proxy = solve_milp(sens, bops.ms, args.bops_ratio * bops.ms[:, w8].sum())
-    # the same table latency as the proxy's pick, with and without the switch term
-    lat_budget = table_ms(proxy.choice) - priced.latency_rest
-    eff = priced.latency_eff
-    assert eff is not None
-    aware = solve_milp(sens, eff, lat_budget, priced.switches([eff]))
-    no_switch = float(table.ms[np.arange(len(space.layers)), list(proxy.choice)].sum())
-    blind = solve_milp(sens, table.ms, no_switch)
-    out: dict[str, Any] = {"table_method": table.method, "device": table.device,
-                           "bops_ratio": args.bops_ratio,
-                           "switch_ms_per_kelem": table.switch_ms_per_kelem}
-    def measured(g: fx.GraphModule) -> float:  # the target already runs one thread
-        return end_to_end_ms(g, (example,), target, runs=args.latency_runs, warmup=10)
-
-    for label, alloc in (("bops_proxy", proxy), ("latency_aware", aware),
-                         ("latency_aware_no_switches", blind)):
-        assign = {n: space.options[k] for n, k in zip(space.layers, alloc.choice)}
-        g = quantize_with(assign)
-        out[label] = {"sensitivity": alloc.sensitivity, "measured_ms": measured(g),
-                      "table_ms": table_ms(alloc.choice),
-                      "accuracy": accuracy(g, x_test, y_test),
-                      "options": {o: list(alloc.choice).count(space.options.index(o))
-                                  for o in space.options}}
-    # where the table goes wrong: uniform plans vs the two plans with a switch on every edge
-    checks = {"W8A8": {n: "W8A8" for n in space.layers}, "FP32": {}}
-    checks.update({f"alternating {p}": a for p, a in enumerate(alternating(space.layers))})
-    out["table_vs_measured"] = {
-        label: {"table_ms": table_ms(tuple(space.options.index(a.get(n, "FP32"))
-                                           for n in space.layers)),
-                "measured_ms": measured(quantize_with(a))}
-        for label, a in checks.items()}
-    return out
 
 
 STRATEGY_NOTES = {
@@ -380,26 +312,7 @@ def markdown(res: list[dict[str, Any]]) -> str:
                      f"{r['hawq_spearman_vs_accuracy']:.2f}")
         lp = r.get("latency_vs_proxy")
         if lp:
-            if "switch_ms_per_kelem" in lp:
-                lines += ["", (f"Q/DQ switch cost τ = {lp['switch_ms_per_kelem']:.4g} ms per "
-                               "1000 crossing elements (measured from the alternating plans); "
-                               "table ms below includes it.")]
-            lines += ["", (f"Latency-aware vs BOPs-proxy allocation (ORT, {lp['device']}, "
-                           f"table: {lp['table_method']}; proxy budget {lp['bops_ratio']} × "
-                           "W8A8 BOPs" + ("; measured in an earlier run of this benchmark"
-                                          if lp.get("from_earlier_run") else "") + "):"),
-                      "", "| allocation | Σ Ω | table ms | measured ms | accuracy | options |",
-                      "|---|---|---|---|---|---|"]
-            for k in ("bops_proxy", "latency_aware", "latency_aware_no_switches"):
-                if k not in lp:
-                    continue
-                v = lp[k]
-                lines.append(f"| {k} | {v['sensitivity']:.3g} | {v['table_ms']:.3f} | "
-                             f"{v['measured_ms']:.3f} | {v['accuracy']:.2f} | {v['options']} |")
-            tv = lp.get("table_vs_measured")
-            if tv:
-                lines += ["", "Table vs end-to-end median (ms): " + "; ".join(
-                    f"{k} {v['table_ms']:.3f} vs {v['measured_ms']:.3f}" for k, v in tv.items())]
+            lines += latency_markdown(lp)
         if r["zeroq"]:
             lines += ["", "ZeroQ (uniform INT8 accuracy by calibration source):", "",
                       "| calibrator | real | distilled | gaussian noise |", "|---|---|---|---|"]
@@ -456,9 +369,10 @@ def main() -> None:
         for name in args.models:
             r = json.loads((out / f"{name}.json").read_text())
             ctx = _fp32_and_space(name, args, None)
+            x_test, y_test = ctx["x_test"], ctx["y_test"]
             r["latency_vs_proxy"] = latency_vs_proxy(
                 ctx["gm"], ctx["stats"], ctx["space"], ctx["m_hash"], ctx["x_cal"][:1],
-                ctx["x_test"], ctx["y_test"], args)
+                lambda g, x=x_test, y=y_test: accuracy(g, x, y), args)
             (out / f"{name}.json").write_text(json.dumps(r, indent=1) + "\n")
         _write_markdown(out)
         return

@@ -8,7 +8,9 @@ Modules, one concern each:
   database   sqlite store of every real evaluation (resume, warm start)
   latency    per-layer latency tables measured on a target (cached) or a BOPs proxy
   quantune   the search loop: ILP seeds → cost-model-guided evaluations → Pareto front
+  validate   end-to-end latency check of the best candidates (tables do not transfer exactly)
   zeroq      ZeroQ distilled calibration data (`--calib distilled`)
+  options    SearchOptions, HawqOptions, LatencyOptions: what search_mixed can be told
   mixed      `search_mixed`, the entry point (its contract is in that module's docstring)
   compile    the adapter the compile pipeline calls (`mixed_plan`)
 
@@ -21,9 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from quantflow.search.mixed import SearchResult, search_mixed
+    from quantflow.search.options import HawqOptions, LatencyOptions, SearchOptions
     from quantflow.search.quantune import Budget
 
-__all__ = ["Budget", "SearchResult", "search_mixed"]
+__all__ = ["Budget", "HawqOptions", "LatencyOptions", "SearchOptions", "SearchResult",
+           "search_mixed"]
+_OPTIONS = ("HawqOptions", "LatencyOptions", "SearchOptions")
 
 
 def __getattr__(name: str) -> Any:
@@ -31,6 +36,10 @@ def __getattr__(name: str) -> Any:
         from quantflow.search import mixed
 
         return getattr(mixed, name)
+    if name in _OPTIONS:
+        from quantflow.search import options
+
+        return getattr(options, name)
     if name == "Budget":
         from quantflow.search.quantune import Budget
 

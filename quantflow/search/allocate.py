@@ -16,21 +16,12 @@ Two exact solvers:
   is exactly optimal when every cost is a multiple of `resolution` (e.g. bytes with
   resolution 1) and within one rounding step otherwise. O(L · K · B/resolution).
 
-Domain switches (`Switches`, `solve_milp` only): options belong to two runtime domains (int8
-kernels vs float kernels); an edge e = (i, j) between layers i and j costs w[m, e] on resource
-m when the two layers sit in different domains (the Q or DQ the runtime then inserts, see
-`transitions.py`). With d_l = Σ_{k int8} x[l, k], the switch indicator is linearized exactly:
-t_e ≥ d_i − d_j, t_e ≥ d_j − d_i, 0 ≤ t_e ≤ 1, and each resource row gains Σ_e w[m, e] t_e
-(t_e appears in no objective term and w ≥ 0, so a larger t_e only tightens the budget: some
-optimum has t_e = |d_i − d_j|).
-
 Options that are not allowed for a layer carry Ω = +inf (e.g. a layer the target cannot run
 in 4 bits); both solvers skip them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,23 +32,6 @@ from quantflow.errors import BudgetExceededError
 
 class InfeasibleBudgetError(BudgetExceededError):
     """No allocation fits the budget, even with every layer at its cheapest option."""
-
-
-@dataclass(frozen=True)
-class Switches:
-    """Pairwise domain-switch costs (module docstring). edges: [E, 2] layer indices;
-    weight: [M, E] cost per resource and edge (>= 0); int8: [K] option k's domain."""
-
-    edges: np.ndarray
-    weight: np.ndarray
-    int8: np.ndarray
-
-    def count(self, choice: Sequence[int]) -> np.ndarray:
-        """Cost per resource of the switches of one allocation."""
-        d = self.int8[np.asarray(choice)]
-        crossing = d[self.edges[:, 0]] != d[self.edges[:, 1]] if len(self.edges) \
-            else np.zeros(0, dtype=bool)
-        return np.asarray(self.weight)[:, crossing].sum(axis=1)
 
 
 @dataclass(frozen=True)
@@ -108,17 +82,10 @@ def _infeasible(c: np.ndarray, b: np.ndarray, allowed: np.ndarray) -> Infeasible
         "options (e.g. W4A8) for the large layers")
 
 
-def solve_milp(sensitivity: object, cost: object, budget: object,
-               switches: Switches | None = None) -> Allocation:
-    """Exact allocation by 0/1 ILP. cost: [M, L, K] (or [L, K] for one resource); `switches`
-    adds the domain-switch costs to the resource rows (module docstring)."""
+def solve_milp(sensitivity: object, cost: object, budget: object) -> Allocation:
+    """Exact allocation by 0/1 ILP. cost: [M, L, K] (or [L, K] for one resource)."""
     s, c, b = _as_arrays(sensitivity, cost, budget)
     n_layers, n_opts = s.shape
-    n_x = n_layers * n_opts
-    n_e = 0 if switches is None else len(switches.edges)
-    if switches is not None and np.asarray(switches.weight).shape != (c.shape[0], n_e):
-        raise ValueError(f"switches.weight must be [resources, edges] = [{c.shape[0]}, {n_e}], "
-                         f"got {np.asarray(switches.weight).shape}")
     allowed = np.isfinite(s)
     if not allowed.any(axis=1).all():
         bad = int(np.flatnonzero(~allowed.any(axis=1))[0])
@@ -126,40 +93,21 @@ def solve_milp(sensitivity: object, cost: object, budget: object,
     # scale the objective so HiGHS tolerances are relative to the problem, not absolute
     finite = s[allowed]
     scale = max(float(np.abs(finite).max()), 1e-300)
-    obj = np.concatenate([np.where(allowed, s / scale, 0.0).ravel(), np.zeros(n_e)])
-    one_hot = np.zeros((n_layers, n_x + n_e))
+    obj = np.where(allowed, s / scale, 0.0).ravel()
+    one_hot = np.zeros((n_layers, n_layers * n_opts))
     for layer in range(n_layers):
         one_hot[layer, layer * n_opts:(layer + 1) * n_opts] = 1.0
-    rows = np.concatenate([c.reshape(c.shape[0], -1), np.zeros((c.shape[0], n_e))], axis=1)
-    cons = [LinearConstraint(one_hot, 1.0, 1.0)]
-    if switches is not None and n_e:
-        rows[:, n_x:] = switches.weight
-        # t_e - d_i + d_j >= 0 and t_e + d_i - d_j >= 0, d_l = Σ_k int8[k] x[l, k]
-        lin = np.zeros((2 * n_e, n_x + n_e))
-        dom = np.asarray(switches.int8, dtype=np.float64)
-        for e, (i, j) in enumerate(np.asarray(switches.edges, dtype=np.int64)):
-            for r, sign in ((2 * e, 1.0), (2 * e + 1, -1.0)):
-                lin[r, n_x + e] = 1.0
-                lin[r, i * n_opts:(i + 1) * n_opts] -= sign * dom
-                lin[r, j * n_opts:(j + 1) * n_opts] += sign * dom
-        cons.append(LinearConstraint(lin, 0.0, np.inf))
-    cons.append(LinearConstraint(rows, -np.inf, b))
-    upper = np.concatenate([allowed.ravel().astype(np.float64),  # forbidden options: 0
-                            np.ones(n_e)])
-    res = milp(obj, constraints=cons,
-               integrality=np.concatenate([np.ones(n_x), np.zeros(n_e)]),
-               bounds=Bounds(np.zeros_like(obj), upper),
-               options={"mip_rel_gap": 0.0})
+    cons = [LinearConstraint(one_hot, 1.0, 1.0),
+            LinearConstraint(c.reshape(c.shape[0], -1), -np.inf, b)]
+    upper = allowed.ravel().astype(np.float64)  # forbidden options: 0
+    res = milp(obj, constraints=cons, integrality=np.ones_like(obj),
+               bounds=Bounds(np.zeros_like(obj), upper), options={"mip_rel_gap": 0.0})
     if res.status == 2:  # infeasible
         raise _infeasible(c, b, allowed)
     if not res.success or res.x is None:
         raise RuntimeError(f"bit allocation: scipy milp failed: {res.message}")
-    choice = np.argmax(res.x[:n_x].reshape(n_layers, n_opts), axis=1).tolist()
-    out = _result(s, c, choice)
-    if switches is not None:
-        out = Allocation(out.choice, out.sensitivity,
-                         tuple(float(v) for v in np.asarray(out.cost) + switches.count(choice)))
-    return out
+    choice = np.argmax(res.x.reshape(n_layers, n_opts), axis=1).tolist()
+    return _result(s, c, choice)
 
 
 def solve_dp(sensitivity: object, cost: object, budget: float, *, resolution: float = 1.0

@@ -30,6 +30,7 @@ from quantflow.dataset import Dataset
 from quantflow.errors import QuantflowError
 from quantflow.plan import PlanResult, choose_uniform
 from quantflow.search.mixed import search_mixed
+from quantflow.search.options import HawqOptions, LatencyOptions, SearchOptions
 from quantflow.search.quantune import Budget
 from quantflow.search.space import OPTIONS
 
@@ -43,9 +44,6 @@ SEARCH_DROP_MARGIN = 0.5
 #: "never slower than uniform INT8" with room for timing noise: W4A8 and W8A8 run the same
 #: int8 kernels on ORT, yet their per-layer table entries differ by a few percent
 LATENCY_SLACK = 1.05
-#: calibration batches the Hessian traces use (search_mixed's default), scaled up in batches
-#: for a graph that runs in smaller chunks of a static batch
-HAWQ_BATCHES = 2
 
 
 def search_budget(config: CompileConfig, *, measured: bool) -> Budget:
@@ -102,27 +100,29 @@ def mixed_plan(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
         log.warning("search: target %s unavailable for latency tables (%s); using the BOPs "
                     "proxy", config.target, exc)
     budget = search_budget(config, measured=latency == "measured")
-    kwargs: dict[str, Any] = {"placement": config.kernel_rules, "labels": labels,
-                              "data_key": f"{calib.name}|cle={int8.plan.equalize}",
-                              "latency": latency, "stats": int8.stats,
-                              "baseline_calibrator": int8_calibrator}
-    if config.placement == "trt":  # TensorRT: symmetric int8 activations only
-        kwargs["schemes"] = (True,)
-    else:  # onnxruntime runs int8 (symmetric) activations through float kernels: measured
-        kwargs["schemes"] = (False,)  # 0.85-1.33x FP32 vs 0.5-0.7x for uint8 (benchmarks.md)
-    size = run_size(gm, config.calib_batch)
-    if size < config.calib_batch:  # as many Hessian samples as with calibration batches
-        kwargs["hawq_batches"] = HAWQ_BATCHES * -(-config.calib_batch // size)
+    options: tuple[str, ...] = OPTIONS
     if target is not None and budget.max_latency_ratio is not None:
         # "never slower than INT8": an option the target runs in float kernels between Q/DQ
         # nodes (W8A16 on onnxruntime, which has no int16 conv) is the size of W8A8 and slower
         # than FP32, so it cannot pay; the per-layer tables do not see that (measured: every
         # W8A16 candidate of mobilenetv2_fmnist failed the end-to-end check on ORT)
-        kwargs["options"] = tuple(o for o in OPTIONS
-                                  if o in target.caps.integer_options or o == "FP32")
+        options = tuple(o for o in OPTIONS if o in target.caps.integer_options or o == "FP32")
+    # TensorRT: symmetric int8 activations only; onnxruntime runs int8 (symmetric)
+    # activations through float kernels: measured 0.85-1.33x FP32 vs 0.5-0.7x for uint8
+    # (benchmarks.md), so it gets uint8 only
+    search = SearchOptions(options=options,
+                           schemes=(True,) if config.placement == "trt" else (False,))
+    hawq = HawqOptions()
+    size = run_size(gm, config.calib_batch)
+    if size < config.calib_batch:  # as many Hessian samples as with calibration batches
+        hawq = replace(hawq, batches=hawq.batches * -(-config.calib_batch // size))
     # a target that fails to time a variant makes search_mixed fall back to the BOPs proxy
     # itself (TargetRuntimeError); anything else is a bug and must surface
-    res = search_mixed(gm, batches, eval_fn, budget, target, **kwargs)
+    res = search_mixed(gm, batches, eval_fn, budget, target, labels=labels, stats=int8.stats,
+                       search=search, hawq=hawq, latency=LatencyOptions(mode=latency),
+                       placement=config.kernel_rules,
+                       data_key=f"{calib.name}|cle={int8.plan.equalize}",
+                       baseline_calibrator=int8_calibrator)
     res.save(out)
     summary = {k: v for k, v in res.to_dict().items() if k not in ("trials", "hessian")}
     summary["files"] = {"search": str(out / "search.json"),

@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from quantflow.ir import WEIGHTED_OPS, is_op
 from quantflow.qmath import fake_quant_weight, qparams_from_range
+from quantflow.search.options import TraceOptions
 from quantflow.spec import LayerPlan, QSpec
 
 log = logging.getLogger("quantflow.search")
@@ -196,12 +197,11 @@ class GraphLoss:
 
 
 def hutchinson_traces(gm: fx.GraphModule, batches: Sequence[Sequence[torch.Tensor]],
-                      labels: Sequence[torch.Tensor] | None = None, *, rel_tol: float = 0.05,
-                      max_iter: int = 100, min_iter: int = 5, seed: int = 0,
-                      abs_floor: float = 0.01, activations: bool = True,
-                      per_block: bool | None = None, progress: bool = False,
-                      max_seconds: float | None = None) -> HessianTraces:
-    """Per-layer Hessian traces (weights and, if `activations`, layer inputs) by Hutchinson.
+                      labels: Sequence[torch.Tensor] | None = None, *,
+                      options: TraceOptions | None = None, seed: int = 0,
+                      progress: bool = False) -> HessianTraces:
+    """Per-layer Hessian traces (weights and, if `options.activations`, layer inputs) by
+    Hutchinson, with the stopping rule and estimator of `options` (default `TraceOptions()`).
 
     Stops when every trace has stderr ≤ rel_tol · max(|trace|, abs_floor · largest |trace| of
     its kind) (after `min_iter` draws), or after `max_iter` draws or `max_seconds` (checked
@@ -213,12 +213,15 @@ def hutchinson_traces(gm: fx.GraphModule, batches: Sequence[Sequence[torch.Tenso
     to 8 layers; beyond that the joint product's many cheap draws win per unit of time
     (MobileNetV2, 35 layers: ~1 s vs ~30 s per draw on 2 CPU cores).
     """
+    opt = options or TraceOptions()
+    rel_tol, max_iter, min_iter = opt.rel_tol, opt.max_iter, opt.min_iter
+    abs_floor, activations, max_seconds = opt.abs_floor, opt.activations, opt.max_seconds
     loss = GraphLoss(gm, batches, labels)
     w0 = loss.float_weights()
     layers = list(w0)
     if not layers:
         raise ValueError("hawq: the graph has no conv/linear layer with a constant weight")
-    block = len(layers) <= 8 if per_block is None else per_block
+    block = len(layers) <= 8 if opt.per_block is None else opt.per_block
     gen = torch.Generator().manual_seed(seed)
     samples: dict[tuple[str, str], list[float]] = {(k, n): [] for n in layers
                                                    for k in ("w", "a")}

@@ -38,8 +38,8 @@ from tqdm import tqdm
 from quantflow.cache import cache_dir
 from quantflow.errors import QuantflowError, TargetRuntimeError
 from quantflow.ir import WEIGHTED_OPS, is_op
+from quantflow.search.options import LatencyOptions
 from quantflow.search.space import OPTION_BITS
-from quantflow.search.transitions import Edges, alternating
 
 log = logging.getLogger("quantflow.search")
 
@@ -55,20 +55,18 @@ class LatencyTable:
     device: str
     target: str
     method: str  # "per_layer_profile", "differential", "bops_proxy"
-    #: τ of `transitions.py`: ms per 1000 elements crossing between int8 and float layers
-    switch_ms_per_kelem: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": list(self.layers), "options": list(self.options),
                 "ms": self.ms.tolist(), "rest": list(self.rest), "device": self.device,
-                "target": self.target, "method": self.method,
-                "switch_ms_per_kelem": self.switch_ms_per_kelem}
+                "target": self.target, "method": self.method}
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> LatencyTable:
+        # files written while tables also measured a Q/DQ switch cost carry a
+        # "switch_ms_per_kelem" (always 0 where measured); their ms and rest mean the same
         return LatencyTable(tuple(d["layers"]), tuple(d["options"]), np.asarray(d["ms"]),
-                            tuple(d["rest"]), d["device"], d["target"], d["method"],
-                            float(d.get("switch_ms_per_kelem", 0.0)))
+                            tuple(d["rest"]), d["device"], d["target"], d["method"])
 
     def rest_for(self, option: str = "W8A8") -> float:
         return self.rest[self.options.index(option)] if option in self.options \
@@ -103,7 +101,7 @@ def bops_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], layer
                         "any", "proxy", "bops_proxy")
 
 
-def _profiled_total(lat: Any) -> float:
+def profiled_total(lat: Any) -> float:
     """A profiled run's time: the per-node kernel times, plus whatever the wall-clock median
     has beyond them (framework overhead outside any node)."""
     per = sum((lat.per_layer_ms or {}).values())
@@ -113,7 +111,8 @@ def _profiled_total(lat: Any) -> float:
 def _cache_file(cache_dir: Path, model_hash: str, target: str, device: str,
                 options: Sequence[str], threads: int | None = None,
                 shapes: list[list[int]] | None = None) -> Path:
-    # "v2": tables carry the switch cost (transitions.py); older files lack it
+    # "v2" since tables carried a Q/DQ switch cost (no longer measured): what a v2 file's ms
+    # and rest rows mean is unchanged, so the key stays and cached tables stay valid
     key = hashlib.sha256(json.dumps(["v2", model_hash, target, device, list(options)]
                                     + ([] if threads is None else [threads])
                                     + ([] if shapes is None else [shapes])).encode())
@@ -127,19 +126,20 @@ def default_cache_dir() -> Path:
 def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
                   layers: Sequence[str], options: Sequence[str],
                   quantize_with: Callable[[dict[str, str]], fx.GraphModule], target: Any, *,
-                  model_hash: str, cache_dir: Path | None = None, runs: int = 30,
-                  warmup: int = 5, threads: int | None = None,
-                  progress: bool = False, edges: Edges | None = None) -> LatencyTable:
+                  model_hash: str, latency: LatencyOptions | None = None,
+                  progress: bool = False) -> LatencyTable:
     """Measured per-layer latency table on `target` (see module docstring), cached.
 
     quantize_with(assignment): the quantized graph for {layer: option} (unlisted: FP32).
-    edges: where int8 and float layers can meet; with them (and W8A8 and FP32 among the
-    options, per-layer profiling) the switch cost τ is measured too (`transitions.py`).
+    latency: where the cache is and how each variant is timed (runs, warmup, threads); its
+    `mode` is the caller's business (this always measures).
     """
     from quantflow.targets.base import device_description
 
+    timing = latency or LatencyOptions()
+    threads = timing.threads
     device = device_description()
-    cache = _cache_file(cache_dir or default_cache_dir(), model_hash, target.name, device,
+    cache = _cache_file(timing.cache_dir or default_cache_dir(), model_hash, target.name, device,
                         options, threads if threads is not None
                         else (target.threads if target.caps.threads else None),
                         [list(t.shape) for t in example_inputs])
@@ -149,13 +149,12 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
             log.info("latency table from cache %s", cache)
             return table
     x = [t.detach().numpy() for t in example_inputs]
-    kw: dict[str, Any] = {"warmup": warmup, "runs": runs}
+    kw: dict[str, Any] = {"warmup": timing.warmup, "runs": timing.runs}
     if threads is not None:
         kw["threads"] = threads
     per_layer = target.caps.per_layer_profile
     ms = np.zeros((len(layers), len(options)))
     rest = []
-    switch = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         def profile(assign: dict[str, str], sub: str, per: bool) -> Any:
             out = Path(tmp) / sub
@@ -190,17 +189,7 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
                     ms[i, k] = t
                     attributed += t
                 # attributed entries are a subset of `per`: the rest is never negative
-                rest.append(_profiled_total(lat) - attributed)
-            if edges is not None and {"W8A8", "FP32"} <= set(options) and len(layers) > 1:
-                # τ: what the alternating plans cost beyond the table, per crossing element
-                w8 = options.index("W8A8")
-                excess, kelems = 0.0, 0.0
-                for p, assign in enumerate(alternating(layers)):
-                    total = _profiled_total(profile(assign, f"alt{p}", True))
-                    table_ms = sum(ms[i, options.index(assign[n])] for i, n in enumerate(layers))
-                    excess += total - table_ms - rest[w8]
-                    kelems += edges.crossing_kelems([assign[n] for n in layers])
-                switch = max(excess / kelems, 0.0) if kelems > 0 else 0.0
+                rest.append(profiled_total(lat) - attributed)
         else:
             method = "differential"
             base = profile({}, "fp32", False).median_ms
@@ -215,7 +204,7 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
             bar.close()
             rest = [base] * len(options)
     table = LatencyTable(tuple(layers), tuple(options), ms, tuple(rest), device, target.name,
-                         method, switch)
+                         method)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(table.to_dict(), indent=1) + "\n")
     return table

@@ -13,9 +13,12 @@ Contract (what the compile pipeline relies on):
 - `budget`: `Budget(max_drop, max_size_bytes, max_size_ratio, max_latency_ms, ...)`.
 - `baseline_calibrator`: uniform W8A8 with this calibrator is evaluated first (the compile
   pipeline passes the one uniform INT8 would use).
-- `target`: a `quantflow.targets` Target; with `latency="measured"` the per-layer latency
-  table is measured on it (cached per device) and `max_latency_ms` applies; without one,
-  latency is the BOPs proxy and only reported.
+- `target`: a `quantflow.targets` Target; with `LatencyOptions(mode="measured")` (the
+  default) the per-layer latency table is measured on it (cached per device) and
+  `max_latency_ms` applies; without one, latency is the BOPs proxy and only reported.
+- How to search is grouped by concern (`options.py`; every default is the search's default):
+  `SearchOptions` (the space and the loop), `HawqOptions` (the Hessian traces'
+  samples and stopping rule), `LatencyOptions` (measured tables or proxy, and their timing).
 - Result: `SearchResult.plan` (a serializable QuantPlan; `--config` re-uses it), the best
   trial and whether it satisfies the budget, every trial, the Pareto front (quality,
   latency, size), the per-layer table (sensitivity, option, bits, latency gain), the
@@ -51,9 +54,9 @@ from quantflow.search.costmodel import CostModel, RandomCostModel, XGBCostModel
 from quantflow.search.database import EvalDB, Record, model_hash, tensor_hash
 from quantflow.search.hawq import HessianTraces, hutchinson_traces, layer_weights, sensitivity_table
 from quantflow.search.latency import LatencyTable, bops_table, measure_table
+from quantflow.search.options import HawqOptions, LatencyOptions, SearchOptions
 from quantflow.search.space import (
     OPTION_BITS,
-    OPTIONS,
     SPACE_VERSION,
     Candidate,
     SearchSpace,
@@ -61,9 +64,8 @@ from quantflow.search.space import (
     layer_plan,
     size_table,
 )
-from quantflow.search.transitions import Edges, layer_edges
 from quantflow.search.validate import LatencyCheck, end_to_end_ms, first_within
-from quantflow.spec import CALIBRATORS, KernelRules, QuantPlan
+from quantflow.spec import KernelRules, QuantPlan
 
 log = logging.getLogger("quantflow.search")
 FP32_KEY = "__fp32__"
@@ -131,10 +133,9 @@ class SearchResult:
 
 
 def build_space(gm: fx.GraphModule, traces: HessianTraces, example_inputs: Sequence[torch.Tensor],
-                options: Sequence[str], globs: list, latency: LatencyTable | None,
-                edges: Edges | None = None) -> SearchSpace:
-    """The space with its HAWQ sensitivity tables (one per scheme) and cost tables; `edges`
-    (`transitions.layer_edges`) price the Q/DQ switches the latency table measured."""
+                options: Sequence[str], globs: list, latency: LatencyTable | None
+                ) -> SearchSpace:
+    """The space with its HAWQ sensitivity tables (one per scheme) and cost tables."""
     layers = [n for n in layer_weights(gm) if n in traces.weight]
     sens = {}
     for g in globs:
@@ -144,9 +145,7 @@ def build_space(gm: fx.GraphModule, traces: HessianTraces, example_inputs: Seque
     size = size_table([traces.weight[n].numel for n in layers], options)
     lat = latency.ms if latency is not None else None
     rest = latency.rest_for("W8A8") if latency is not None else 0.0
-    switch = latency.switch_ms_per_kelem if latency is not None else 0.0
-    return SearchSpace(layers, tuple(options), globs, sens, size, lat, rest,
-                       edges if switch else None, switch)
+    return SearchSpace(layers, tuple(options), globs, sens, size, lat, rest)
 
 
 def search_mixed(
@@ -158,33 +157,22 @@ def search_mixed(
     *,
     labels: Sequence[torch.Tensor] | None = None,
     stats: dict[str, TensorStats] | None = None,
-    options: Sequence[str] = OPTIONS,
-    calibrators: Sequence[str] = CALIBRATORS,
-    schemes: Sequence[bool] = (False, True),
-    granularities: Sequence[str] = ("channel", "tensor"),
-    max_evals: int = 20,
-    strategy: str = "xgb",
-    pool_size: int = 400,
+    search: SearchOptions | None = None,
+    hawq: HawqOptions | None = None,
+    latency: LatencyOptions | None = None,
     db: EvalDB | str | Path | None = None,
     data_key: str = "",
     placement: str | KernelRules = "ort",
-    latency: str = "measured",
-    latency_cache: Path | None = None,
-    hawq_batches: int = 2,
-    hawq_max_samples: int = 32,
-    hawq_max_elements: int = 1_300_000,
-    hawq_max_seconds: float | None = 120.0,
-    hawq_tol: float = 0.1,
-    hawq_max_iter: int = 30,
-    warm_start: bool = True,
-    validate_top: int = 3,
     baseline_calibrator: str | None = None,
-    seed: int = 0,
     progress: bool = True,
 ) -> SearchResult:
     """Choose per-layer precisions under `budget` (contract: module docstring)."""
     t0 = time.perf_counter()
     budget = (budget or qt.Budget()).effective()
+    opts = search or SearchOptions()
+    hq = hawq or HawqOptions()
+    lat_opts = latency or LatencyOptions()
+    options = opts.options
     batches = [tuple(b) for b in calib_batches]
     example = batches[0]
     # latency is measured at batch 1 (what the report and deployments time); the tables and
@@ -193,17 +181,16 @@ def search_mixed(
     if stats is None:
         stats = collect_stats(gm, batches, progress=progress)
     per_sample = max(1, sum(int(t[0].numel()) for t in example))
-    h_samples = max(1, min(hawq_max_samples, hawq_max_elements // per_sample))
+    h_samples = max(1, min(hq.max_samples, hq.max_elements // per_sample))
     step = run_size(gm, 1)  # whole chunks for a static-batch graph
-    h_batches, h_labels = _first_samples(batches, labels, hawq_batches,
+    h_batches, h_labels = _first_samples(batches, labels, hq.batches,
                                          max(step, h_samples // step * step))
-    traces = hutchinson_traces(gm, h_batches, h_labels, rel_tol=hawq_tol,
-                               max_iter=hawq_max_iter, seed=seed, progress=progress,
-                               max_seconds=hawq_max_seconds)
+    traces = hutchinson_traces(gm, h_batches, h_labels, options=hq.trace_options(),
+                               seed=opts.seed, progress=progress)
     m_hash = model_hash(gm)
     d_hash = tensor_hash([t for b in batches for t in b],
                          f"{data_key}|{KernelRules.of(placement).key()}|space={SPACE_VERSION}")
-    globs = global_configs(calibrators, schemes, granularities)
+    globs = global_configs(opts.calibrators, opts.schemes, opts.granularities)
     layers = [n for n in layer_weights(gm) if n in traces.weight]
 
     def quantize_with(assign: dict[str, str], glob: Any = globs[0]) -> fx.GraphModule:
@@ -212,13 +199,10 @@ def search_mixed(
         return quantize(gm, plan, stats, placement)
 
     table: LatencyTable | None = None
-    edges: Edges | None = None
-    if target is not None and latency == "measured":
-        edges = layer_edges(gm, layers, one, KernelRules.of(placement).placement)
+    if target is not None and lat_opts.mode == "measured":
         try:
             table = measure_table(gm, one, layers, options, quantize_with, target,
-                                  model_hash=m_hash, cache_dir=latency_cache, progress=progress,
-                                  edges=edges)
+                                  model_hash=m_hash, latency=lat_opts, progress=progress)
         except TargetRuntimeError as exc:
             if budget.max_latency_ms is not None:
                 raise  # a latency budget has no meaning without measurements
@@ -228,10 +212,11 @@ def search_mixed(
         table = bops_table(gm, example, layers, options)
     if budget.max_latency_ms is not None and table.method == "bops_proxy":
         raise ValueError("a latency budget needs a target to measure per-layer latency on "
-                         "(target=..., latency='measured'); the BOPs proxy has no unit of time")
+                         "(target=..., LatencyOptions(mode='measured')); the BOPs proxy has "
+                         "no unit of time")
     # the proxy table is only reported (per-layer table); measured ones price candidates
     space = build_space(gm, traces, example, options, globs,
-                        None if table.method == "bops_proxy" else table, edges)
+                        None if table.method == "bops_proxy" else table)
 
     database = db if isinstance(db, EvalDB) else EvalDB(db)
     reused = 0
@@ -256,21 +241,21 @@ def search_mixed(
                             lat, time.perf_counter() - t1))
         return qt.Trial(c, q, ref_q, size, lat)
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(opts.seed)
     start = qt.seeds(space, budget)
-    pool = qt.candidate_pool(space, budget, start, pool_size, rng)
+    pool = qt.candidate_pool(space, budget, start, opts.pool_size, rng)
     cm: CostModel
-    if strategy == "xgb":
-        xgb_model = XGBCostModel(seed=seed, bootstrap=True)
+    if opts.strategy == "xgb":
+        xgb_model = XGBCostModel(seed=opts.seed, bootstrap=True)
         n_feat = len(space.features(start[0]))
-        if warm_start:
+        if opts.warm_start:
             wx, wy = database.warm_start_rows(m_hash, n_feat)
             xgb_model.warm_start(wx, wy)
         # this model's own earlier rows (an interrupted run) are NOT pre-loaded: with the same
         # seed the rerun replays the same picks, answered from the database, and carries on
         cm = xgb_model
     else:
-        cm = RandomCostModel(seed)
+        cm = RandomCostModel(opts.seed)
     try:
         # uniform W8A8 with the caller's calibrator (what --bits 8 ships) is evaluated first:
         # the search can then only return something at least as good on its own data
@@ -282,10 +267,9 @@ def search_mixed(
             same = [c for c in start if not base or c.glob == base[0].glob]
             cost = space.size_bytes if mode == "size" else (lambda c: space.latency_ms(c) or 0.0)
             cheapest = [min(same, key=cost)] if same else start[:1]
-        trials = qt.run_search(space, pool, evaluate, budget, strategy=strategy,
-                               max_evals=max_evals, cost_model=cm,
-                               first=base + cheapest + start[:1],
-                               seed=seed, progress=progress, prior=qt.hawq_prior(space, budget))
+        trials = qt.run_search(space, pool, evaluate, budget, opts.loop(), cost_model=cm,
+                               first=base + cheapest + start[:1], progress=progress,
+                               prior=qt.hawq_prior(space, budget))
         ok = [t for t in trials if qt.satisfies(t, budget, space)]
         best = max(ok or trials, key=lambda t: qt.objective(t, budget, space))
         if not ok:
@@ -296,8 +280,8 @@ def search_mixed(
                 and (budget.max_latency_ms is not None or budget.max_latency_ratio is not None):
             # may evaluate the uniform W8A8 fallback: the database must still be open
             best, checks = _validate_latency(gm, stats, placement, one, target, space,
-                                             budget, ok, evaluate, validate_top,
-                                             base[0] if base else None)
+                                             budget, ok, evaluate, opts.validate_top,
+                                             lat_opts, base[0] if base else None)
             trials = trials + [t for t in [best] if t not in trials]
     finally:
         if not isinstance(db, EvalDB):
@@ -316,13 +300,15 @@ def _validate_latency(gm: fx.GraphModule, stats: dict[str, TensorStats],
                       example: Sequence[torch.Tensor], target: Any, space: SearchSpace,
                       budget: qt.Budget, ok: list[qt.Trial],
                       evaluate: Callable[[Candidate], qt.Trial], top: int,
-                      baseline: Candidate | None = None) -> tuple[qt.Trial, list[LatencyCheck]]:
+                      timing: LatencyOptions, baseline: Candidate | None = None
+                      ) -> tuple[qt.Trial, list[LatencyCheck]]:
     """The best trial whose END-TO-END latency is within the limit (see `validate`)."""
     ranked = sorted(ok, key=lambda t: -qt.objective(t, budget, space))
     w8 = baseline or qt.uniform(space, "W8A8", ranked[0].candidate.glob)
 
     def measure(c: Candidate) -> float:
-        return end_to_end_ms(quantize(gm, space.plan(c), stats, placement), example, target)
+        return end_to_end_ms(quantize(gm, space.plan(c), stats, placement), example, target,
+                             runs=timing.runs, warmup=timing.warmup)
 
     limits = [budget.max_latency_ms] if budget.max_latency_ms is not None else []
     if budget.max_latency_ratio is not None:
@@ -347,7 +333,7 @@ def _first_samples(batches: list[tuple[torch.Tensor, ...]],
     A Hutchinson draw costs a double backward pass over every sample, ~20× a forward pass
     through depthwise convs: on 224² inputs (ImageNet MobileNetV2) ~0.9 s per sample and draw
     on one core, so search_mixed caps the samples by input elements (8 ImageNet images, all
-    128 Fashion-MNIST ones) and the draws by time (`hawq_max_seconds`).
+    128 Fashion-MNIST ones) and the draws by time (`HawqOptions`).
     """
     out_b: list[tuple[torch.Tensor, ...]] = []
     out_l: list[torch.Tensor] = []

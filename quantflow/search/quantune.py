@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from quantflow.search.allocate import InfeasibleBudgetError, solve_milp
 from quantflow.search.costmodel import CostModel
+from quantflow.search.options import LoopOptions
 from quantflow.search.space import Candidate, GlobalConfig, SearchSpace
 
 log = logging.getLogger("quantflow.search")
@@ -92,9 +93,8 @@ class Budget:
             tables.append(space.size)
             limits.append(size)
         lat = self.latency_limit(space)
-        if lat is not None and space.latency_eff is not None:
-            # layer-to-layer switch costs come on top (SearchSpace.switches)
-            tables.append(space.latency_eff)
+        if lat is not None and space.latency is not None:
+            tables.append(space.latency)
             limits.append(lat - space.latency_rest)
         return tables, limits
 
@@ -171,14 +171,13 @@ def seeds(space: SearchSpace, budget: Budget, sweep: int = 6) -> list[Candidate]
         if mode == "quality":
             budgets = [(tables, limits)]
         else:  # cheapest within a drop: sweep the cost axis from cheapest to most expensive
-            axis = space.latency_eff if mode == "latency" and space.latency_eff is not None \
+            axis = space.latency if mode == "latency" and space.latency is not None \
                 else space.size
             lo, hi = axis.min(axis=1).sum(), axis.max(axis=1).sum()
             budgets = [(tables + [axis], limits + [b]) for b in np.linspace(lo, hi, sweep)]
         for c, b in budgets:
             try:  # no constraint at all: every layer takes its least sensitive option
-                a = solve_milp(sens, np.asarray(c), np.asarray(b), space.switches(c)) \
-                    if c else None
+                a = solve_milp(sens, np.asarray(c), np.asarray(b)) if c else None
             except InfeasibleBudgetError:
                 continue
             idx = a.choice if a is not None else list(np.argmin(sens, axis=1))
@@ -240,7 +239,8 @@ def random_feasible(space: SearchSpace, budget: Budget, rng: np.random.Generator
             choice[i] = k
             spent = spent + cost[:, i, k]
         c = Candidate(g, tuple(space.options[k] for k in choice))
-        # the draw is additive; layer-to-layer switch costs can still push latency over
+        # the same test the pool and `satisfies` apply (limits with the latency rest, their
+        # own tolerance), so a draw never disagrees with them at the edge of the budget
         if (spent <= lim).all() and space.feasible(c, budget.size_limit(space),
                                                    budget.latency_limit(space)):
             return c
@@ -271,23 +271,22 @@ def candidate_pool(space: SearchSpace, budget: Budget, start: Sequence[Candidate
 
 
 def run_search(space: SearchSpace, pool: Sequence[Candidate],
-               evaluate: Callable[[Candidate], Trial], budget: Budget, *, strategy: str = "xgb",
-               max_evals: int = 24, cost_model: CostModel | None = None,
-               first: Sequence[Candidate] = (), explore: float = 0.1, grow_pool: bool = True,
-               seed: int = 0, progress: bool = True,
-               prior: Callable[[Candidate], float] | None = None, min_rows: int = 4,
-               on_trial: Callable[[Trial], None] | None = None) -> list[Trial]:
-    """Evaluate up to `max_evals` candidates chosen by `strategy` ("xgb", "random", "grid").
+               evaluate: Callable[[Candidate], Trial], budget: Budget,
+               loop: LoopOptions | None = None, *, cost_model: CostModel | None = None,
+               first: Sequence[Candidate] = (), prior: Callable[[Candidate], float] | None = None,
+               progress: bool = True, on_trial: Callable[[Trial], None] | None = None
+               ) -> list[Trial]:
+    """Evaluate up to `loop.max_evals` candidates chosen by `loop.strategy` ("xgb", "random",
+    "grid"; `LoopOptions` has the rest of how the loop runs).
 
     `first` are evaluated before anything else (the ILP seed). With strategy "xgb",
     `cost_model` must be given (it may already hold warm-start rows); while it holds fewer
-    than `min_rows` rows, `prior` (higher is better, e.g. −Σ Ω) ranks the candidates.
+    than `loop.min_rows` rows, `prior` (higher is better, e.g. −Σ Ω) ranks the candidates.
     """
-    if strategy not in ("xgb", "random", "grid"):
-        raise ValueError(f"strategy must be xgb, random or grid, got {strategy!r}")
-    if strategy == "xgb" and cost_model is None:
+    opt = loop or LoopOptions()
+    if opt.strategy == "xgb" and cost_model is None:
         raise ValueError("strategy 'xgb' needs a cost_model")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(opt.seed)
     cands = list(pool)
     keys = {c.key() for c in cands}
     for c in first:
@@ -296,15 +295,15 @@ def run_search(space: SearchSpace, pool: Sequence[Candidate],
             keys.add(c.key())
     feats = [space.features(c) for c in cands]
     order = list(range(len(cands)))
-    if strategy == "random":
+    if opt.strategy == "random":
         rng.shuffle(order)
     done: set[str] = set()
     trials: list[Trial] = []
     queue = [c.key() for c in first]
     by_key = {c.key(): i for i, c in enumerate(cands)}
-    bar = tqdm(total=min(max_evals, len(cands)), desc=f"search ({strategy})",
+    bar = tqdm(total=min(opt.max_evals, len(cands)), desc=f"search ({opt.strategy})",
                disable=not progress, leave=False)
-    while len(trials) < max_evals:
+    while len(trials) < opt.max_evals:
         remaining = [i for i in order if cands[i].key() not in done]
         if not remaining:
             break
@@ -315,11 +314,11 @@ def run_search(space: SearchSpace, pool: Sequence[Candidate],
                 pick = by_key[k]
         if pick is None:
             n_rows = int(getattr(cost_model, "n_rows", len(trials)))
-            if strategy != "xgb":
+            if opt.strategy != "xgb":
                 pick = remaining[0]
-            elif rng.random() < explore or not trials:
+            elif rng.random() < opt.explore or not trials:
                 pick = int(rng.choice(remaining))
-            elif n_rows < min_rows and prior is not None:
+            elif n_rows < opt.min_rows and prior is not None:
                 # too little data to fit trees: trust the analytic (HAWQ) ranking meanwhile
                 pick = remaining[int(np.argmax([prior(cands[i]) for i in remaining]))]
             else:
@@ -340,7 +339,7 @@ def run_search(space: SearchSpace, pool: Sequence[Candidate],
             on_trial(t)
         if cost_model is not None:
             cost_model.update(feats[pick][None], np.asarray([-t.drop]))
-        if grow_pool and strategy == "xgb":
+        if opt.grow_pool and opt.strategy == "xgb":
             best = sorted(trials, key=lambda x: -objective(x, budget, space))[:3]
             for new in candidate_pool(space, budget, [b.candidate for b in best], 8, rng):
                 if new.key() not in keys:

@@ -19,29 +19,14 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from quantflow.search.allocate import Switches
 from quantflow.spec import CALIBRATORS, GRANULARITIES, LayerPlan, QSpec, QuantPlan
-
-if TYPE_CHECKING:
-    from quantflow.search.transitions import Edges
 
 OPTIONS = ("W8A8", "W8A16", "W4A8", "FP32")
 #: (weight bits, activation bits); 32 means float
 OPTION_BITS = {"W8A8": (8, 8), "W8A16": (8, 16), "W4A8": (4, 8), "FP32": (32, 32)}
-#: options whose layers run int8 kernels (ORT QLinearConv, TensorRT int8 convs): int8 in, int8
-#: out; the others compute in float, and a tensor crossing between the two pays a Q or DQ
-INT8_DOMAIN = frozenset({"W8A8", "W4A8"})
-
-
-def int8_mask(options: Sequence[str]) -> np.ndarray:
-    """[K] bool: which of `options` compute in the int8 domain."""
-    return np.asarray([o in INT8_DOMAIN for o in options], dtype=bool)
-
 
 #: what the options mean (`layer_plan`); part of every database key, so evaluations stored by
 #: an older meaning are never reused. 2: A16 always takes min-max ranges.
@@ -123,7 +108,11 @@ class SearchSpace:
     """Layers, allowed options and the per-layer tables that price and featurize candidates.
 
     sens[scheme_key]: Ω[l, k] HAWQ sensitivity; size: [L, K] weight bytes; latency: [L, K] ms
-    (measured, or a proxy), with `latency_rest` the time no layer accounts for.
+    (measured, or a proxy), with `latency_rest` the time no layer accounts for. A candidate's
+    latency is the sum of its layers' entries plus the rest: the Q/DQ a runtime adds where
+    int8 and float layers meet is not priced (measured at 0 on every model tried,
+    docs/benchmarks.md "Latency-aware vs FLOPs×bits proxy"; latency limits are checked end
+    to end, `validate.py`).
     """
 
     layers: list[str]
@@ -133,29 +122,6 @@ class SearchSpace:
     size: np.ndarray
     latency: np.ndarray | None = None
     latency_rest: float = 0.0
-    #: where int8 and float layers meet, and what a crossing costs (transitions.py)
-    edges: Edges | None = None
-    switch_ms_per_kelem: float = 0.0
-
-    @cached_property
-    def latency_eff(self) -> np.ndarray | None:
-        """The latency table with each float option paying its layer's crossings into and out
-        of the always-int8 ops (adds, pools); what the allocation sums."""
-        if self.latency is None or self.edges is None:
-            return self.latency
-        flt = (~int8_mask(self.options)).astype(np.float64)
-        return self.latency + np.outer(self.edges.fixed * self.switch_ms_per_kelem / 1000.0,
-                                       flt)
-
-    def switches(self, tables: Sequence[np.ndarray]) -> Switches | None:
-        """Layer-to-layer switch costs for the allocation, on the rows of `tables` that are the
-        latency table (None when there is nothing to charge)."""
-        if self.edges is None or not self.switch_ms_per_kelem or not len(self.edges.pairs):
-            return None
-        eff = self.latency_eff
-        w = self.switch_ms_per_kelem * self.edges.pairs[:, 2] / 1000.0
-        weight = np.asarray([w if t is eff else np.zeros_like(w) for t in tables])
-        return Switches(self.edges.pairs[:, :2], weight, int8_mask(self.options))
 
     def index(self, c: Candidate) -> np.ndarray:
         pos = {o: i for i, o in enumerate(self.options)}
@@ -180,9 +146,7 @@ class SearchSpace:
     def latency_ms(self, c: Candidate) -> float | None:
         if self.latency is None:
             return None
-        switch = 0.0 if self.edges is None \
-            else self.switch_ms_per_kelem * self.edges.crossing_kelems(c.options)
-        return self._sum(self.latency, c) + self.latency_rest + switch
+        return self._sum(self.latency, c) + self.latency_rest
 
     def sensitivity(self, c: Candidate) -> float:
         return self._sum(self.sens[c.glob.scheme_key], c)

@@ -2,12 +2,13 @@
 
 The per-layer latency tables price a candidate as a sum of per-layer kernel times measured
 in UNIFORM models, and those do not transfer exactly to mixed ones (measured on
-mobilenetv2_fmnist: a plan the table priced below uniform INT8 ran at 0.29 ms vs 0.17 ms;
-the Q/DQ switches between int8 and float layers, `transitions.py`, turned out to cost ~0 —
-a layer's time depends on what runs around it). So when a latency limit applies, the best candidates (by the search objective) are lowered
-and timed end to end on the target, in order, and the first one within the limit wins; a
-ratio limit (`Budget.max_latency_ratio`) is taken relative to uniform W8A8 timed the same way.
-If none passes, the caller falls back to uniform W8A8.
+mobilenetv2_fmnist: a plan the table priced below uniform INT8 ran at 0.29 ms vs 0.17 ms).
+Not because of the Q/DQ a runtime adds where int8 and float layers meet: that was measured
+at 0 (docs/benchmarks.md, `tools/bench_search.py`); a layer's time depends on what runs
+around it. So when a latency limit applies, the best candidates (by the search objective)
+are lowered and timed end to end on the target, in order, and the first one within the
+limit wins; a ratio limit (`Budget.max_latency_ratio`) is taken relative to uniform W8A8
+timed the same way. If none passes, the caller falls back to uniform W8A8.
 """
 
 from __future__ import annotations

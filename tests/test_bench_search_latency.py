@@ -1,25 +1,27 @@
-"""Q/DQ transitions: domain edges of a graph, the switch cost τ measured from alternating
-plans, and candidates priced with it."""
+"""The Q/DQ switch measurement of tools/bench_search_latency.py: domain edges of a graph, and
+the switch cost τ recovered from the alternating plans on a runtime whose τ is known."""
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from tool_loader import load_tool
 from torch import fx, nn
 
 from quantflow.calibrate import collect_stats
 from quantflow.ir import capture
 from quantflow.quantize import quantize
 from quantflow.search.latency import measure_table
+from quantflow.search.options import LatencyOptions
 from quantflow.search.space import OPTIONS, Candidate, GlobalConfig, SearchSpace, layer_plan
-from quantflow.search.transitions import Edges, alternating, layer_edges
 from quantflow.spec import QuantPlan
 from quantflow.targets.base import Artifact, Latency, TargetCaps
+
+bench = load_tool("bench_search_latency")
 
 
 class Residual(nn.Module):
@@ -49,7 +51,7 @@ LAYERS = ["conv2d", "conv2d_1", "conv2d_2", "linear"]
 
 
 def test_edges_link_layers_and_always_int8_ops(gm: fx.GraphModule) -> None:
-    e = layer_edges(gm, LAYERS, (torch.randn(1, 2, 5, 5),))
+    e = bench.layer_edges(gm, LAYERS, (torch.randn(1, 2, 5, 5),))
     # conv0 feeds conv1 directly (through relu): one layer-to-layer edge of 4x5x5 elements
     assert sorted(map(tuple, e.pairs.tolist())) == [(0, 1, 100)]
     # the add and the pool are quantized whatever the layers do: conv0 and conv1 feed the add
@@ -71,7 +73,7 @@ class SwitchingTarget:
     name = "fake"
     caps = TargetCaps(per_layer_profile=True, threads=False)
 
-    def __init__(self, edges: Edges) -> None:
+    def __init__(self, edges: Any) -> None:
         self.edges = edges
 
     def lower(self, g: fx.GraphModule, example_inputs: Any, out_dir: Path, *,
@@ -93,50 +95,29 @@ class SwitchingTarget:
                        per_layer_ms=per if per_layer else None)
 
 
-def test_switch_cost_is_measured_and_priced(gm: fx.GraphModule, tmp_path: Path) -> None:
+def test_switch_cost_is_measured(gm: fx.GraphModule, tmp_path: Path) -> None:
     x = (torch.randn(4, 2, 5, 5),)
     stats = collect_stats(gm, [x])
     g0 = GlobalConfig()
-    edges = layer_edges(gm, LAYERS, x)
+    edges = bench.layer_edges(gm, LAYERS, x)
+    target = SwitchingTarget(edges)
 
     def quantize_with(assign: dict[str, str]) -> fx.GraphModule:
         return quantize(gm, QuantPlan(default=layer_plan("W8A8", g0), layers={
             n: layer_plan(assign.get(n, "FP32"), g0) for n in LAYERS}), stats)
 
-    table = measure_table(gm, x, LAYERS, OPTIONS, quantize_with, SwitchingTarget(edges),
-                          model_hash="m", cache_dir=tmp_path, edges=edges)
+    table = measure_table(gm, x, LAYERS, OPTIONS, quantize_with, target, model_hash="m",
+                          latency=LatencyOptions(cache_dir=tmp_path))
     # uniform FP32 pays the fixed crossings into the int8 add/pool: that lands in its rest
-    assert table.switch_ms_per_kelem == pytest.approx(TAU, rel=1e-9)
+    tau = bench.switch_cost(table, edges, quantize_with, x, target, runs=5)
+    assert tau == pytest.approx(TAU, rel=1e-9)
+    # with τ, table + rest + τ · crossings is the runtime's time for any plan
     space = SearchSpace(LAYERS, OPTIONS, [g0], {g0.scheme_key: np.zeros((4, 4))},
-                        np.ones((4, 4)), table.ms, table.rest_for("W8A8"), edges,
-                        table.switch_ms_per_kelem)
-    fake = SwitchingTarget(edges)
+                        np.ones((4, 4)), table.ms, table.rest_for("W8A8"))
     for opts in (["W8A8"] * 4, ["W8A8", "FP32", "W4A8", "W8A8"], ["FP32", "W8A8", "FP32", "W8A16"],
-                 *[[a[n] for n in LAYERS] for a in alternating(LAYERS)]):
-        want = fake.profile(fake.lower(quantize_with(dict(zip(LAYERS, opts))), x, tmp_path,
-                                       precision="mixed"), x).median_ms
-        assert space.latency_ms(Candidate(g0, tuple(opts))) == pytest.approx(want, rel=1e-9)
-
-
-def test_allocation_sees_switches() -> None:
-    """Float layers are cheaper per layer here, but alternating pays switches: the exact
-    allocation under the real latency keeps the int8 chain together."""
-    from quantflow.search import quantune as qt
-
-    g0 = GlobalConfig()
-    n = 6
-    edges = Edges(np.asarray([(i, i + 1, 1000) for i in range(n - 1)]), np.zeros(n))
-    opts = ("W8A8", "FP32")
-    sens = np.tile([1.0, 0.0], (n, 1))  # FP32 is free in quality
-    lat = np.tile([1.0, 0.8], (n, 1))
-    space = SearchSpace([f"l{i}" for i in range(n)], opts, [g0], {g0.scheme_key: sens},
-                        np.tile([1.0, 4.0], (n, 1)), lat, 0.0, edges, 0.5)
-    budget = qt.Budget(max_size_bytes=3 * 1.0 + 3 * 4.0, max_latency_ms=6.0)
-    seeds = qt.seeds(space, budget)
-    for c in seeds:
-        assert space.latency_ms(c) <= 6.0 + 1e-9, c.options
-    best = min(seeds, key=space.sensitivity)
-    # three FP32 layers fit the size; as one block they cost one switch (0.5 ms)
-    assert best.options.count("FP32") == 3
-    d = [o == "FP32" for o in best.options]
-    assert sum(a != b for a, b in itertools.pairwise(d)) == 1
+                 *[[a[n] for n in LAYERS] for a in bench.alternating(LAYERS)]):
+        want = target.profile(target.lower(quantize_with(dict(zip(LAYERS, opts))), x, tmp_path,
+                                           precision="mixed"), x).median_ms
+        lat = space.latency_ms(Candidate(g0, tuple(opts)))
+        assert lat is not None
+        assert lat + tau * edges.crossing_kelems(opts) == pytest.approx(want, rel=1e-9)
