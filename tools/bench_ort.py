@@ -782,8 +782,9 @@ def git_state() -> dict[str, Any]:
     def git(*a: str) -> str:
         proc = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
                               check=False, timeout=60)
-        return proc.stdout.strip() if proc.returncode == 0 else ""
+        return proc.stdout.rstrip() if proc.returncode == 0 else ""
 
+    # porcelain lines start with a status column that may be a space: strip only the end
     status = git("status", "--porcelain")  # untracked files count: the code may import them
     return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(status),
             "changes": status.splitlines()}
