@@ -47,9 +47,9 @@ def load_plan_target(path: Path) -> object:
 
 
 def load_onnx_target(path: Path) -> object:
-    from quantflow.commands import _onnx_artifact
+    from quantflow.targets.onnx_artifact import load_onnx_artifact
 
-    return _onnx_artifact(path, "ort")
+    return load_onnx_artifact(path, "ort")
 
 
 @dataclass(frozen=True)
