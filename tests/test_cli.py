@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from nets import TinyResidual
 from torch import nn
 
 from quantflow.cli import main
@@ -17,18 +18,8 @@ from quantflow.report import validate_report
 from quantflow.spec import ORT_ACT, LayerPlan, QSpec, QuantPlan
 
 
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
-        self.bn = nn.BatchNorm2d(16)
-        self.c2 = nn.Conv2d(16, 16, 3, padding=1, groups=16)
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn(self.c1(x)))
-        x = nn.functional.relu6(self.c2(x)) + x
-        return self.fc(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+def Tiny() -> nn.Module:
+    return TinyResidual(width=16, classes=10, relu6=True)
 
 
 @pytest.fixture(scope="module")

@@ -49,27 +49,28 @@ GEOMETRIES = [
 ]
 
 
+def _qparams(inits: list, tag: str, w: np.ndarray, y_scale: float) -> list[str]:
+    """Initializers of one probe: input uint8 (scale 1, zero point 0), the int8 weight with unit
+    per-channel scales, the output uint8 at `y_scale`; returns the op's inputs after x."""
+    n_out = w.shape[0]
+    names = [f"{s}_{tag}" for s in ("xs", "xz", "w", "ws", "wz", "ys", "yz")]
+    values = [np.array(1.0, np.float32), np.array(0, np.uint8), w.astype(np.int8),
+              np.ones(n_out, np.float32), np.zeros(n_out, np.int8),
+              np.array(y_scale, np.float32), np.array(0, np.uint8)]
+    inits += [nh.from_array(v, n) for v, n in zip(values, names)]
+    return names
+
+
 def _conv_probe(nodes: list, inits: list, inputs: list, outputs: list, tag: str,
                 w: np.ndarray, groups: int, y_scale: float = Y_SCALE, bias: int | None = None
                 ) -> None:
     cout, cin_g, k, _ = w.shape
     x = f"x_{tag}"
-    names = {s: f"{s}_{tag}" for s in ("xs", "xz", "w", "ws", "wz", "ys", "yz")}
-    extra = []
+    q = _qparams(inits, tag, w, y_scale)
     if bias is not None:
         inits.append(nh.from_array(np.full(cout, bias, np.int32), f"b_{tag}"))
-        extra = [f"b_{tag}"]
-    inits += [nh.from_array(np.array(1.0, np.float32), names["xs"]),
-              nh.from_array(np.array(0, np.uint8), names["xz"]),
-              nh.from_array(w.astype(np.int8), names["w"]),
-              nh.from_array(np.ones(cout, np.float32), names["ws"]),
-              nh.from_array(np.zeros(cout, np.int8), names["wz"]),
-              nh.from_array(np.array(y_scale, np.float32), names["ys"]),
-              nh.from_array(np.array(0, np.uint8), names["yz"])]
-    nodes.append(oh.make_node("QLinearConv", [x, names["xs"], names["xz"], names["w"],
-                                              names["ws"], names["wz"], names["ys"],
-                                              names["yz"], *extra], [f"y_{tag}"],
-                              group=groups))
+        q.append(f"b_{tag}")
+    nodes.append(oh.make_node("QLinearConv", [x, *q], [f"y_{tag}"], group=groups))
     inputs.append(oh.make_tensor_value_info(x, TensorProto.UINT8, [1, cin_g * groups, k, k]))
     outputs.append(oh.make_tensor_value_info(f"y_{tag}", TensorProto.UINT8, None))
 
@@ -77,20 +78,11 @@ def _conv_probe(nodes: list, inits: list, inputs: list, outputs: list, tag: str,
 def _gemm_probe(nodes: list, inits: list, inputs: list, outputs: list, tag: str,
                 w: np.ndarray) -> None:
     """com.microsoft QGemm, the kernel ORT fuses DQ -> Gemm -> Q into; w is [out, in]."""
-    n_out, k = w.shape
     x = f"x_{tag}"
-    names = {s: f"{s}_{tag}" for s in ("xs", "xz", "w", "ws", "wz", "ys", "yz")}
-    inits += [nh.from_array(np.array(1.0, np.float32), names["xs"]),
-              nh.from_array(np.array(0, np.uint8), names["xz"]),
-              nh.from_array(w.astype(np.int8), names["w"]),
-              nh.from_array(np.ones(n_out, np.float32), names["ws"]),
-              nh.from_array(np.zeros(n_out, np.int8), names["wz"]),
-              nh.from_array(np.array(Y_SCALE, np.float32), names["ys"]),
-              nh.from_array(np.array(0, np.uint8), names["yz"])]
-    nodes.append(oh.make_node("QGemm", [x, names["xs"], names["xz"], names["w"], names["ws"],
-                                        names["wz"], "", names["ys"], names["yz"]],
-                              [f"y_{tag}"], domain="com.microsoft", transB=1))
-    inputs.append(oh.make_tensor_value_info(x, TensorProto.UINT8, [1, k]))
+    xs, xz, wq, ws, wz, ys, yz = _qparams(inits, tag, w, Y_SCALE)
+    nodes.append(oh.make_node("QGemm", [x, xs, xz, wq, ws, wz, "", ys, yz], [f"y_{tag}"],
+                              domain="com.microsoft", transB=1))
+    inputs.append(oh.make_tensor_value_info(x, TensorProto.UINT8, [1, w.shape[1]]))
     outputs.append(oh.make_tensor_value_info(f"y_{tag}", TensorProto.UINT8, None))
 
 

@@ -17,13 +17,7 @@ from hypothesis import strategies as st
 from torch import fx, nn
 
 from quantflow.ir import capture, count_ops, unlift
-from quantflow.passes import (
-    DEFAULT_PIPELINE,
-    canonical_convs,
-    dead_code,
-    optimize,
-    remove_identity,
-)
+from quantflow.passes import DEFAULT_PIPELINE, canonical_convs, dead_code, optimize, remove_identity
 from quantflow.passes.fold_bn import fold_bn, fold_bn_weights
 from quantflow.testing import check_pass
 

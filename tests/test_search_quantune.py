@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nets import SmallCNN
 from torch import fx, nn
 
 from quantflow.calibrate import batched
@@ -25,17 +26,8 @@ from quantflow.targets.base import TargetCaps
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+def Net() -> nn.Module:
+    return SmallCNN(extra_conv=True)
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nets import SmallCNN
 from torch import nn
 
 from quantflow.calibrate import batched, collect_stats
@@ -23,16 +24,8 @@ DISTILLED_MARGIN = 3.0
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+def Net() -> nn.Module:
+    return SmallCNN(extra_conv=False)
 
 
 def make_data(n: int, gen: torch.Generator, templates: torch.Tensor

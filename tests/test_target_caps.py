@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from nets import ConvPool
 from torch import fx, nn
 
 from quantflow.devices import DEVICES
@@ -31,14 +32,8 @@ def make(name: str, **options: Any) -> Target:
     return get_target(name, **{**OPTIONS_FOR_TEST.get(name, {}), **options})
 
 
-class Tiny(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+def Tiny() -> nn.Module:
+    return ConvPool(width=8, classes=4)
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 import torch.ao.quantization.fx._decomposed
+from nets import TinyResidual
 from torch import nn
 
 pytest.importorskip("tvm")
@@ -106,19 +107,9 @@ class QNet(nn.Module):
         return q(y, self.S_OUT, self.Z_OUT)
 
 
-class FNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
-        self.fc = nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = torch.relu(self.bn(self.c1(x)))
-        a = torch.relu(self.c2(a)) + a
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(a, 1), 1))
+def FNet() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyResidual(width=8, classes=5, relu6=False)
 
 
 def quantized_gm() -> tuple[torch.fx.GraphModule, torch.Tensor]:

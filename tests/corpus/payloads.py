@@ -13,6 +13,10 @@ import io
 import json
 import pickle
 import struct
+
+# the shared test networks live one folder up (tests/nets.py); this folder is on sys.path
+# for the tests and for make_corpus.py, so put its parent there too
+import sys as _sys
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -21,6 +25,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+_sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nets import ConvPool
 
 Members = dict[str, bytes]
 
@@ -44,16 +51,8 @@ def expr_payload(marker: Path) -> str:
 # ---------------------------------------------------------------- models
 
 
-class Net(nn.Module):
+class Net(ConvPool):
     """The corpus's healthy model: 3x8x8 in, 10 classes out."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.c = nn.Conv2d(3, 4, 3, padding=1)
-        self.fc = nn.Linear(4, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.c(x)).mean((2, 3)))
 
 
 class LogNet(Net):
@@ -72,16 +71,11 @@ class TwoInputs(nn.Module):
         return self.c(image * mask).mean((2, 3))
 
 
-class Wide(nn.Module):
+class Wide(ConvPool):
     """64 channels at full resolution: activations far larger than the input."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.c = nn.Conv2d(3, 64, 3, padding=1)
-        self.fc = nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.relu(self.c(x)).mean((2, 3)))
+        super().__init__(width=64)
 
 
 def net(seed: int = 0, cls: type[nn.Module] = Net) -> nn.Module:

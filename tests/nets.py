@@ -1,0 +1,54 @@
+"""Small networks several tests share (one definition each, so the tests stay comparable)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConvPool(nn.Module):
+    """conv3x3 -> ReLU -> global mean -> linear: the smallest real classifier."""
+
+    def __init__(self, cin: int = 3, width: int = 4, classes: int = 10) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(cin, width, 3, padding=1)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.c(x)).mean((2, 3)))
+
+
+class TinyResidual(nn.Module):
+    """conv-BN-ReLU, a depthwise conv added back (ReLU6 or ReLU), global pool, linear: BN to
+    fold, a depthwise layer and a residual add in a few thousand parameters."""
+
+    def __init__(self, width: int = 16, classes: int = 10, relu6: bool = True) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.c2 = nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.fc = nn.Linear(width, classes)
+        self.relu6 = relu6
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = torch.relu(self.bn(self.c1(x)))
+        b = self.c2(a)
+        a = (nn.functional.relu6(b) if self.relu6 else torch.relu(b)) + a
+        return self.fc(nn.functional.adaptive_avg_pool2d(a, 1).flatten(1))
+
+
+class SmallCNN(nn.Module):
+    """1-channel input, two strided conv-BN-ReLU stages (+ one more conv), 4 classes."""
+
+    def __init__(self, extra_conv: bool = True) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU()]
+        if extra_conv:
+            layers += [nn.Conv2d(16, 16, 3, padding=1), nn.ReLU()]
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
