@@ -82,7 +82,19 @@ def _choice_list(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     return parse
 
 
-_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "value": str}
+def _duration(text: str) -> float:
+    """Seconds from `300`, `300s`, `5m` or `1h`."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    t = text.strip().lower()
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad duration {text!r}; write 300, 300s, 5m or 1h"
+                                         ) from None
+
+
+_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "value": str,
+                                           "duration": _duration}
 
 
 def _add_option(p: argparse.ArgumentParser, dest: str, default: Any, spec: Flag) -> None:

@@ -42,7 +42,7 @@ class Flag:
     help: str
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
-    kind: str = "value"  # value | int | float | list (comma-separated choices)
+    kind: str = "value"  # value | int | float | duration (5m, 300s) | list (comma-separated)
 
 
 def option(default: Any, name: str, help: str, *, choices: tuple[str, ...] | None = None,
@@ -89,6 +89,10 @@ class CompileConfig:
     max_latency_ms: float | None = option(None, "--max-latency", "--bits mixed: latency "
                                           "budget in ms, measured on the target",
                                           metavar="MS", kind="float")
+    optimize_seconds: float = option(
+        0.0, "--optimize-time", "learned rounding (AdaRound with QDrop, quantflow/rounding.py) "
+        "within this time budget, e.g. 5m or 300s; 0: round to nearest", metavar="TIME",
+        kind="duration")
     calib_batch: int = 32
     profile_runs: int = option(50, "--profile-runs", "timed runs per model", kind="int")
     profile_warmup: int = 10
@@ -137,6 +141,7 @@ class CompileConfig:
                                               and 0 <= self.max_drop <= 100):
             raise ValueError(f"--max-drop (max_drop) must be a finite number of points in "
                              f"[0, 100], got {self.max_drop}")
+        _finite_at_least("--optimize-time", self.optimize_seconds, 0)
         for name in ("max_size_mb", "max_size_ratio", "max_latency_ms"):
             _finite_at_least(name, getattr(self, name), 0, strict=True)
         for name, low in (("calib_batch", 1), ("profile_runs", 1), ("profile_warmup", 0),

@@ -103,7 +103,7 @@ def _parity(planned: PlanResult, lowered: Lowered, calib: Dataset,
     target = lowered.target
 
     def requantize(r: KernelRules) -> tuple[fx.GraphModule, Any]:
-        q = quantize(planned.gm, planned.plan, planned.stats, r)
+        q = quantize(planned.gm, planned.plan, planned.stats, r, rounding=planned.rounding)
         return q, target.lower(q, example_inputs, out, precision=lowered.precision)
 
     def run_check(q: fx.GraphModule, art: Any) -> verify.ParityCheck:
@@ -127,7 +127,7 @@ def portability(planned: PlanResult, qgm: fx.GraphModule, calib: Dataset,
     x = ev.scoring_subset(calib.x[:256])
     ref = ev.predict(planned.gm, x)
     free = quantize(planned.gm, planned.plan, planned.stats,
-                    KernelRules(placement=config.placement))
+                    KernelRules(placement=config.placement), rounding=planned.rounding)
     with_fix, without = ev.sqnr_db(ref, ev.predict(qgm, x)), ev.sqnr_db(ref, ev.predict(free, x))
     section["simulation_sqnr_db"] = {"portable": round(with_fix, 3),
                                      "unconstrained": round(without, 3),

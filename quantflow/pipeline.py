@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,8 +45,8 @@ from quantflow.versions import installed_versions
 
 log = logging.getLogger("quantflow")
 
-STAGES = ("capture", "passes", "plan", "quantize", "lower", "verify", "evaluate", "profile",
-          "gate", "report")
+STAGES = ("capture", "passes", "plan", "round", "quantize", "lower", "verify", "evaluate",
+          "profile", "gate", "report")
 T = TypeVar("T")
 
 
@@ -83,6 +84,18 @@ def plan_stage(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
     return choose_uniform(gm, calib, config)
 
 
+def round_stage(planned: PlanResult, calib: Dataset, config: CompileConfig) -> PlanResult:
+    """Learned rounding within `--optimize-time` (opt-in): the plan with its learned codes."""
+    if not config.optimize_seconds:
+        return planned
+    from quantflow.rounding import RoundingOptions, learn_rounding
+
+    q = quantize(planned.gm, planned.plan, planned.stats, config.kernel_rules)
+    result = learn_rounding(planned.gm, q, calib.x,
+                            RoundingOptions(seconds=config.optimize_seconds))
+    return replace(planned, rounding=result.codes, rounding_summary=result.summary())
+
+
 def compile(
     model: nn.Module,
     example_inputs: Sequence[torch.Tensor],
@@ -112,8 +125,10 @@ def compile(
     passes = clock.run("passes", run_pipeline, gm, DEFAULT_PIPELINE)
     log.info(passes.summary())
     planned = clock.run("plan", plan_stage, gm, calib, evaluation, config, out)
+    planned = clock.run("round", round_stage, planned, calib, config)
     rules = config.kernel_rules
-    qgm = clock.run("quantize", quantize, planned.gm, planned.plan, planned.stats, rules)
+    qgm = clock.run("quantize", lambda: quantize(planned.gm, planned.plan, planned.stats, rules,
+                                                 rounding=planned.rounding))
     lowered = clock.run("lower", lowering.lower, planned, qgm, rules, example_inputs, config,
                         out)
     lowered, parity, portability = clock.run("verify", lowering.verify_stage, planned,
@@ -139,6 +154,7 @@ def compile(
             passes={"before": passes.before, "after": passes.after, "fired": passes.fired,
                     "seconds": round(passes.seconds, 3)},
             calibration=planned.calibration_section(calib), search=planned.search,
+            rounding=planned.rounding_summary,
             device=lowered.device, parity=parity.to_dict() if parity else None,
             portability=portability,
             artifacts={"fp32": str(lowered.fp32.path), "quantized": str(lowered.quantized.path),

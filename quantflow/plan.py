@@ -15,6 +15,7 @@ import copy
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import fx
 
 from quantflow import calibrate as cal
@@ -42,6 +43,9 @@ class PlanResult:
     stats: dict[str, cal.TensorStats]
     candidates: dict[str, float] = field(default_factory=dict)
     search: dict[str, Any] | None = None
+    #: learned integer codes per layer (quantflow.rounding), None: round to nearest
+    rounding: dict[str, torch.Tensor] | None = None
+    rounding_summary: dict[str, Any] | None = None  # report.json's `rounding`
 
     def calibration_section(self, calib: Dataset) -> dict[str, Any]:
         """report.json's `calibration`."""

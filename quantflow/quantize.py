@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +36,10 @@ from quantflow.calibrate import TensorStats
 from quantflow.calibrators import activation_qparams
 from quantflow.errors import CaptureError
 from quantflow.ir import CONV_OPS, WEIGHTED_OPS, ConvArgs, add_const, get_tensor, is_const, is_op
-from quantflow.pair_limit import fit_layer, needs_pair_limit, seven_bit
+from quantflow.pair_limit import fit_layer, needs_pair_limit, pair_bound, seven_bit
 from quantflow.qmath import quantize as q_codes
 from quantflow.qmath import weight_qparams
+from quantflow.rounding import use_learned
 from quantflow.spec import KernelRules, LayerPlan, QSpec, QuantPlan
 
 aten = torch.ops.aten
@@ -161,12 +163,15 @@ def plan_tensors(gm: fx.GraphModule, plan: QuantPlan, placement: str | KernelRul
 
 
 def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],
-             placement: str | KernelRules = "ort", *, int_bias: bool | None = None
-             ) -> fx.GraphModule:
+             placement: str | KernelRules = "ort", *, int_bias: bool | None = None,
+             rounding: Mapping[str, torch.Tensor] | None = None) -> fx.GraphModule:
     """A new GraphModule with `plan` applied; `gm` is left untouched.
 
     `placement`: a placement name or the target's KernelRules (placement plus the weight
     limits its kernels need, e.g. the int16 pair limit of x86 CPUs without VNNI).
+    `rounding`: learned integer codes per layer (quantflow.rounding) to use instead of
+    round-to-nearest, where they lie on the layer's grid (a pair they would push past the
+    kernels' pair limit keeps the nearest codes).
     `int_bias`: int32 biases with scale s_x·s_w (default: for the "ort" placement only —
     onnxruntime's QDQ conv fusion needs them; TensorRT reads float biases and folds them).
     """
@@ -208,7 +213,8 @@ def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],
                         if plan.bias_correction:
                             mean = stats[src.name].channel_mean
                 _quantize_weight(qgm, n, lp, info, int_bias=int_bias, input_mean=mean,
-                                 input_sq_mean=sq_mean)
+                                 input_sq_mean=sq_mean,
+                                 learned=(rounding or {}).get(n.name))
     qgm.graph.lint()
     qgm.recompile()
     qgm.meta["quantflow"] = info
@@ -263,7 +269,8 @@ def bias_shift(w: torch.Tensor, w_q: torch.Tensor, mean: torch.Tensor, groups: i
 
 def _quantize_weight(gm: fx.GraphModule, n: fx.Node, lp: LayerPlan, info: QuantInfo,
                      int_bias: bool, input_mean: torch.Tensor | None = None,
-                     input_sq_mean: torch.Tensor | None = None) -> None:
+                     input_sq_mean: torch.Tensor | None = None,
+                     learned: torch.Tensor | None = None) -> None:
     spec = lp.weight
     assert spec is not None
     w_node = n.args[1]
@@ -286,6 +293,10 @@ def _quantize_weight(gm: fx.GraphModule, n: fx.Node, lp: LayerPlan, info: QuantI
                                          info.rules)
         if record is not None:
             info.portability[n.name] = {"op": _op_name(n), **record}
+    if learned is not None:
+        limited = needs_pair_limit(info.rules, lp, w, groups, repair)
+        bound = pair_bound(lp.act.qmax - lp.act.qmin) if limited and lp.act else None
+        codes = use_learned(codes, learned, w, scale, spec, bound)
     codes = codes.to(dtype_of(spec))
     wq = add_const(gm, f"{n.name}_weight_int{spec.bits}", codes, n)
     with gm.graph.inserting_before(n):

@@ -16,6 +16,8 @@ Schema "quantflow.report/2" (all sizes in bytes, latencies in ms, accuracies in 
   search      mixed precision only: the search summary (quantflow.search.SearchResult.to_dict
               without trials/hessian) + latency_check {table_ms, measured_ms,
               measured_over_table}
+  rounding    --optimize-time only: learned rounding {layers, seconds, output_mse_gain_db
+              {layer: dB of the layer's output error, nearest vs learned, calibration data}}
   device      what the artifact is for: {requested, resolved, exact_on: [isa_class],
               pair_limit | null, host_exact, warning?} (ort; tvm/trt: {requested, resolved})
   parity      ort: the parity gate (quantflow.verify): {isas, samples, bound_steps, passed,
@@ -94,6 +96,7 @@ class Sections:
     passes: dict[str, Any]
     calibration: dict[str, Any]
     search: dict[str, Any] | None
+    rounding: dict[str, Any] | None
     device: dict[str, Any]
     parity: dict[str, Any] | None
     portability: dict[str, Any]
@@ -124,6 +127,8 @@ def assemble(s: Sections) -> Report:
                 "table_ms": predicted, "measured_ms": measured,
                 "measured_over_table": round(measured / predicted, 3) if predicted else None}
         data["search"] = search
+    if s.rounding is not None:
+        data["rounding"] = s.rounding
     data["device"] = s.device
     if s.parity is not None:
         data["parity"] = s.parity
