@@ -90,8 +90,10 @@ class CompileConfig:
                                           "budget in ms, measured on the target",
                                           metavar="MS", kind="float")
     optimize_seconds: float = option(
-        0.0, "--optimize-time", "learned rounding (AdaRound with QDrop, quantflow/rounding.py) "
-        "within this time budget, e.g. 5m or 300s; 0: round to nearest", metavar="TIME",
+        0.0, "--optimize-time", "spend up to this long on fidelity, e.g. 5m or 300s: a quarter "
+        "on repairing the worst activation tensors (quantflow/repair.py), the rest on learned "
+        "rounding of the weights (AdaRound with QDrop, quantflow/rounding.py); 0: neither",
+        metavar="TIME",
         kind="duration")
     calib_batch: int = 32
     profile_runs: int = option(50, "--profile-runs", "timed runs per model", kind="int")

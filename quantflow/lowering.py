@@ -24,7 +24,7 @@ from quantflow.config import CompileConfig
 from quantflow.dataset import Dataset
 from quantflow.devices import DEVICES
 from quantflow.plan import PlanResult
-from quantflow.quantize import quantizable_nodes, quantize
+from quantflow.quantize import quantizable_nodes
 from quantflow.spec import KernelRules
 from quantflow.targets import ort_isa
 
@@ -103,7 +103,7 @@ def _parity(planned: PlanResult, lowered: Lowered, calib: Dataset,
     target = lowered.target
 
     def requantize(r: KernelRules) -> tuple[fx.GraphModule, Any]:
-        q = quantize(planned.gm, planned.plan, planned.stats, r, rounding=planned.rounding)
+        q = planned.quantize(r)
         return q, target.lower(q, example_inputs, out, precision=lowered.precision)
 
     def run_check(q: fx.GraphModule, art: Any) -> verify.ParityCheck:
@@ -126,8 +126,7 @@ def portability(planned: PlanResult, qgm: fx.GraphModule, calib: Dataset,
         return section
     x = ev.scoring_subset(calib.x[:256])
     ref = ev.predict(planned.gm, x)
-    free = quantize(planned.gm, planned.plan, planned.stats,
-                    KernelRules(placement=config.placement), rounding=planned.rounding)
+    free = planned.quantize(KernelRules(placement=config.placement))
     with_fix, without = ev.sqnr_db(ref, ev.predict(qgm, x)), ev.sqnr_db(ref, ev.predict(free, x))
     section["simulation_sqnr_db"] = {"portable": round(with_fix, 3),
                                      "unconstrained": round(without, 3),

@@ -5,6 +5,8 @@ The stages, in the order `compile` runs them; each is one call into the module n
   capture   torch.export -> GraphModule, batch made dynamic where exact   ir.py, batch.py
   passes    BN folding, re-parameterization, clean-up, to a fixpoint      passes/
   plan      uniform INT8 | a saved plan (--config) | mixed search         plan.py, search/compile.py
+  repair    --optimize-time: rescale the worst activation tensors          repair.py
+  round     --optimize-time: learned rounding of the weights               rounding.py
   quantize  Q/DQ + integer weights in the graph = the torch simulation    quantize.py
   lower     FP32 + quantized artifacts for the target                     lowering.py, targets/
   verify    per-layer parity with the simulation (ORT), repair, re-lower  lowering.py, verify.py
@@ -32,6 +34,7 @@ from torch import fx, nn
 from quantflow import evaluate as ev
 from quantflow import hostcpu, lowering, measure, validate
 from quantflow.batch import describe as describe_batch
+from quantflow.cache import cache_dir
 from quantflow.config import CompileConfig
 from quantflow.dataset import Dataset
 from quantflow.errors import BudgetExceededError, InputError
@@ -39,13 +42,12 @@ from quantflow.gate import gate
 from quantflow.ir import capture
 from quantflow.passes import DEFAULT_PIPELINE, run_pipeline
 from quantflow.plan import PlanResult, choose_uniform
-from quantflow.quantize import quantize
 from quantflow.report import Report, Sections, assemble
 from quantflow.versions import installed_versions
 
 log = logging.getLogger("quantflow")
 
-STAGES = ("capture", "passes", "plan", "round", "quantize", "lower", "verify", "evaluate",
+STAGES = ("capture", "passes", "plan", "repair", "round", "quantize", "lower", "verify", "evaluate",
           "profile", "gate", "report")
 T = TypeVar("T")
 
@@ -84,15 +86,42 @@ def plan_stage(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
     return choose_uniform(gm, calib, config)
 
 
-def round_stage(planned: PlanResult, calib: Dataset, config: CompileConfig) -> PlanResult:
-    """Learned rounding within `--optimize-time` (opt-in): the plan with its learned codes."""
+#: the share of `--optimize-time` that worst-tensor repair may take (learned rounding, the
+#: larger win for weights, gets the rest)
+REPAIR_SHARE = 0.25
+
+
+def repair_stage(planned: PlanResult, calib: Dataset, config: CompileConfig) -> PlanResult:
+    """Worst-tensor repair within a share of `--optimize-time` (opt-in)."""
     if not config.optimize_seconds:
         return planned
-    from quantflow.rounding import RoundingOptions, learn_rounding
+    from quantflow.repair import repair
+    from quantflow.targets import get_target
 
-    q = quantize(planned.gm, planned.plan, planned.stats, config.kernel_rules)
-    result = learn_rounding(planned.gm, q, calib.x,
-                            RoundingOptions(seconds=config.optimize_seconds))
+    integer = get_target(config.target).caps.integer_options
+    skipped = {} if "W8A16" in integer else {
+        "a16": f"{config.target} runs 16-bit activations as float kernels (TargetCaps)"}
+    result = repair(planned.gm, planned.quantize(config.kernel_rules), calib.x,
+                    skipped=skipped, seconds=REPAIR_SHARE * config.optimize_seconds)
+    return replace(planned, act_qparams=result.qparams, repair_summary=result.summary())
+
+
+def round_stage(planned: PlanResult, calib: Dataset, config: CompileConfig) -> PlanResult:
+    """Learned rounding within the rest of `--optimize-time` (opt-in). Resumable: each
+    finished layer is cached under the model, plan, data and options, so a compile stopped
+    half-way (Ctrl-C) picks up where it was."""
+    if not config.optimize_seconds:
+        return planned
+    from quantflow.rounding import RoundingOptions, learn_rounding, rounding_cache_key
+    from quantflow.search.compile import MIXED_ROUNDING_SHARE
+
+    # a fixed share, not "what is left": the budget is part of the cache key, and a rerun
+    # must find the same key to resume
+    share = 1 - REPAIR_SHARE - (MIXED_ROUNDING_SHARE if config.bits == "mixed" else 0.0)
+    opts = RoundingOptions(seconds=share * config.optimize_seconds)
+    q = planned.quantize(config.kernel_rules)
+    key = rounding_cache_key(planned.gm, q, calib.x, opts)
+    result = learn_rounding(planned.gm, q, calib.x, opts, cache=cache_dir("rounding", key))
     return replace(planned, rounding=result.codes, rounding_summary=result.summary())
 
 
@@ -125,10 +154,10 @@ def compile(
     passes = clock.run("passes", run_pipeline, gm, DEFAULT_PIPELINE)
     log.info(passes.summary())
     planned = clock.run("plan", plan_stage, gm, calib, evaluation, config, out)
+    planned = clock.run("repair", repair_stage, planned, calib, config)
     planned = clock.run("round", round_stage, planned, calib, config)
     rules = config.kernel_rules
-    qgm = clock.run("quantize", lambda: quantize(planned.gm, planned.plan, planned.stats, rules,
-                                                 rounding=planned.rounding))
+    qgm = clock.run("quantize", planned.quantize, rules)
     lowered = clock.run("lower", lowering.lower, planned, qgm, rules, example_inputs, config,
                         out)
     lowered, parity, portability = clock.run("verify", lowering.verify_stage, planned,
@@ -154,7 +183,7 @@ def compile(
             passes={"before": passes.before, "after": passes.after, "fired": passes.fired,
                     "seconds": round(passes.seconds, 3)},
             calibration=planned.calibration_section(calib), search=planned.search,
-            rounding=planned.rounding_summary,
+            rounding=planned.rounding_summary, repair=planned.repair_summary,
             device=lowered.device, parity=parity.to_dict() if parity else None,
             portability=portability,
             artifacts={"fp32": str(lowered.fp32.path), "quantized": str(lowered.quantized.path),

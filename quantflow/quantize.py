@@ -164,7 +164,8 @@ def plan_tensors(gm: fx.GraphModule, plan: QuantPlan, placement: str | KernelRul
 
 def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],
              placement: str | KernelRules = "ort", *, int_bias: bool | None = None,
-             rounding: Mapping[str, torch.Tensor] | None = None) -> fx.GraphModule:
+             rounding: Mapping[str, torch.Tensor] | None = None,
+             act_qparams: Mapping[str, tuple[float, int]] | None = None) -> fx.GraphModule:
     """A new GraphModule with `plan` applied; `gm` is left untouched.
 
     `placement`: a placement name or the target's KernelRules (placement plus the weight
@@ -172,6 +173,8 @@ def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],
     `rounding`: learned integer codes per layer (quantflow.rounding) to use instead of
     round-to-nearest, where they lie on the layer's grid (a pair they would push past the
     kernels' pair limit keeps the nearest codes).
+    `act_qparams`: (scale, zero point) per activation tensor instead of the calibrated ones
+    (quantflow.repair); value-preserving ops after the tensor follow it.
     `int_bias`: int32 biases with scale s_x·s_w (default: for the "ort" placement only —
     onnxruntime's QDQ conv fusion needs them; TensorRT reads float biases and folds them).
     """
@@ -189,6 +192,8 @@ def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],
                                f"(node {nodes[name].format_node()}); calibrate the same graph "
                                "that is quantized (run passes before calibration)")
         scale, zp = activation_qparams(stats[name], spec)
+        if act_qparams and name in act_qparams:
+            scale, zp = act_qparams[name]
         info.tensors[name] = (spec, scale, zp)
     for n in qgm.graph.nodes:  # graph order, so chains of value-preserving ops propagate
         src = n.args[0] if n.args else None

@@ -16,6 +16,10 @@ Schema "quantflow.report/2" (all sizes in bytes, latencies in ms, accuracies in 
   search      mixed precision only: the search summary (quantflow.search.SearchResult.to_dict
               without trials/hessian) + latency_check {table_ms, measured_ms,
               measured_over_table}
+  repair      --optimize-time only: worst-tensor repair {sqnr_db_before, sqnr_db_after,
+              seconds, repaired [{tensor, contribution_db, tool, scale_before, scale_after,
+              gain_db}], worst [{tensor, contribution_db}] (top 10), skipped_tools {tool: why}}
+              (dB: output SQNR of the simulation on the calibration scoring subset)
   rounding    --optimize-time only: learned rounding {layers, seconds, output_mse_gain_db
               {layer: dB of the layer's output error, nearest vs learned, calibration data}}
   device      what the artifact is for: {requested, resolved, exact_on: [isa_class],
@@ -97,6 +101,7 @@ class Sections:
     calibration: dict[str, Any]
     search: dict[str, Any] | None
     rounding: dict[str, Any] | None
+    repair: dict[str, Any] | None
     device: dict[str, Any]
     parity: dict[str, Any] | None
     portability: dict[str, Any]
@@ -129,6 +134,8 @@ def assemble(s: Sections) -> Report:
         data["search"] = search
     if s.rounding is not None:
         data["rounding"] = s.rounding
+    if s.repair is not None:
+        data["repair"] = s.repair
     data["device"] = s.device
     if s.parity is not None:
         data["parity"] = s.parity

@@ -44,6 +44,23 @@ def _render_portability(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _render_fidelity(d: dict[str, Any]) -> list[str]:
+    """--optimize-time: what worst-tensor repair and learned rounding did."""
+    lines = []
+    rp = d.get("repair")
+    if rp:
+        fixed = ", ".join(f"{r['tensor']} {r['gain_db']:+.2f} dB" for r in rp["repaired"])
+        lines.append(f"  repair      {rp['sqnr_db_before']:.2f} -> {rp['sqnr_db_after']:.2f} dB "
+                     f"in {rp['seconds']:.0f} s: {fixed or 'nothing worth repairing'}")
+    ro = d.get("rounding")
+    if ro:
+        gains = [g for g in ro["output_mse_gain_db"].values() if g is not None]
+        mean = sum(gains) / len(gains) if gains else 0.0
+        lines.append(f"  rounding    learned for {ro['layers']} layers in {ro['seconds']:.0f} s, "
+                     f"layer output error {mean:+.2f} dB on average vs nearest")
+    return lines
+
+
 def render(d: dict[str, Any]) -> str:
     """A compact human-readable summary of a report dict."""
     lines = []
@@ -65,6 +82,7 @@ def render(d: dict[str, Any]) -> str:
         c = d["calibration"]
         lines.append(f"  calibration {c['calibrator']} on {c['samples']} samples of {c['data']}"
                      f"{' + equalization' if c.get('equalize') else ''}")
+    lines += _render_fidelity(d)
     q = d.get("quality", {})
     if q:
         f32, qq = q.get("fp32", {}), q.get("quantized", {})

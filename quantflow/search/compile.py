@@ -29,10 +29,12 @@ from quantflow.config import CompileConfig
 from quantflow.dataset import Dataset
 from quantflow.errors import QuantflowError
 from quantflow.plan import PlanResult, choose_uniform
+from quantflow.search.hawq import layer_weights
+from quantflow.search.learned import w4_rounding
 from quantflow.search.mixed import search_mixed
 from quantflow.search.options import HawqOptions, LatencyOptions, SearchOptions
 from quantflow.search.quantune import Budget
-from quantflow.search.space import OPTIONS
+from quantflow.search.space import OPTIONS, GlobalConfig
 
 log = logging.getLogger("quantflow.search")
 
@@ -44,6 +46,9 @@ SEARCH_DROP_MARGIN = 0.5
 #: "never slower than uniform INT8" with room for timing noise: W4A8 and W8A8 run the same
 #: int8 kernels on ORT, yet their per-layer table entries differ by a few percent
 LATENCY_SLACK = 1.05
+#: with --optimize-time, the share spent learning the 4-bit rounding the search prices with
+#: (the rest: worst-tensor repair and learned rounding of the chosen plan, pipeline.py)
+MIXED_ROUNDING_SHARE = 1 / 3
 
 
 def search_budget(config: CompileConfig, *, measured: bool) -> Budget:
@@ -112,6 +117,11 @@ def mixed_plan(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
     # (benchmarks.md), so it gets uint8 only
     search = SearchOptions(options=options,
                            schemes=(True,) if config.placement == "trt" else (False,))
+    learned = None
+    if config.optimize_seconds:  # price and evaluate 4-bit layers with learned rounding
+        glob = GlobalConfig(int8_calibrator or "minmax", config.placement == "trt", "channel")
+        learned = w4_rounding(gm, int8.stats, x, glob, list(layer_weights(gm)), config.kernel_rules,
+                              MIXED_ROUNDING_SHARE * config.optimize_seconds)
     hawq = HawqOptions()
     size = run_size(gm, config.calib_batch)
     if size < config.calib_batch:  # as many Hessian samples as with calibration batches
@@ -122,12 +132,14 @@ def mixed_plan(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
                        search=search, hawq=hawq, latency=LatencyOptions(mode=latency),
                        placement=config.kernel_rules,
                        data_key=f"{calib.name}|cle={int8.plan.equalize}",
-                       baseline_calibrator=int8_calibrator)
+                       baseline_calibrator=int8_calibrator, learned=learned)
     res.save(out)
     summary = {k: v for k, v in res.to_dict().items() if k not in ("trials", "hessian")}
     summary["files"] = {"search": str(out / "search.json"),
                         "layers": str(out / "search_layers.md")}
     summary["int8_baseline"] = {"calibrator": int8_calibrator, "equalize": int8.plan.equalize}
+    if learned is not None:
+        summary["learned_w4"] = learned.summary()
     return PlanResult(gm, replace(res.plan, equalize=int8.plan.equalize), res.stats,
                       candidates={t.candidate.label(): round(t.quality, 3) for t in res.trials},
                       search=summary)

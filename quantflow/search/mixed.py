@@ -54,6 +54,7 @@ from quantflow.search.costmodel import CostModel, RandomCostModel, XGBCostModel
 from quantflow.search.database import EvalDB, Record, model_hash, tensor_hash
 from quantflow.search.hawq import HessianTraces, hutchinson_traces, layer_weights, sensitivity_table
 from quantflow.search.latency import LatencyTable, bops_table, measure_table
+from quantflow.search.learned import LearnedW4
 from quantflow.search.options import HawqOptions, LatencyOptions, SearchOptions
 from quantflow.search.space import (
     OPTION_BITS,
@@ -164,9 +165,11 @@ def search_mixed(
     data_key: str = "",
     placement: str | KernelRules = "ort",
     baseline_calibrator: str | None = None,
+    learned: LearnedW4 | None = None,
     progress: bool = True,
 ) -> SearchResult:
-    """Choose per-layer precisions under `budget` (contract: module docstring)."""
+    """Choose per-layer precisions under `budget` (contract: module docstring). `learned`:
+    learned 4-bit rounding (search/learned.py) to price and evaluate 4-bit layers with."""
     t0 = time.perf_counter()
     budget = (budget or qt.Budget()).effective()
     opts = search or SearchOptions()
@@ -189,7 +192,8 @@ def search_mixed(
                                seed=opts.seed, progress=progress)
     m_hash = model_hash(gm)
     d_hash = tensor_hash([t for b in batches for t in b],
-                         f"{data_key}|{KernelRules.of(placement).key()}|space={SPACE_VERSION}")
+                         f"{data_key}|{KernelRules.of(placement).key()}|space={SPACE_VERSION}"
+                         + (f"|{learned.key()}" if learned else ""))
     globs = global_configs(opts.calibrators, opts.schemes, opts.granularities)
     layers = [n for n in layer_weights(gm) if n in traces.weight]
 
@@ -217,6 +221,8 @@ def search_mixed(
     # the proxy table is only reported (per-layer table); measured ones price candidates
     space = build_space(gm, traces, example, options, globs,
                         None if table.method == "bops_proxy" else table)
+    if learned is not None:
+        learned.reprice(space)
 
     database = db if isinstance(db, EvalDB) else EvalDB(db)
     reused = 0
@@ -236,7 +242,9 @@ def search_mixed(
             reused += 1
             return qt.Trial(c, rec.quality, ref_q, size, lat, reused=True)
         t1 = time.perf_counter()
-        q = float(eval_fn(quantize(gm, space.plan(c), stats, placement)))
+        plan = space.plan(c)
+        q = float(eval_fn(quantize(gm, plan, stats, placement,
+                                   rounding=learned.for_plan(plan) if learned else None)))
         database.put(Record(m_hash, d_hash, c.key(), tuple(space.features(c)), q, ref_q, size,
                             lat, time.perf_counter() - t1))
         return qt.Trial(c, q, ref_q, size, lat)
