@@ -109,10 +109,11 @@ class _Observer(fx.Interpreter):
                 mn, mx = torch.aminmax(t)  # one pass over memory instead of two
                 lo, hi = float(mn), float(mx)
                 self._check_range(n, lo, hi)
-                per_c = t.double().transpose(0, 1).reshape(t.shape[1], -1) \
-                    if t.dim() >= 2 else None
-                csum = per_c.sum(1) if per_c is not None else None
-                sqsum = (per_c * per_c).sum(1) if per_c is not None else None
+                csum = sqsum = None
+                if t.dim() >= 2:  # reduce in float64 without a float64 copy of the tensor
+                    dims = [0, *range(2, t.dim())]
+                    csum = t.sum(dim=dims, dtype=torch.float64)
+                    sqsum = t.square().sum(dim=dims, dtype=torch.float64)
                 s = self.stats.get(n.name)
                 if s is None:
                     self.stats[n.name] = TensorStats(lo, hi, t.numel(), channel_sum=csum,

@@ -24,7 +24,7 @@ from quantflow import validate
 from quantflow.config import CompileConfig
 from quantflow.dataset import Dataset
 from quantflow.passes import EQUALIZE_PIPELINE, run_pipeline
-from quantflow.quantize import quantize
+from quantflow.quantize import observed_tensors, quantize
 from quantflow.spec import CALIBRATORS, TRT_ACT, KernelRules, QuantPlan, int8_plan
 
 
@@ -108,7 +108,7 @@ def choose_uniform(gm: fx.GraphModule, calib: Dataset, config: CompileConfig,
     batches = cal.batched(calib.x, config.calib_batch)
     x = ev.scoring_subset(calib.x)  # statistics from all the data, scores from a subset
     for eq, g in variants:
-        stats = cal.collect_stats(g, batches, progress=True)
+        stats = cal.collect_stats(g, batches, nodes=observed_tensors(g), progress=True)
         ref = ev.predict(g, x)
         for c in calibrators:
             plan = replace(base_plan(config.placement, c), equalize=eq)
