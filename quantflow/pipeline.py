@@ -5,8 +5,8 @@ The stages, in the order `compile` runs them; each is one call into the module n
   capture   torch.export -> GraphModule, batch made dynamic where exact   ir.py, batch.py
   passes    BN folding, re-parameterization, clean-up, to a fixpoint      passes/
   plan      uniform INT8 | a saved plan (--config) | mixed search         plan.py, search/compile.py
-  repair    --optimize-time: rescale the worst activation tensors          repair.py
-  round     --optimize-time: learned rounding of the weights               rounding.py
+  repair    --optimize-time: rescale the worst activation tensors          fidelity.py, repair.py
+  round     --optimize-time: learned rounding, checked on held-out data   fidelity.py, rounding.py
   quantize  Q/DQ + integer weights in the graph = the torch simulation    quantize.py
   lower     FP32 + quantized artifacts for the target                     lowering.py, targets/
   verify    per-layer parity with the simulation (ORT), repair, re-lower  lowering.py, verify.py
@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,10 +33,10 @@ from torch import fx, nn
 from quantflow import evaluate as ev
 from quantflow import hostcpu, lowering, measure, validate
 from quantflow.batch import describe as describe_batch
-from quantflow.cache import cache_dir
 from quantflow.config import CompileConfig
 from quantflow.dataset import Dataset
 from quantflow.errors import BudgetExceededError, InputError
+from quantflow.fidelity import repair_stage, round_stage
 from quantflow.gate import gate
 from quantflow.ir import capture
 from quantflow.passes import DEFAULT_PIPELINE, run_pipeline
@@ -84,45 +83,6 @@ def plan_stage(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
 
         return mixed_plan(gm, calib, evaluation, config, out)
     return choose_uniform(gm, calib, config)
-
-
-#: the share of `--optimize-time` that worst-tensor repair may take (learned rounding, the
-#: larger win for weights, gets the rest)
-REPAIR_SHARE = 0.25
-
-
-def repair_stage(planned: PlanResult, calib: Dataset, config: CompileConfig) -> PlanResult:
-    """Worst-tensor repair within a share of `--optimize-time` (opt-in)."""
-    if not config.optimize_seconds:
-        return planned
-    from quantflow.repair import repair
-    from quantflow.targets import get_target
-
-    integer = get_target(config.target).caps.integer_options
-    skipped = {} if "W8A16" in integer else {
-        "a16": f"{config.target} runs 16-bit activations as float kernels (TargetCaps)"}
-    result = repair(planned.gm, planned.quantize(config.kernel_rules), calib.x,
-                    skipped=skipped, seconds=REPAIR_SHARE * config.optimize_seconds)
-    return replace(planned, act_qparams=result.qparams, repair_summary=result.summary())
-
-
-def round_stage(planned: PlanResult, calib: Dataset, config: CompileConfig) -> PlanResult:
-    """Learned rounding within the rest of `--optimize-time` (opt-in). Resumable: each
-    finished layer is cached under the model, plan, data and options, so a compile stopped
-    half-way (Ctrl-C) picks up where it was."""
-    if not config.optimize_seconds:
-        return planned
-    from quantflow.rounding import RoundingOptions, learn_rounding, rounding_cache_key
-    from quantflow.search.compile import MIXED_ROUNDING_SHARE
-
-    # a fixed share, not "what is left": the budget is part of the cache key, and a rerun
-    # must find the same key to resume
-    share = 1 - REPAIR_SHARE - (MIXED_ROUNDING_SHARE if config.bits == "mixed" else 0.0)
-    opts = RoundingOptions(seconds=share * config.optimize_seconds)
-    q = planned.quantize(config.kernel_rules)
-    key = rounding_cache_key(planned.gm, q, calib.x, opts)
-    result = learn_rounding(planned.gm, q, calib.x, opts, cache=cache_dir("rounding", key))
-    return replace(planned, rounding=result.codes, rounding_summary=result.summary())
 
 
 def compile(

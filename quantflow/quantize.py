@@ -306,6 +306,10 @@ def _quantize_weight(gm: fx.GraphModule, n: fx.Node, lp: LayerPlan, info: QuantI
                                          info.rules)
         if record is not None:
             info.portability[n.name] = {"op": _op_name(n), **record}
+    # bias correction uses the codes rounding-to-nearest gives: learned rounding learned its
+    # codes against that corrected bias (it reads the bias from the nearest-rounded graph),
+    # so correcting again for the learned codes would undo part of what it learned
+    bias_codes = codes
     if learned is not None:
         limited = needs_pair_limit(info.rules, lp, w, groups, repair)
         bound = pair_bound(lp.act.qmax - lp.act.qmin) if limited and lp.act else None
@@ -331,7 +335,8 @@ def _quantize_weight(gm: fx.GraphModule, n: fx.Node, lp: LayerPlan, info: QuantI
     if (input_mean is not None and isinstance(b_node, fx.Node) and is_const(b_node)
             and input_mean.numel() == w.shape[1] * groups):
         axis = spec.axis if per_channel else None
-        w_q = (codes.double() - _bcast(zp, w.dim(), axis)) * _bcast(scale.double(), w.dim(), axis)
+        w_q = (bias_codes.double() - _bcast(zp, w.dim(), axis)) \
+            * _bcast(scale.double(), w.dim(), axis)
         b = get_tensor(gm, b_node)
         assert b is not None
         corrected = b.double() - bias_shift(w, w_q, input_mean, groups)

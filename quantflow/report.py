@@ -20,7 +20,9 @@ Schema "quantflow.report/2" (all sizes in bytes, latencies in ms, accuracies in 
               seconds, repaired [{tensor, contribution_db, tool, scale_before, scale_after,
               gain_db}], worst [{tensor, contribution_db}] (top 10), skipped_tools {tool: why}}
               (dB: output SQNR of the simulation on the calibration scoring subset)
-  rounding    --optimize-time only: learned rounding {layers, seconds, output_mse_gain_db
+  rounding    --optimize-time only (quantflow/fidelity.py): learned_on (samples), validation
+              {samples, nearest_sqnr_db, learned_sqnr_db, kept} | null, blocks, resumed, and
+              learned rounding {layers, seconds, output_mse_gain_db
               {layer: dB of the layer's output error, nearest vs learned, calibration data}}
   device      what the artifact is for: {requested, resolved, exact_on: [isa_class],
               pair_limit | null, host_exact, warning?} (ort; tvm/trt: {requested, resolved})

@@ -58,6 +58,12 @@ def _render_fidelity(d: dict[str, Any]) -> list[str]:
         mean = sum(gains) / len(gains) if gains else 0.0
         lines.append(f"  rounding    learned for {ro['layers']} layers in {ro['seconds']:.0f} s, "
                      f"layer output error {mean:+.2f} dB on average vs nearest")
+        val = ro.get("validation")
+        if val:
+            verdict = "kept" if val["kept"] else "NOT kept: nearest rounding ships"
+            lines.append(f"  rounding    held-out check on {val['samples']} calibration samples: "
+                         f"{val['learned_sqnr_db']:.2f} dB learned vs {val['nearest_sqnr_db']:.2f}"
+                         f" dB nearest, {verdict}")
     return lines
 
 
