@@ -53,7 +53,7 @@ def test_codes_go_to_4_bit_layers_only_and_key_the_database() -> None:
 
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[fx.GraphModule, torch.Tensor, torch.Tensor, torch.Tensor]:
+def trained() -> tuple[fx.GraphModule, torch.Tensor, torch.Tensor, torch.Tensor, nn.Module]:
     """SmallCNN trained on four noisy templates (seconds, no files)."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -74,12 +74,12 @@ def trained() -> tuple[fx.GraphModule, torch.Tensor, torch.Tensor, torch.Tensor]
     x_test, y_test = data(400)
     gm = capture(model.eval(), (x_cal[:2],))
     run_pipeline(gm, DEFAULT_PIPELINE)
-    return gm, x_cal, x_test, y_test
+    return gm, x_cal, x_test, y_test, model
 
 
 def test_search_evaluates_4_bit_layers_with_the_learned_codes(trained: tuple,
                                                               tmp_path: Path) -> None:
-    gm, x_cal, x_test, y_test = trained
+    gm, x_cal, x_test, y_test, _ = trained
     rules = KernelRules.of("ort")
     stats = collect_stats(gm, batched(x_cal, 32))
     layers = list(layer_weights(gm))
@@ -117,3 +117,24 @@ def test_search_evaluates_4_bit_layers_with_the_learned_codes(trained: tuple,
         with torch.no_grad():
             acc = 100.0 * float((g(x_test).argmax(-1) == y_test).double().mean())
         assert acc == t.quality
+
+
+def test_compile_bits_mixed_with_optimize_time(trained: tuple, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compile path: 4-bit codes learned before the search (its summary says so), then
+    repair and learned rounding of the chosen plan; the artifact still passes parity."""
+    from quantflow.config import CompileConfig
+    from quantflow.dataset import Dataset
+    from quantflow.pipeline import compile
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    _, x_cal, x_test, y_test, model = trained
+    rep = compile(model, (x_cal[:1],), Dataset(x_cal, None, "calib"),
+                  Dataset(x_test, y_test, "test"), tmp_path / "out",
+                  CompileConfig(bits="mixed", max_size_ratio=0.75, optimize_seconds=6.0,
+                                profile_runs=3))
+    lw = rep["search"]["learned_w4"]
+    assert lw["layers"] == 4 and lw["mean_output_mse_gain_db"] > 0
+    assert rep["search"]["satisfied"]  # within 0.75x the INT8 weight bytes
+    assert rep["stages"]["repair"] > 0 and rep["stages"]["round"] > 0
+    assert rep["rounding"]["layers"] >= 1 and rep["parity"]["passed"]
