@@ -30,13 +30,19 @@ def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QSpec
     return scale.float(), zp
 
 
+def along_axis(t: torch.Tensor, dim: int, axis: int | None) -> torch.Tensor:
+    """Per-channel `t` shaped to broadcast along `axis` of a `dim`-D tensor (as is: None)."""
+    if axis is None:
+        return t
+    shape = [1] * dim
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int,
              axis: int | None = None) -> torch.Tensor:
     """Integer codes (as the input's float dtype) for x; per-channel when `axis` is given."""
-    if axis is not None:
-        shape = [1] * x.dim()
-        shape[axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    scale, zp = along_axis(scale, x.dim(), axis), along_axis(zp, x.dim(), axis)
     return torch.clamp(torch.round(x / scale.to(x.dtype)) + zp.to(x.dtype), qmin, qmax)
 
 
@@ -44,10 +50,7 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int
                axis: int | None = None) -> torch.Tensor:
     """Quantize then dequantize (the simulation of what an integer kernel sees)."""
     q = quantize(x, scale, zp, qmin, qmax, axis)
-    if axis is not None:
-        shape = [1] * x.dim()
-        shape[axis] = -1
-        scale, zp = scale.reshape(shape), zp.reshape(shape)
+    scale, zp = along_axis(scale, x.dim(), axis), along_axis(zp, x.dim(), axis)
     return (q - zp.to(x.dtype)) * scale.to(x.dtype)
 
 

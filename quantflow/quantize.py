@@ -37,8 +37,8 @@ from quantflow.calibrators import activation_qparams
 from quantflow.errors import CaptureError
 from quantflow.ir import CONV_OPS, WEIGHTED_OPS, ConvArgs, add_const, get_tensor, is_const, is_op
 from quantflow.pair_limit import fit_layer, needs_pair_limit, pair_bound, seven_bit
+from quantflow.qmath import along_axis, weight_qparams
 from quantflow.qmath import quantize as q_codes
-from quantflow.qmath import weight_qparams
 from quantflow.rounding import use_learned
 from quantflow.spec import ORT_ACT, ORT_WEIGHT, KernelRules, LayerPlan, QSpec, QuantPlan
 
@@ -220,7 +220,7 @@ def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],
                 # needs an int32 bias dequantized with scale s_x·s_w
                 mean = sq_mean = None
                 if isinstance(n.args[0], fx.Node):
-                    src = _float_source(n.args[0])
+                    src = float_source(n.args[0])
                     if src.name in stats:
                         sq_mean = stats[src.name].channel_sq_mean
                         if plan.bias_correction:
@@ -255,7 +255,7 @@ def _input_scale(n: fx.Node) -> float | None:
     return None
 
 
-def _float_source(x: fx.Node) -> fx.Node:
+def float_source(x: fx.Node) -> fx.Node:
     """The float tensor behind a (possibly inserted) dequantize node."""
     if x.target == qd.dequantize_per_tensor.default:
         q = x.args[0]
@@ -335,8 +335,8 @@ def _quantize_weight(gm: fx.GraphModule, n: fx.Node, lp: LayerPlan, info: QuantI
     if (input_mean is not None and isinstance(b_node, fx.Node) and is_const(b_node)
             and input_mean.numel() == w.shape[1] * groups):
         axis = spec.axis if per_channel else None
-        w_q = (bias_codes.double() - _bcast(zp, w.dim(), axis)) \
-            * _bcast(scale.double(), w.dim(), axis)
+        w_q = (bias_codes.double() - along_axis(zp, w.dim(), axis)) \
+            * along_axis(scale.double(), w.dim(), axis)
         b = get_tensor(gm, b_node)
         assert b is not None
         corrected = b.double() - bias_shift(w, w_q, input_mean, groups)
@@ -368,14 +368,6 @@ def _quantize_weight(gm: fx.GraphModule, n: fx.Node, lp: LayerPlan, info: QuantI
 
 def _op_name(n: fx.Node) -> str:
     return str(n.target).split(".")[-2] if "." in str(n.target) else str(n.target)
-
-
-def _bcast(t: torch.Tensor, dim: int, axis: int | None) -> torch.Tensor:
-    if axis is None:
-        return t
-    shape = [1] * dim
-    shape[axis] = -1
-    return t.reshape(shape)
 
 
 def model_size_bytes(gm: fx.GraphModule) -> int:

@@ -50,6 +50,7 @@ from tqdm import tqdm
 from quantflow import rounding_blocks as rb
 from quantflow.ir import CONV_OPS, WEIGHTED_OPS, ConvArgs, get_tensor, is_const
 from quantflow.pair_limit import pair_index, violations
+from quantflow.qmath import along_axis
 from quantflow.rounding_blocks import Block, BlockRunner, LearnUnits, StepBudget, UnitCache
 from quantflow.spec import QSpec
 
@@ -256,7 +257,7 @@ def use_learned(codes: torch.Tensor, learned: torch.Tensor, w: torch.Tensor,
     if learned.shape != codes.shape:
         return codes
     axis = spec.axis if spec.granularity == "channel" else None
-    u = w.double() / _along(scale.double(), w.dim(), axis)
+    u = w.double() / along_axis(scale.double(), w.dim(), axis)
     on_grid = (learned.double() >= torch.floor(u) - 1e-6) & (learned.double() <= torch.ceil(u)
                                                              + 1e-6)
     out = torch.where(on_grid, learned.double(), codes.double())
@@ -268,14 +269,6 @@ def use_learned(codes: torch.Tensor, learned: torch.Tensor, w: torch.Tensor,
         flat[:, b] = torch.where(bad, keep[:, b], flat[:, b])
         out = flat.reshape(w.shape)
     return out
-
-
-def _along(t: torch.Tensor, dim: int, axis: int | None) -> torch.Tensor:
-    if axis is None:
-        return t
-    shape = [1] * dim
-    shape[axis] = -1
-    return t.reshape(shape)
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from nets import SmallCNN
+from optimized import compile_optimized
 from torch import nn
 
 from quantflow import calibrate as cal
@@ -120,28 +120,18 @@ def test_learned_codes_never_break_the_pair_limit() -> None:
 
 
 def test_compile_with_optimize_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from quantflow.cli import main
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     torch.manual_seed(0)
     net = SmallCNN().eval()
     x = torch.randn(64, 1, 16, 16, generator=torch.Generator().manual_seed(2))
-    torch.export.save(torch.export.export(net, (x[:1],)), tmp_path / "m.pt2")
-    np.save(tmp_path / "calib.npy", x.numpy())
     out = tmp_path / "o"
-    assert main(["compile", str(tmp_path / "m.pt2"), "--calib", str(tmp_path / "calib.npy"),
-                 "--calibrator", "minmax", "--equalize", "off", "--optimize-time", "3s",
-                 "--profile-runs", "3", "-o", str(out)]) == 0
-    r = json.loads((out / "report.json").read_text())
+    r = compile_optimized(net, x, tmp_path, out, "3s")
     assert r["rounding"]["layers"] == 4 and r["stages"]["round"] > 0
     assert r["rounding"]["resumed"] == 0
     assert r["parity"]["passed"]  # the artifact with learned codes still matches its simulation
     # the same compile again: every layer's rounding comes from the cache, same artifact
     out2 = tmp_path / "o2"
-    assert main(["compile", str(tmp_path / "m.pt2"), "--calib", str(tmp_path / "calib.npy"),
-                 "--calibrator", "minmax", "--equalize", "off", "--optimize-time", "3s",
-                 "--profile-runs", "3", "-o", str(out2)]) == 0
-    r2 = json.loads((out2 / "report.json").read_text())
+    r2 = compile_optimized(net, x, tmp_path, out2, "3s")
     assert r2["rounding"]["resumed"] == 4
     assert (out / "model.onnx").read_bytes() == (out2 / "model.onnx").read_bytes()
 

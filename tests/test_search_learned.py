@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nets import SmallCNN
+from nets import template_task
 from torch import fx, nn
 
 from quantflow import evaluate as ev
@@ -55,21 +55,7 @@ def test_codes_go_to_4_bit_layers_only_and_key_the_database() -> None:
 @pytest.fixture(scope="module")
 def trained() -> tuple[fx.GraphModule, torch.Tensor, torch.Tensor, torch.Tensor, nn.Module]:
     """SmallCNN trained on four noisy templates (seconds, no files)."""
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    templates = torch.randn(4, 1, 8, 8, generator=gen)
-
-    def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        y = torch.randint(0, 4, (n,), generator=gen)
-        return templates[y] + 1.2 * torch.randn(n, 1, 8, 8, generator=gen), y
-
-    model = SmallCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(120):
-        x, y = data(64)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    model, data = template_task(0)
     x_cal, _ = data(128)
     x_test, y_test = data(400)
     gm = capture(model.eval(), (x_cal[:2],))

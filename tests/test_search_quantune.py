@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nets import SmallCNN
+from nets import template_task
 from torch import fx, nn
 
 from quantflow.calibrate import batched
@@ -26,28 +26,10 @@ from quantflow.targets.base import TargetCaps
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def Net() -> nn.Module:
-    return SmallCNN(extra_conv=True)
-
-
 @pytest.fixture(scope="module")
 def setup() -> tuple[fx.GraphModule, list, list, torch.Tensor, torch.Tensor, nn.Module]:
-    torch.manual_seed(0)
     torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(0)
-    templates = torch.randn(4, 1, 8, 8, generator=gen)
-
-    def data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        y = torch.randint(0, 4, (n,), generator=gen)
-        return templates[y] + 1.2 * torch.randn(n, 1, 8, 8, generator=gen), y
-
-    model = Net()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(120):
-        x, y = data(64)
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
+    model, data = template_task(0)
     x_cal, y_cal = data(64)
     x_test, y_test = data(400)
     gm = capture(model.eval(), (x_cal[:2],))
