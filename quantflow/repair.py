@@ -40,7 +40,7 @@ from torch import fx
 from tqdm import tqdm
 
 from quantflow import evaluate as ev
-from quantflow.quantize import QuantInfo
+from quantflow.quantize import QuantInfo, float_source
 
 log = logging.getLogger("quantflow.repair")
 qd = torch.ops.quantized_decomposed
@@ -85,14 +85,16 @@ class _Overridden(fx.Interpreter):
 
 def tensor_groups(info: QuantInfo, qgm: fx.GraphModule) -> dict[str, str]:
     """tensor -> the tensor whose scale it shares (itself for a root). quantize() copies a
-    value-preserving op's qparams from its input when both have the same spec."""
+    value-preserving op's qparams from its input when both have the same spec; in the
+    quantized graph that input is read through its dequantize."""
     nodes = {n.name: n for n in qgm.graph.nodes}
     root: dict[str, str] = {}
     for name in info.tensors:
         cur = name
         while True:
-            src = nodes[cur].args[0] if nodes[cur].args else None
-            if (isinstance(src, fx.Node) and src.name in info.tensors
+            arg = nodes[cur].args[0] if nodes[cur].args else None
+            src = float_source(arg) if isinstance(arg, fx.Node) else None
+            if (src is not None and src.name in info.tensors
                     and info.tensors[src.name] == info.tensors[cur] and src.name != cur):
                 cur = src.name
                 continue

@@ -4,14 +4,13 @@ Fixed seeds; thresholds are what these seeds give, with margin."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from optimized import compile_optimized
 from torch import nn
 
 from quantflow import calibrate as cal
@@ -42,6 +41,9 @@ class Outlier(nn.Module):
         for m in (self.a, self.b, self.fc):
             with torch.no_grad():
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3)
+                # the biases too: left to nn's default init they came from the global RNG,
+                # and the test's numbers moved from run to run
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
         with torch.no_grad():
             self.a.weight[0] *= 30.0
             self.a.bias[0] *= 30.0
@@ -100,7 +102,7 @@ def test_the_outlier_tensor_ranks_first_and_is_repaired() -> None:
     ref_h = ev.predict(gm, held)
     before = ev.sqnr_db(ref_h, ev.predict(q, held))
     after = ev.sqnr_db(ref_h, ev.predict(q2, held))
-    # these seeds: 33.6 -> 34.3 dB; the tensor alone held 2.4 dB (exact would reach ~36)
+    # these seeds: 33.2 -> 35.4 dB; the tensor alone held 4.3 dB
     assert after > before + 0.4, (before, after)
 
 
@@ -127,18 +129,9 @@ def test_repair_on_the_fashion_mnist_resnet_holds_on_held_out_data() -> None:
 
 def test_compile_reports_the_repairs(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from quantflow.cli import main
-
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    net = Outlier().eval()
-    x = _data(64, 3)
-    torch.export.save(torch.export.export(net, (x[:1],)), tmp_path / "m.pt2")
-    np.save(tmp_path / "calib.npy", x.numpy())
     out = tmp_path / "o"
-    assert main(["compile", str(tmp_path / "m.pt2"), "--calib", str(tmp_path / "calib.npy"),
-                 "--calibrator", "minmax", "--equalize", "off", "--optimize-time", "4s",
-                 "--profile-runs", "3", "-o", str(out)]) == 0
-    r = json.loads((out / "report.json").read_text())
+    r = compile_optimized(Outlier().eval(), _data(64, 3), tmp_path, out, "4s")
     rp = r["repair"]
     assert rp["worst"][0]["tensor"] == "relu" and rp["repaired"][0]["tensor"] == "relu"
     assert rp["sqnr_db_after"] > rp["sqnr_db_before"]
@@ -154,3 +147,28 @@ def test_compile_reports_the_repairs(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert not any(abs(sc - fixed["scale_before"]) < 1e-6 * fixed["scale_before"]
                    for sc in scales)
     assert "repair      " in capsys.readouterr().out
+
+
+def test_a_value_preserving_op_is_scored_with_the_tensor_it_shares_a_scale_with() -> None:
+    """quantize() gives `flatten` the pooled tensor's qparams; a repair of the pooled tensor
+    changes both, so the scorer must too (it reads them through their dequantize)."""
+    net = zoo.get_model("resnet_fmnist").eval()
+    xc, _ = data.builtin_dataset("fashion-mnist-calib")
+    gm = capture(net, (xc[:1],))
+    run_pipeline(gm, DEFAULT_PIPELINE)
+    stats = cal.collect_stats(gm, cal.batched(xc[:64], 32))
+    q = quantize(gm, int8_plan("minmax"), stats, RULES)
+    root = tensor_groups(q.meta["quantflow"], q)
+    assert root["flatten"] == "adaptive_avg_pool2d"
+    assert {k for k, v in root.items() if k != v} == {"flatten"}
+    _, scale, zp = q.meta["quantflow"].tensors["adaptive_avg_pool2d"]
+    new = (scale * 0.5, zp)
+    q2 = quantize(gm, int8_plan("minmax"), stats, RULES, act_qparams={"adaptive_avg_pool2d": new})
+    assert q2.meta["quantflow"].tensors["flatten"][1:] == new
+    x = xc[:64]
+    with torch.no_grad():
+        scored, shipped = _Overridden(q, {"adaptive_avg_pool2d": new}, root).run(x), q2(x)
+    # nothing but the int32 bias of the linear layer differs (re-rounded with the new input
+    # scale): less than one output step apart
+    step = q2.meta["quantflow"].tensors["linear"][1]
+    assert float((scored - shipped).abs().max()) < step
