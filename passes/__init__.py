@@ -7,6 +7,8 @@ to a fixpoint:
   canonical_convs   TorchScript's aten.convolution/_convolution → conv2d/conv1d (canonical.py)
   remove_identity   dropout/clone/detach/no-op casts and reshapes, asserts (cleanup.py)
   fold_bn           conv/linear → BN folded into the layer (fold_bn.py)
+  decompose_sdpa    scaled_dot_product_attention → matmul/softmax/matmul (decompose_sdpa.py)
+  fold_scale        conv/linear → (moves) → × scalar folded into the layer (fold_scale.py)
   <reparam passes>  standalone BN → conv, parallel/sequential conv merges (reparam_*.py)
   dead_code         unused nodes, then unused parameters/buffers/submodules (cleanup.py)
 
@@ -23,8 +25,10 @@ from torch import fx
 
 from quantflow.passes.canonical import canonical_convs
 from quantflow.passes.cleanup import dead_code, remove_identity
+from quantflow.passes.decompose_sdpa import decompose_sdpa
 from quantflow.passes.equalize import equalize as _equalize
 from quantflow.passes.fold_bn import fold_bn as _fold_bn
+from quantflow.passes.fold_scale import fold_scale
 from quantflow.passes.pipeline import Pass, PassReport, run_pipeline
 from quantflow.passes.reparam_bn_branch import avgpool_to_conv, bn_to_conv
 from quantflow.passes.reparam_parallel import merge_parallel_convs
@@ -38,6 +42,8 @@ DEFAULT_PIPELINE: tuple[Pass, ...] = (
     canonical_convs,
     remove_identity,
     _fold_bn,
+    decompose_sdpa,
+    fold_scale,
     bn_to_conv,
     avgpool_to_conv,
     merge_sequential_convs,
@@ -62,6 +68,8 @@ __all__ = [
     "PassReport",
     "canonical_convs",
     "dead_code",
+    "decompose_sdpa",
+    "fold_scale",
     "optimize",
     "remove_identity",
     "run_pipeline",

@@ -23,6 +23,8 @@ from tqdm import tqdm
 from quantflow.batch import rebatch
 from quantflow.errors import InputError
 
+aten = torch.ops.aten
+
 HIST_BINS = 2048
 
 
@@ -35,10 +37,14 @@ class TensorStats:
     count: int = 0
     #: counts over [min, max] in HIST_BINS equal bins (float64), None if not collected
     hist: torch.Tensor | None = None
-    #: per-channel (dim 1) sum over all other dims, float64; for bias correction
+    #: per-channel sum over all other dims, float64; for bias correction. The channel is
+    #: dim 1 (conv layout, (N, C)), or the last dim of a rank ≥ 3 tensor a linear reads
+    #: (transformer activations (N, L, C)): the dim the consuming layer's weight contracts
     channel_sum: torch.Tensor | None = None
     #: per-channel sum of squares, float64; weighs weight errors by input power
     channel_sqsum: torch.Tensor | None = None
+    #: per-channel max |x|, float64; how much range each channel needs (SmoothQuant)
+    channel_absmax: torch.Tensor | None = None
 
     @property
     def channel_mean(self) -> torch.Tensor | None:
@@ -109,21 +115,25 @@ class _Observer(fx.Interpreter):
                 mn, mx = torch.aminmax(t)  # one pass over memory instead of two
                 lo, hi = float(mn), float(mx)
                 self._check_range(n, lo, hi)
-                csum = sqsum = None
+                csum = sqsum = cmax = None
                 if t.dim() >= 2:  # reduce in float64 without a float64 copy of the tensor
-                    dims = [0, *range(2, t.dim())]
+                    axis = _channel_axis(n, t.dim())
+                    dims = [d for d in range(t.dim()) if d != axis]
                     csum = t.sum(dim=dims, dtype=torch.float64)
                     sqsum = t.square().sum(dim=dims, dtype=torch.float64)
+                    cmax = t.abs().amax(dim=dims).double()
                 s = self.stats.get(n.name)
                 if s is None:
                     self.stats[n.name] = TensorStats(lo, hi, t.numel(), channel_sum=csum,
-                                                     channel_sqsum=sqsum)
+                                                     channel_sqsum=sqsum, channel_absmax=cmax)
                 else:
                     s.min, s.max, s.count = min(s.min, lo), max(s.max, hi), s.count + t.numel()
                     if s.channel_sum is not None and csum is not None:
                         s.channel_sum = s.channel_sum + csum
                     if s.channel_sqsum is not None and sqsum is not None:
                         s.channel_sqsum = s.channel_sqsum + sqsum
+                    if s.channel_absmax is not None and cmax is not None:
+                        s.channel_absmax = torch.maximum(s.channel_absmax, cmax)
             else:
                 s = self.stats[n.name]
                 if s.max > s.min:
@@ -134,6 +144,14 @@ class _Observer(fx.Interpreter):
                     h[0] = t.numel()
                 s.hist = h if s.hist is None else s.hist + h
         return out
+
+
+def _channel_axis(n: fx.Node, rank: int) -> int:
+    """The channel dim of `n`'s output: the one its consuming layer's weight contracts."""
+    if rank >= 3 and any(u.op == "call_function" and u.target == aten.linear.default
+                         and u.args[0] is n for u in n.users):
+        return rank - 1
+    return 1
 
 
 def observable_nodes(gm: fx.GraphModule) -> set[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,13 @@ def _zoo_dataset(name: str) -> str | None:
     return None if entry is None else ZOO_DATASETS.get(entry.dataset, entry.dataset)
 
 
+def _zoo_metric(name: str) -> str:
+    from quantflow.zoo import MODELS
+
+    entry = MODELS.get(name)
+    return "auto" if entry is None else entry.metric
+
+
 def _options(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
     """`cls` (CompileConfig or DataOptions) from the flags quantflow/config.py defines; its
     validation errors are usage errors (exit 2)."""
@@ -88,6 +96,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
                             input_shape=args.input_shape)
         validate.single_input(loaded)
+        if config.metric == "auto" and args.model.startswith("zoo:"):
+            config = replace(config, metric=_zoo_metric(args.model[4:]))
         if args.calib == "distilled":
             calib, evaluation, example = _distilled(loaded, args)
         else:

@@ -24,10 +24,12 @@ TARGETS = ("ort", "tvm", "trt")
 BITS = ("8", "mixed")
 CALIBRATOR_CHOICES = ("auto", *CALIBRATORS)
 EQUALIZE = ("auto", "on", "off")
+METRICS = ("auto", "agreement", "cosine")
 #: built-in datasets: name -> (calibration split, evaluation split) of quantflow.data
 DATASETS: dict[str, tuple[str, str]] = {
     "fashion-mnist": ("fashion-mnist-calib", "fashion-mnist"),
     "natural-images": ("natural-images-calib", "natural-images"),
+    "sentences": ("sentences-calib", "sentences"),
 }
 #: a zoo model's training dataset -> the built-in data it calibrates and evaluates on
 ZOO_DATASETS = {"imagenet": "natural-images"}
@@ -80,8 +82,12 @@ class CompileConfig:
     plan_path: str | None = option(None, "--config", "re-use a saved quantization plan",
                                    metavar="PLAN.json")
     max_drop: float | None = option(None, "--max-drop", "fail (exit 10) when the accuracy "
-                                    "drop exceeds POINTS (without labels: top-1 disagreement "
-                                    "with FP32, in percent)", metavar="POINTS", kind="float")
+                                    "drop exceeds POINTS (without labels: the --metric's "
+                                    "loss vs FP32, in percent)", metavar="POINTS", kind="float")
+    metric: str = option("auto", "--metric", "fidelity without labels: agreement (top-1 "
+                         "agreement with FP32; classifiers) or cosine (mean cosine similarity "
+                         "of each output with FP32's; embedding models); auto: what the zoo "
+                         "model declares, else agreement", choices=METRICS)
     #: --bits mixed: weight size budget in MB, or × uniform INT8 (the CLI's --max-size sets
     #: one of the two: `1.5` is MB, `0.75x` a ratio)
     max_size_mb: float | None = None

@@ -338,6 +338,8 @@ def builtin_dataset(name: str) -> tuple[Tensor, Tensor | None]:
     * ``fashion-mnist-calib``: 512 seeded images of the train split (with labels).
     * ``natural-images``: the 80 evaluation views (no labels; compare against float).
     * ``natural-images-calib``: the 80 calibration views (disjoint source photos).
+    * ``sentences``: token ids of 500 real sentences (no labels; the zoo's text models).
+    * ``sentences-calib``: token ids of 256 other sentences.
     """
     if name == "fashion-mnist":
         return load_fashion_mnist("test")
@@ -347,4 +349,8 @@ def builtin_dataset(name: str) -> tuple[Tensor, Tensor | None]:
         return natural_images_split()[1], None
     if name == "natural-images-calib":
         return natural_images_split()[0], None
+    if name in ("sentences", "sentences-calib"):
+        from quantflow.zoo.minilm import sentence_ids  # lazy: needs the tokenizer package
+
+        return sentence_ids(name == "sentences-calib"), None
     raise KeyError(f"unknown built-in dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}")

@@ -1,8 +1,9 @@
 """Quality metrics of a quantized model against its FP32 original.
 
 With labels: top-1 accuracy of each, and the drop in percentage points. Without: top-1
-agreement with FP32, output SQNR (signal-to-quantization-noise ratio, dB) and the KL divergence
-of the softmax outputs — fidelity measures that need no ground truth.
+agreement with FP32, output SQNR (signal-to-quantization-noise ratio, dB), the KL divergence
+of the softmax outputs and the mean cosine similarity of each sample's output (for embedding
+models) — fidelity measures that need no ground truth.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class Quality:
     agreement: float | None = None  # fraction of top-1 equal to the reference's
     sqnr_db: float | None = None
     kl: float | None = None
+    #: mean cosine similarity of each sample's output with the reference's (embeddings)
+    cosine: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,7 +59,15 @@ def quality(logits: torch.Tensor, labels: torch.Tensor | None = None,
         return Quality(samples=logits.shape[0], accuracy=acc)
     agree = float((logits.argmax(-1) == reference.argmax(-1)).double().mean())
     return Quality(samples=logits.shape[0], accuracy=acc, agreement=agree,
-                   sqnr_db=sqnr_db(reference, logits), kl=kl_divergence(reference, logits))
+                   sqnr_db=sqnr_db(reference, logits), kl=kl_divergence(reference, logits),
+                   cosine=cosine(reference, logits))
+
+
+def cosine(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Mean over samples of cos(ref_i, out_i), each sample's output flattened; the fidelity
+    measure of embedding models (argmax agreement means nothing for them)."""
+    a, b = ref.double().flatten(1), out.double().flatten(1)
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=1, eps=1e-30).mean())
 
 
 #: elements (samples × per-sample size) a candidate plan is scored on: all 512 Fashion-MNIST

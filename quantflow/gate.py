@@ -1,7 +1,7 @@
 """The CI gate: what `--max-drop` and `--max-latency` decide, on measured numbers only.
 
 Accuracy drop in points when the evaluation data has labels, else 100·(1 − top-1 agreement
-with FP32), within `max_drop`; and the MEASURED latency of the artifact (never the search's
+with FP32) (or 100·(1 − mean cosine similarity) with `metric="cosine"`), within `max_drop`; and the MEASURED latency of the artifact (never the search's
 table) within `max_latency_ms`. A failed gate still publishes the artifacts and the report
 (the user needs them to see why); the compile then exits 10.
 """
@@ -35,14 +35,17 @@ class GateResult:
 
 
 def gate(quality: dict[str, Any], max_drop: float | None, latency_ms: float | None = None,
-         max_latency_ms: float | None = None) -> GateResult:
+         max_latency_ms: float | None = None, metric: str = "auto") -> GateResult:
     """Decide the gate from the evaluation's quality section and the measured latency."""
     reasons: list[str] = []
     measure = value = None
     if max_drop is not None:
         drop = quality.get("accuracy_drop")
         measure = "accuracy drop"
-        if drop is None:
+        if drop is None and metric == "cosine":
+            drop = 100.0 * (1.0 - float(quality["quantized"]["cosine"]))
+            measure = "cosine distance to FP32 (100·(1 − cos))"
+        elif drop is None:
             drop = 100.0 * (1.0 - float(quality["quantized"]["agreement"]))
             measure = "top-1 disagreement with FP32"
         value = float(drop)

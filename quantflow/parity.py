@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from quantflow.quantize import FUSED_ACTS
+from quantflow.placement import FUSED_ACTS
 
 qd = torch.ops.quantized_decomposed
 

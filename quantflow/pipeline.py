@@ -129,7 +129,7 @@ def compile(
                        lowered.quantized, example_inputs, config.profile_runs,
                        config.profile_warmup)
     verdict = clock.run("gate", gate, quality, config.max_drop, timing.quantized_ms,
-                        config.max_latency_ms)
+                        config.max_latency_ms, config.metric)
 
     def write_report() -> Report:
         planned.plan.save(out / "plan.json", compiled={

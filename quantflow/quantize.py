@@ -5,19 +5,7 @@ The result is the PT2E representation: `quantized_decomposed.quantize_per_tensor
 `dequantize_per_channel`, and int32 biases with scale s_x·s_w. Run in torch it is the fake-quant
 simulation (the numerics reference); exported to ONNX it is the QDQ model a target executes.
 
-Placement (which tensors get a Q/DQ pair) is target policy:
-- "ort": every input and output of a quantized op (conv, linear, matmul, add, cat, pools) — the
-  tensor-level scheme onnxruntime's QDQ fusions need (DQ→Conv→Q becomes QLinearConv; a conv
-  without Q after it stays float). A conv's output is taken after a following ReLU/ReLU6/clamp
-  that is its only user, so the activation folds into the quantization range (ORT then drops it).
-  Data-movement ops (flatten, reshape, ...) see identical values before and after, so a pair on
-  each side gets identical parameters and ORT drops the redundant one.
-- "trt": TensorRT's recommendation: inputs of weighted ops and both inputs of residual adds;
-  never the outputs of weighted ops (TensorRT fuses the following Q into the kernel itself).
-
-A tensor read by several quantized consumers gets one pair, with the spec of the consumer that
-asks for the most bits. A float layer (LayerPlan with act=None) reading a tensor that a sibling
-quantizes sees the quantized values; its own output stays float.
+Placement (which tensors get a Q/DQ pair) is target policy: quantflow/placement.py.
 """
 
 from __future__ import annotations
@@ -37,28 +25,14 @@ from quantflow.calibrators import activation_qparams
 from quantflow.errors import CaptureError
 from quantflow.ir import CONV_OPS, WEIGHTED_OPS, ConvArgs, add_const, get_tensor, is_const, is_op
 from quantflow.pair_limit import fit_layer, needs_pair_limit, pair_bound, seven_bit
+from quantflow.placement import VALUE_PRESERVING, plan_tensors
 from quantflow.qmath import along_axis, weight_qparams
 from quantflow.qmath import quantize as q_codes
 from quantflow.rounding import use_learned
-from quantflow.spec import ORT_ACT, ORT_WEIGHT, KernelRules, LayerPlan, QSpec, QuantPlan
+from quantflow.spec import KernelRules, LayerPlan, QSpec, QuantPlan
 
 aten = torch.ops.aten
 qd = torch.ops.quantized_decomposed
-
-MATMUL_OPS = (aten.matmul.default, aten.bmm.default, aten.mm.default)
-ADD_OPS = (aten.add.Tensor,)
-CAT_OPS = (aten.cat.default,)
-POOL_OPS = (aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.mean.dim,
-            aten.max_pool2d.default)
-#: activations that fold into the output quantization range of the op before them
-FUSED_ACTS = (aten.relu.default, aten.relu_.default, aten.hardtanh.default,
-              aten.hardtanh_.default, aten.clamp.default, aten.relu6.default)
-#: ops whose output values are a subset of their input's: the output re-uses the input's
-#: quantization parameters (exact, and onnxruntime then keeps e.g. MaxPool in uint8)
-VALUE_PRESERVING = (aten.max_pool2d.default, aten.flatten.using_ints, aten.view.default,
-                    aten.reshape.default, aten.permute.default, aten.transpose.int,
-                    aten.squeeze.dim, aten.unsqueeze.default)
-PLACEMENTS = ("ort", "trt")
 
 _DTYPES = {(8, True): torch.int8, (8, False): torch.uint8, (16, True): torch.int16,
            (16, False): torch.uint16, (4, True): torch.int8, (7, True): torch.int8}
@@ -71,44 +45,6 @@ def dtype_of(spec: QSpec) -> torch.dtype:
 def quantizable_nodes(gm: fx.GraphModule) -> list[str]:
     """Names of the weighted layers (conv, linear) with constant weights, in graph order."""
     return [n.name for n in gm.graph.nodes if is_op(n, WEIGHTED_OPS) and is_const(n.args[1])]
-
-
-def _activation_inputs(n: fx.Node, placement: str | KernelRules) -> list[fx.Node]:
-    """The tensor inputs of `n` that a quantized `n` reads quantized (empty: not a q-op)."""
-    placement = KernelRules.of(placement).placement
-    def tensors(args: Any) -> list[fx.Node]:
-        return [a for a in args if isinstance(a, fx.Node) and not is_const(a)]
-
-    if is_op(n, WEIGHTED_OPS) and is_const(n.args[1]):
-        return tensors(n.args[:1])
-    if is_op(n, MATMUL_OPS):
-        return tensors(n.args[:2])
-    if is_op(n, ADD_OPS) and len(tensors(n.args[:2])) == 2:
-        return tensors(n.args[:2])
-    if placement == "ort":
-        if is_op(n, CAT_OPS):
-            return tensors(n.args[0])
-        if is_op(n, POOL_OPS):
-            return tensors(n.args[:1])
-    return []
-
-
-def reads_quantized(n: fx.Node, placement: str | KernelRules = "ort") -> bool:
-    """Whether a quantized plan makes `n` read quantized inputs (a layer, add, pool, ...)."""
-    return bool(_activation_inputs(n, placement))
-
-
-def _output_tensor(n: fx.Node) -> fx.Node:
-    """The tensor that represents `n`'s output: after a fused activation that is its only user."""
-    users = list(n.users)
-    if len(users) == 1 and is_op(users[0], FUSED_ACTS) and users[0].args[0] is n:
-        act = users[0]
-        if act.target in (aten.hardtanh.default, aten.hardtanh_.default, aten.clamp.default):
-            lo = act.args[1] if len(act.args) > 1 else act.kwargs.get("min")
-            if not isinstance(lo, (int, float)) or float(lo) != 0.0:
-                return n  # a clamp that is not ReLU-like does not fold into uint8 [0, max]
-        return act
-    return n
 
 
 @dataclass
@@ -134,40 +70,6 @@ class QuantInfo:
             "portability": self.portability,
         }
 
-
-def plan_tensors(gm: fx.GraphModule, plan: QuantPlan, placement: str | KernelRules = "ort"
-                 ) -> dict[str, QSpec]:
-    """Which tensors (producer node names) get a Q/DQ pair, and with which spec."""
-    placement = KernelRules.of(placement).placement
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-    wanted: dict[str, QSpec] = {}
-
-    def want(t: fx.Node, spec: QSpec) -> None:
-        cur = wanted.get(t.name)
-        if cur is None or spec.bits > cur.bits:
-            wanted[t.name] = spec
-
-    for n in gm.graph.nodes:
-        inputs = _activation_inputs(n, placement)
-        if not inputs:
-            continue
-        lp = plan.for_node(n.name)
-        if lp.act is None:
-            continue
-        for t in inputs:
-            want(t, lp.act)
-        if placement == "ort":
-            want(_output_tensor(n), lp.act)
-    return wanted
-
-
-def observed_tensors(gm: fx.GraphModule) -> set[str]:
-    """The tensors any plan can quantize on any placement (every quantizable op's inputs and,
-    for ORT, outputs): calibration needs statistics of these only (about 2/3 of MobileNetV2's
-    nodes, and 40 % less calibration time than observing every node)."""
-    plan = QuantPlan(default=LayerPlan(ORT_WEIGHT, ORT_ACT))
-    return set(plan_tensors(gm, plan, "ort")) | set(plan_tensors(gm, plan, "trt"))
 
 
 def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],

@@ -100,6 +100,9 @@ def render(d: dict[str, Any]) -> str:
                          f"drop {_fmt(q.get('accuracy_drop'), '+.2f')} points")
         lines.append(f"  agreement   {'':9}  {_fmt(qq.get('agreement'), '9.4f')}   "
                      f"SQNR {_fmt(qq.get('sqnr_db'), '.1f', ' dB')}")
+        if d.get("config", {}).get("metric") == "cosine":
+            lines.append(f"  cosine      {'':9}  {_fmt(qq.get('cosine'), '9.5f')}   "
+                         "(mean over samples, vs FP32)")
     s = d.get("size")
     if s:
         lines.append(f"  size        {s['fp32_bytes'] / 1e6:8.3f} MB {s['quantized_bytes'] / 1e6:8.3f}"

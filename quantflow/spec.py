@@ -153,14 +153,19 @@ class QuantPlan:
     `equalize`: run cross-layer equalization before quantizing (see passes.equalize).
     `bias_correction`: fold the expected output shift caused by weight rounding,
       −(Q(W) − W)·E[x], into each layer's bias (Nagel et al. 2019, empirical variant).
+    `smooth`: SmoothQuant migration strength α in (0, 1] for LayerNorm → linear groups
+      (passes.smooth, scales from the calibration data); 0 = off.
     """
 
     default: LayerPlan = field(default_factory=lambda: LayerPlan(ORT_WEIGHT, ORT_ACT))
     layers: Mapping[str, LayerPlan] = field(default_factory=dict)
     equalize: bool = False
     bias_correction: bool = True
+    smooth: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.smooth <= 1.0:
+            raise ValueError(f"QuantPlan.smooth must be in [0, 1], got {self.smooth}")
         # freeze the mapping so a plan can be shared between threads and hashed into caches
         object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
 
@@ -191,6 +196,7 @@ class QuantPlan:
             "layers": {k: v.to_dict() for k, v in sorted(self.layers.items())},
             "equalize": self.equalize,
             "bias_correction": self.bias_correction,
+            "smooth": self.smooth,
         }
 
     @staticmethod
@@ -211,6 +217,7 @@ class QuantPlan:
         _check_type("layers", layers, dict)
         for key in ("equalize", "bias_correction"):
             _check_type(key, d.get(key, False), bool)
+        _check_type("smooth", d.get("smooth", 0.0), (int, float))
         plans = {}
         for name, lp in layers.items():
             try:
@@ -223,7 +230,8 @@ class QuantPlan:
             raise ValueError(f"default: {exc}") from None
         return QuantPlan(default=default, layers=plans,
                          equalize=bool(d.get("equalize", False)),
-                         bias_correction=bool(d.get("bias_correction", True)))
+                         bias_correction=bool(d.get("bias_correction", True)),
+                         smooth=float(d.get("smooth", 0.0)))
 
     def save(self, path: str | Path, compiled: Mapping[str, Any] | None = None) -> None:
         """Write the plan; `compiled` adds what compiling it did (device, kernel rules, layers
@@ -256,7 +264,7 @@ class QuantPlan:
 
 #: keys of a plan file ("compiled" is what compiling it did, written for people)
 _PLAN_KEYS = frozenset({"format", "default", "layers", "equalize", "bias_correction",
-                        "compiled"})
+                        "smooth", "compiled"})
 #: plans are small (a few KB per hundred layers); anything larger is not one
 MAX_PLAN_BYTES = 64 * 2**20
 _QSPEC_TYPES: dict[str, type | tuple[type, ...]] = {

@@ -7,8 +7,9 @@ from torch import fx, nn
 
 from quantflow.calibrate import batched, collect_stats
 from quantflow.ir import capture
+from quantflow.placement import plan_tensors
 from quantflow.qmath import fake_quant_weight
-from quantflow.quantize import model_size_bytes, plan_tensors, quantize
+from quantflow.quantize import model_size_bytes, quantize
 from quantflow.spec import ORT_ACT, ORT_WEIGHT, TRT_ACT, LayerPlan, QSpec, QuantPlan, int8_plan
 
 qd = torch.ops.quantized_decomposed

@@ -210,7 +210,8 @@ def _output_step_bounds(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]
     E(t) is the largest real difference ORT vs torch on tensor t; a Q/DQ pair of scale s turns
     it into D = floor(E/s) + 1 steps (shift plus its own rounding flip), i.e. E = D·s.
     conv/linear: max|w|·E(x) (one flip source per receptive field); add: E(a) + E(b);
-    relu, pools, reshapes: E(x). The outputs must be dequantize_per_tensor nodes.
+    relu, pools, reshapes: E(x). The outputs must be dequantize_per_tensor nodes, or a float
+    linear output whose "step" is then its whole bound E.
     """
     values: dict[str, object] = {}
 
@@ -248,6 +249,11 @@ def _output_step_bounds(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]
     (outs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
     bounds = []
     for o in outs:
+        if o.target == aten.linear.default:
+            # a float output (the ORT placement leaves an unread linear output float: QGemm /
+            # MatMulIntegerToFloat write float): the bound is E(o) itself, as one "step"
+            bounds.append((err[o], 1))
+            continue
         assert o.target == qd.dequantize_per_tensor.default, o.format_node()
         scale = float(o.args[1])
         bounds.append((scale, round(err[o] / scale)))

@@ -40,7 +40,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from quantflow.batch import run_size
 from quantflow.ir import is_const
-from quantflow.quantize import quantize, reads_quantized
+from quantflow.placement import reads_quantized
+from quantflow.quantize import quantize
 from quantflow.search.space import Candidate, SearchSpace
 
 #: options whose layers run int8 kernels (ORT QLinearConv, TensorRT int8 convs): int8 in, int8

