@@ -11,8 +11,10 @@
   ReLU/ReLU6/clamp that is its only user, so the activation folds into the quantization range (ORT then drops it).
   Data-movement ops (flatten, reshape, ...) see identical values before and after, so a pair on
   each side gets identical parameters and ORT drops the redundant one.
-- "trt": TensorRT's recommendation: inputs of weighted ops and both inputs of residual adds;
-  never the outputs of weighted ops (TensorRT fuses the following Q into the kernel itself).
+- "trt": TensorRT's recommendation: inputs of weighted ops and of the attention matmuls
+  (Q, K, V and softmax's output, its MHA rule) and both inputs of residual adds that a
+  quantized op reads (CNNs; a transformer's residual add before LayerNorm stays float, as for
+  ORT); never the outputs of weighted ops (TensorRT fuses the following Q into the kernel).
 
 A tensor read by several quantized consumers gets one pair, with the spec of the consumer that
 asks for the most bits. A float layer (LayerPlan with act=None) reading a tensor that a sibling
@@ -107,7 +109,7 @@ def plan_tensors(gm: fx.GraphModule, plan: QuantPlan, placement: str | KernelRul
         lp = plan.for_node(n.name)
         if lp.act is None:
             continue
-        if placement == "ort" and is_op(n, ADD_OPS) and n.name not in read_q:
+        if is_op(n, ADD_OPS) and n.name not in read_q:
             continue  # a float add: its inputs need no quantization either
         for t in inputs:
             want(t, lp.act)
@@ -140,7 +142,7 @@ def _read_quantized(gm: fx.GraphModule, placement: str) -> set[str]:
                 if u.name in read:
                     read.add(n.name)
             elif n in _activation_inputs(u, placement) and (
-                    placement != "ort" or not is_op(u, ADD_OPS) or u.name in read):
+                    not is_op(u, ADD_OPS) or u.name in read):
                 read.add(n.name)
     return read
 

@@ -254,7 +254,10 @@ def check_residual_add(g: QdqGraph) -> Iterator[Violation]:
     connections" [EQ "Q/DQ Layer-Placement Recommendations"]), or runs a quantized add when both
     inputs are DQ'd. Checked condition: for an Add/Sum with >= 2 non-constant inputs touching a
     quantized region (some input DQ'd or the raw output of a quantized layer), every input must
-    be DQ'd or the raw output of a quantized layer, and at least one must be DQ'd."""
+    be DQ'd or the raw output of a quantized layer, and at least one must be DQ'd. Exempt: an
+    add read only by float-only ops (a transformer's residual add before LayerNorm, which
+    TensorRT fuses into a float skip-LayerNorm; quantizing the residual stream loses its
+    outlier channels)."""
     for node in g.nodes:
         if node.op_type not in ("Add", "Sum"):
             continue
@@ -264,6 +267,9 @@ def check_residual_add(g: QdqGraph) -> Iterator[Violation]:
         kinds = {v: _add_input_kind(g, v) for v in inputs}
         if all(k == "float" for k in kinds.values()):
             continue  # a float add in a float region: intended
+        cons = g.final_consumers(node.output[0])
+        if cons and all(c.op_type in FLOAT_ONLY_OPS for c in cons):
+            continue  # a transformer's residual add: it fuses into the float LayerNorm after it
         floats = [v for v, k in kinds.items() if k == "float"]
         if floats:
             desc = ", ".join(f"{v!r} (from {getattr(g.producer.get(v), 'op_type', 'graph input')})"
@@ -295,6 +301,34 @@ def check_qdq_before_float_op(g: QdqGraph) -> Iterator[Violation]:
                      "pair becomes reformat kernels. fix: do not quantize this tensor")
 
 
+def check_attention(g: QdqGraph) -> Iterator[Violation]:
+    """Multi-head attention: TensorRT's MHA fusion runs both batched matmuls in INT8 when
+    Q, K, V and the softmax output are Q/DQ'd and the softmax INPUT is not ("Q/DQ
+    Layer-Placement Recommendations" and the MHA fusion notes of the developer guide [EQ]:
+    quantize the BMM inputs, keep softmax in higher precision). Checked: a MatMul with two
+    activation inputs (Q·Kᵀ, P·V) and one of them DQ'd has both DQ'd; a Softmax reads a
+    float input."""
+    for node in g.nodes:
+        if node.op_type != "MatMul" or any(g.is_const(i) for i in node.input[:2]):
+            continue
+        if g.weight_dq(node) is not None or any(g.dq_through(i) is not None and
+                                                g.is_weight_qdq(g.dq_through(i))  # type: ignore[arg-type]
+                                                for i in node.input[:2]):
+            continue  # a GEMM with a (quantized) constant weight: check_float_layers' case
+        floats = [i for i in node.input[:2] if g.dq_through(i) is None]
+        if len(floats) == 1:  # both float: a float BMM by choice (FP32 model, mixed precision)
+            yield _v("attention-bmm", "warning", node,
+                     f"activation x activation MatMul with float input(s) {floats}: TensorRT's "
+                     "MHA fusion runs this BMM in FP16. fix: Q/DQ both inputs (Q, K, V and "
+                     "the softmax output)")
+    for node in g.nodes:
+        if node.op_type == "Softmax" and g.dq_through(node.input[0]) is not None:
+            yield _v("attention-softmax", "warning", node,
+                     "softmax input is Q/DQ'd: TensorRT keeps softmax in higher precision and "
+                     "the pair only adds rounding of the attention scores. fix: leave the "
+                     "scores (the Q·Kᵀ output and the mask add) float")
+
+
 Rule = Callable[[QdqGraph], Iterable[Violation]]
 
 #: the rules, in report order (errors first)
@@ -308,6 +342,7 @@ RULES: tuple[Rule, ...] = (
     check_weight_range,
     check_float_layers,
     check_residual_add,
+    check_attention,
     check_qdq_before_float_op,
 )
 

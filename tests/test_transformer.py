@@ -210,3 +210,35 @@ def test_minilm_compiles_to_integer_onnxruntime_kernels(tmp_path: Path) -> None:
     assert r["calibration"]["smooth"] == 0.5
     assert r["quality"]["quantized"]["cosine"] >= 0.99, r["quality"]
     assert r["gate"]["measure"].startswith("cosine")
+
+
+def test_trt_attention_placement_passes_the_mha_rule(tmp_path: Path) -> None:
+    """TensorRT: Q, K, V and softmax's output Q/DQ'd, scores and the residual stream float;
+    the MHA rule finds nothing, and flags a BMM whose one input loses its Q/DQ."""
+    import onnx
+
+    from quantflow.plan import base_plan
+    from quantflow.targets.onnx_export import export_onnx
+    from quantflow.targets.trt_rules import check_attention, check_trt_qdq
+    from quantflow.targets.trt_qdq_graph import QdqGraph
+
+    x = _x()
+    gm = capture(Encoder(), (x,))
+    optimize(gm)
+    qgm = quantize(gm, base_plan("trt", "minmax"), _calibrated(gm), "trt")
+    path = tmp_path / "m.onnx"
+    export_onnx(qgm, (x,), path)
+    model = onnx.load(str(path))
+    assert [str(v) for v in check_trt_qdq(model)] == []
+    g = QdqGraph(model)
+
+    def activation(v: str) -> bool:
+        dq = g.dq_through(v)
+        return not g.is_const(v) and (dq is None or not g.is_weight_qdq(dq))
+
+    bmm = [n for n in model.graph.node if n.op_type == "MatMul" and all(map(activation, n.input))]
+    assert len(bmm) == 2  # Q·Kᵀ and P·V
+    dq = g.dq_through(bmm[0].input[1])
+    assert dq is not None
+    bmm[0].input[1] = g.producer[dq.input[0]].input[0]  # read the float tensor before its Q
+    assert [v.rule for v in check_attention(QdqGraph(model))] == ["attention-bmm"]
