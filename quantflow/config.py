@@ -30,6 +30,7 @@ DATASETS: dict[str, tuple[str, str]] = {
     "fashion-mnist": ("fashion-mnist-calib", "fashion-mnist"),
     "natural-images": ("natural-images-calib", "natural-images"),
     "sentences": ("sentences-calib", "sentences"),
+    "tones": ("tones-calib", "tones"),
 }
 #: a zoo model's training dataset -> the built-in data it calibrates and evaluates on
 ZOO_DATASETS = {"imagenet": "natural-images"}

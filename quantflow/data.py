@@ -340,6 +340,8 @@ def builtin_dataset(name: str) -> tuple[Tensor, Tensor | None]:
     * ``natural-images-calib``: the 80 calibration views (disjoint source photos).
     * ``sentences``: token ids of 500 real sentences (no labels; the zoo's text models).
     * ``sentences-calib``: token ids of 256 other sentences.
+    * ``tones``: 1000 audio frames of harmonic tones (CREPE's input; no labels).
+    * ``tones-calib``: 256 frames from another seed.
     """
     if name == "fashion-mnist":
         return load_fashion_mnist("test")
@@ -353,4 +355,8 @@ def builtin_dataset(name: str) -> tuple[Tensor, Tensor | None]:
         from quantflow.zoo.minilm import sentence_ids  # lazy: needs the tokenizer package
 
         return sentence_ids(name == "sentences-calib"), None
+    if name in ("tones", "tones-calib"):
+        from quantflow.zoo.crepe import tone_frames
+
+        return tone_frames(name == "tones-calib"), None
     raise KeyError(f"unknown built-in dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}")

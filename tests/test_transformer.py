@@ -117,7 +117,10 @@ def test_smooth_is_exact_and_flattens_the_outlier_channels() -> None:
     absmax = {k: v.channel_absmax for k, v in stats.items() if v.channel_absmax is not None}
     before = absmax["layer_norm"]
     assert float(before.max() / before.median()) > 10  # the outliers are there
+    muls = count_ops(gm).get("mul.Tensor", 0)
     gm = check_pass(lambda g: smooth(g, absmax, 0.5), gm, (_x(seed=5),))
+    # the residual reader of each smoothed LayerNorm, and the GELU before ffn_out, get a mul
+    assert count_ops(gm)["mul.Tensor"] == muls + 3
     after = _calibrated(gm)["layer_norm"].channel_absmax
     assert after is not None
     # s_j ∝ sqrt(max|x_j|): the spread of the channel ranges shrinks to about its square root
@@ -185,12 +188,12 @@ def test_smoothquant_raises_minilm_int8_fidelity(minilm_sim: dict) -> None:
         plain = F.cosine_similarity(quantize(gm, plan, stats, "ort")(x), ref).mean()
     from quantflow.plan import smoothed
 
-    g2 = smoothed(gm, stats, 0.5)
+    g2 = smoothed(gm, stats, 0.8)
     assert g2 is not None
     stats2 = collect_stats(g2, batched(calib, 32), nodes=observed_tensors(g2))
     with torch.no_grad():
         smooth_cos = F.cosine_similarity(quantize(g2, plan, stats2, "ort")(x), ref).mean()
-    assert float(plain) < 0.992 and float(smooth_cos) > 0.994, (float(plain), float(smooth_cos))
+    assert float(plain) < 0.992 and float(smooth_cos) > 0.996, (float(plain), float(smooth_cos))
 
 
 def test_minilm_compiles_to_integer_onnxruntime_kernels(tmp_path: Path) -> None:
@@ -207,7 +210,7 @@ def test_minilm_compiles_to_integer_onnxruntime_kernels(tmp_path: Path) -> None:
     assert ops.get("QGemm", 0) + ops.get("MatMulIntegerToFloat", 0) >= 36 - 6, ops
     assert ops.get("QLinearMatMul", 0) + ops.get("MatMulIntegerToFloat", 0) >= 6 + 6, ops
     assert r["runtime"]["float_compute_ops"] == []
-    assert r["calibration"]["smooth"] == 0.5
+    assert r["calibration"]["smooth"] > 0  # a SmoothQuant variant won
     assert r["quality"]["quantized"]["cosine"] >= 0.99, r["quality"]
     assert r["gate"]["measure"].startswith("cosine")
 

