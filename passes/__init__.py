@@ -7,6 +7,9 @@ to a fixpoint:
   canonical_convs   TorchScript's aten.convolution/_convolution → conv2d/conv1d (canonical.py)
   remove_identity   dropout/clone/detach/no-op casts and reshapes, asserts (cleanup.py)
   fold_bn           conv/linear → BN folded into the layer (fold_bn.py)
+  fold_affine       per-channel BN behind a permute, constant scale/shift (layer scale)
+                    after a conv/linear folded into it (fold_affine.py)
+  fold_input_shift  linear(y + β) → linear(y) with b + W·β (GRN's β; fold_input_shift.py)
   <reparam passes>  standalone BN → conv, parallel/sequential conv merges (reparam_*.py)
   dead_code         unused nodes, then unused parameters/buffers/submodules (cleanup.py)
 
@@ -24,7 +27,9 @@ from torch import fx
 from quantflow.passes.canonical import canonical_convs
 from quantflow.passes.cleanup import dead_code, remove_identity
 from quantflow.passes.equalize import equalize as _equalize
+from quantflow.passes.fold_affine import fold_affine
 from quantflow.passes.fold_bn import fold_bn as _fold_bn
+from quantflow.passes.fold_input_shift import fold_input_shift
 from quantflow.passes.pipeline import Pass, PassReport, run_pipeline
 from quantflow.passes.reparam_bn_branch import avgpool_to_conv, bn_to_conv
 from quantflow.passes.reparam_parallel import merge_parallel_convs
@@ -38,6 +43,8 @@ DEFAULT_PIPELINE: tuple[Pass, ...] = (
     canonical_convs,
     remove_identity,
     _fold_bn,
+    fold_affine,
+    fold_input_shift,
     bn_to_conv,
     avgpool_to_conv,
     merge_sequential_convs,
@@ -62,6 +69,8 @@ __all__ = [
     "PassReport",
     "canonical_convs",
     "dead_code",
+    "fold_affine",
+    "fold_input_shift",
     "optimize",
     "remove_identity",
     "run_pipeline",
