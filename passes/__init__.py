@@ -9,6 +9,9 @@ to a fixpoint:
   fold_bn           conv/linear → BN folded into the layer (fold_bn.py)
   decompose_sdpa    scaled_dot_product_attention → matmul/softmax/matmul (decompose_sdpa.py)
   fold_scale        conv/linear → (moves) → × scalar folded into the layer (fold_scale.py)
+  fold_affine       per-channel BN behind a permute, constant scale/shift (layer scale)
+                    after a conv/linear folded into it (fold_affine.py)
+  fold_input_shift  linear(y + β) → linear(y) with b + W·β (GRN's β; fold_input_shift.py)
   <reparam passes>  standalone BN → conv, parallel/sequential conv merges (reparam_*.py)
   dead_code         unused nodes, then unused parameters/buffers/submodules (cleanup.py)
 
@@ -25,10 +28,12 @@ from torch import fx
 
 from quantflow.passes.canonical import canonical_convs
 from quantflow.passes.cleanup import dead_code, remove_identity
-from quantflow.passes.decompose_sdpa import decompose_sdpa
+from quantflow.passes.decompose_sdpa import decompose_sdpa as _decompose_sdpa
 from quantflow.passes.equalize import equalize as _equalize
+from quantflow.passes.fold_affine import fold_affine as _fold_affine
 from quantflow.passes.fold_bn import fold_bn as _fold_bn
-from quantflow.passes.fold_scale import fold_scale
+from quantflow.passes.fold_scale import fold_scale as _fold_scale
+from quantflow.passes.fold_input_shift import fold_input_shift as _fold_input_shift
 from quantflow.passes.pipeline import Pass, PassReport, run_pipeline
 from quantflow.passes.reparam_bn_branch import avgpool_to_conv, bn_to_conv
 from quantflow.passes.reparam_parallel import merge_parallel_convs
@@ -42,8 +47,10 @@ DEFAULT_PIPELINE: tuple[Pass, ...] = (
     canonical_convs,
     remove_identity,
     _fold_bn,
-    decompose_sdpa,
-    fold_scale,
+    _decompose_sdpa,
+    _fold_scale,
+    _fold_affine,
+    _fold_input_shift,
     bn_to_conv,
     avgpool_to_conv,
     merge_sequential_convs,
@@ -68,8 +75,6 @@ __all__ = [
     "PassReport",
     "canonical_convs",
     "dead_code",
-    "decompose_sdpa",
-    "fold_scale",
     "optimize",
     "remove_identity",
     "run_pipeline",

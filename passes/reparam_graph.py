@@ -248,3 +248,39 @@ def through_single_bn(node: Any) -> Any:
 
 def geometry(args: ConvArgs, w: torch.Tensor) -> Geometry:
     return Geometry(tuple(w.shape[2:]), args.padding, args.dilation)
+
+
+def through_crop(x: fx.Node, nd: int) -> tuple[fx.Node, tuple[int, ...]]:
+    """(x', crops) when `x` is x' cropped symmetrically by crops[i] on spatial dim i
+    (`x'[..., c:-c, ...]` slices, ACNet's `CropLayer`; whole-dim slices pass through).
+
+    A conv of the crop with padding p is the conv of x' with padding p − c (negative padding
+    crops), so parallel branches that differ only by a crop still read one input.
+    """
+    crops = [0] * nd
+    cur = x
+    while cur.op == "call_function" and cur.target == aten.slice.Tensor:
+        src, dim = cur.args[0], int(cur.args[1]) if len(cur.args) > 1 else 0  # type: ignore
+        start = cur.args[2] if len(cur.args) > 2 else 0
+        end = cur.args[3] if len(cur.args) > 3 else None
+        step = cur.args[4] if len(cur.args) > 4 else 1
+        val = fake_val(src)
+        if not isinstance(src, fx.Node) or val is None or step != 1 or cur.kwargs:
+            break
+        dim %= val.dim()
+        size = val.shape[dim]
+        whole = start in (0, None) and (end is None or (isinstance(end, int) and (
+            end >= 2 ** 62 or (isinstance(size, int) and end >= size))))
+        if whole:
+            cur = src
+            continue
+        spatial = dim - (val.dim() - nd)
+        if spatial < 0 or not isinstance(start, int) or start <= 0 or crops[spatial] or \
+                not isinstance(end, int) or not (end == -start or (isinstance(size, int)
+                                                                   and end == size - start)):
+            break
+        crops[spatial] = start
+        cur = src
+    if not any(crops):
+        return x, tuple(crops)
+    return cur, tuple(crops)

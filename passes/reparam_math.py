@@ -131,6 +131,8 @@ def merge_geometry(branches: Sequence[Geometry]) -> MergedGeometry | str:
     kernel, padding, dilation, offsets = [], [], [], []
     for dim in range(nd):
         pad = max(b.padding[dim] for b in branches)
+        if pad < 0:
+            return "every branch crops its input (no padding ≥ 0 to merge onto)"
         offs = [pad - b.padding[dim] for b in branches]
         span = max(o + (b.kernel[dim] - 1) * b.dilation[dim] for o, b in zip(offs, branches))
         step = 0

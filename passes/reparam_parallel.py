@@ -50,6 +50,7 @@ from quantflow.passes.reparam_graph import (
     geometry,
     is_inner_add,
     make_conv,
+    through_crop,
 )
 from quantflow.passes.reparam_math import (
     Geometry,
@@ -103,6 +104,11 @@ def _conv_groups(consts: Constants, tree: AddTree) -> dict[tuple[Any, ...], _Gro
             continue
         args, w, b = got
         geo = geometry(args, w)
+        x, crops = through_crop(args.x, len(geo.kernel))
+        if any(crops):  # conv of a crop = conv of the uncropped input with less padding
+            geo = Geometry(geo.kernel, tuple(p - c for p, c in zip(geo.padding, crops)),
+                           geo.dilation)
+            args.x = x
         key = (args.x, args.stride, args.groups, w.shape[0], w.shape[1], w.dtype,
                geo.centre2(), len(geo.kernel))
         grp = groups.setdefault(key, _Group(args.x, args.stride, args.groups, w.shape[0],

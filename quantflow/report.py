@@ -34,7 +34,8 @@ Schema "quantflow.report/2" (all sizes in bytes, latencies in ms, accuracies in 
               {unconstrained, pair_limited}, why}}, simulation_sqnr_db {portable,
               unconstrained, cost, samples} (when a layer changed)}
   artifacts   {fp32, quantized, plan, report}: paths
-  runtime     target-specific facts (e.g. ORT: integer kernels found, layers left in float)
+  runtime     target-specific facts (e.g. ORT: integer kernels found, layers left in float,
+              float_op_reasons {op type: why it has no integer kernel here})
   quality     {fp32: Quality, quantized: Quality (runtime), simulation: Quality (torch, on
                the first 1000 samples), accuracy_drop: points | null,
                runtime_vs_simulation_sqnr_db, eval_data, eval_samples}

@@ -127,6 +127,8 @@ def render(d: dict[str, Any]) -> str:
     if rt.get("float_compute_ops"):
         lines.append(f"  warning     layers left in float by the runtime: "
                      f"{', '.join(rt['float_compute_ops'][:8])}")
+    for op, why in list((rt.get("float_op_reasons") or {}).items())[:8]:
+        lines.append(f"  float op    {op}: {why}")
     if "compile_seconds" in d:
         lines.append(f"  compile     {d['compile_seconds']:.1f} s  "
                      + "  ".join(f"{k} {v:.1f}s" for k, v in d.get("stages", {}).items()))

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from quantflow.targets.float_reasons import float_reason
+
 #: ORT kernels that compute in integers (fused from Q/DQ groups or dynamic quantization)
 INTEGER_OPS = frozenset({
     "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "QLinearAdd",
@@ -110,9 +112,15 @@ def summarize_graph(model: onnx.ModelProto, aliases: dict[str, str] | None = Non
     requantize = sorted(f"{fx_name(dq_name[node.input[0]])} -> {fx_name(node.name)}"
                         for node in model.graph.node
                         if node.op_type == "QuantizeLinear" and node.input[0] in dq_name)
+    # why each of those op types is float (the quantizer cannot fix an op with no kernel)
+    float_types = {node.op_type for node in model.graph.node
+                   if node.op_type in FLOAT_COMPUTE_OPS
+                   or (node.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                       and any(i in dq_outputs for i in node.input))}
     return {"op_histogram": dict(sorted(hist.items())), "integer_ops": integer,
             "quantized_layers": quantized_layers, "float_compute_ops": float_layers,
-            "float_ops_on_dequantized": unfused, "requantize_pairs": requantize}
+            "float_ops_on_dequantized": unfused, "requantize_pairs": requantize,
+            "float_op_reasons": {op: float_reason(op) for op in sorted(float_types)}}
 
 
 def session_options(threads: int, *, level: Any = None, profile_prefix: str | None = None,

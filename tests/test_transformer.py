@@ -222,8 +222,8 @@ def test_trt_attention_placement_passes_the_mha_rule(tmp_path: Path) -> None:
 
     from quantflow.plan import base_plan
     from quantflow.targets.onnx_export import export_onnx
-    from quantflow.targets.trt_rules import check_attention, check_trt_qdq
     from quantflow.targets.trt_qdq_graph import QdqGraph
+    from quantflow.targets.trt_rules import check_attention, check_trt_qdq
 
     x = _x()
     gm = capture(Encoder(), (x,))

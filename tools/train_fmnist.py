@@ -46,6 +46,7 @@ DEFAULT_EPOCHS: dict[str, int] = {
     "mobilenetv2_fmnist": 6,
     "repvgg_fmnist": 6,
     "unireplknet_fmnist": 4,
+    "kan_fmnist": 3,
 }
 #: The test suite re-checks accuracy on this many leading test images (fast, deterministic).
 SUBSET = 2500

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from functools import partial
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from torch import nn
 
 from quantflow.zoo.crepe import WINDOW, crepe, crepe_pretrained
 from quantflow.zoo.imagenet import imagenet_class_names, mobilenet_v2_imagenet
+from quantflow.zoo.kan import kan_fmnist
 from quantflow.zoo.minilm import SEQ_LEN, minilm, minilm_pretrained
 from quantflow.zoo.mobilenetv2 import MobileNetV2, mobilenet_v2, mobilenetv2_fmnist
 from quantflow.zoo.reparam import repvgg_fmnist, unireplknet_fmnist
@@ -111,6 +112,15 @@ def _entries() -> dict[str, ZooEntry]:
             weights="unireplknet_fmnist.pt",
             description=("UniRepLKNet-style network in TRAINING form (large depthwise kernel + "
                          "dilated small-kernel branches); merged to one conv per block"),
+        ),
+        ZooEntry(
+            name="kan_fmnist",
+            factory=kan_fmnist,
+            input_shape=(1, 28, 28),
+            dataset="fashion-mnist",
+            weights="kan_fmnist.pt",
+            description=("KAN convolutions (Chebyshev and Legendre bases of tanh(x), then a "
+                         "conv; torch-conv-kan design) trained on Fashion-MNIST"),
         ),
         ZooEntry(
             name="mobilenet_v2_imagenet",

@@ -49,6 +49,7 @@ __all__ = [
     "RepVGGBlock",
     "UniRepLKNetBlock",
     "UniRepLKNetDilatedBlock",
+    "acnet_crop_fmnist",
     "acnet_fmnist",
     "dbb_fmnist",
     "mobileone_fmnist",
@@ -96,18 +97,27 @@ class RepVGGBlock(nn.Module):
 
 
 class ACBlock(nn.Module):
-    """Asymmetric convolution block: K×K + 1×K + K×1 conv-BN, summed (no activation)."""
+    """Asymmetric convolution block: K×K + 1×K + K×1 conv-BN, summed (no activation).
+
+    As in the official `acb.py`: with padding p ≥ K//2 the 1×K / K×1 convs pad (p − K//2, p) /
+    (p, p − K//2); with p < K//2 ("crop") they pad (0, p) / (p, 0) and read the input cropped by
+    K//2 − p on the other axis (`x[..., c:-c]`), so all three slide over the same windows.
+    """
 
     def __init__(self, c_in: int, c_out: int, kernel: int = 3, stride: int = 1,
-                 groups: int = 1) -> None:
+                 groups: int = 1, padding: int | None = None) -> None:
         super().__init__()
-        p = kernel // 2
+        p = kernel // 2 if padding is None else padding
+        self.crop = max(kernel // 2 - p, 0)
+        hor, ver = ((0, p), (p, 0)) if self.crop else ((p - kernel // 2, p), (p, p - kernel // 2))
         self.square = ConvBN(c_in, c_out, kernel, stride, p, groups=groups)
-        self.hor = ConvBN(c_in, c_out, (1, kernel), stride, (0, p), groups=groups)
-        self.ver = ConvBN(c_in, c_out, (kernel, 1), stride, (p, 0), groups=groups)
+        self.hor = ConvBN(c_in, c_out, (1, kernel), stride, hor, groups=groups)
+        self.ver = ConvBN(c_in, c_out, (kernel, 1), stride, ver, groups=groups)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.square(x) + self.hor(x) + self.ver(x)
+        c = self.crop
+        x_ver, x_hor = (x[:, :, :, c:-c], x[:, :, c:-c, :]) if c else (x, x)
+        return self.square(x) + self.hor(x_hor) + self.ver(x_ver)
 
 
 class PadBN(nn.Module):
@@ -289,6 +299,15 @@ def acnet_fmnist() -> nn.Module:
     for c_in, c_out, s in ((1, 16, 1), (16, 16, 1), (16, 32, 2), (32, 32, 1), (32, 64, 2),
                            (64, 64, 1)):
         layers += [ACBlock(c_in, c_out, 3, s), nn.ReLU()]
+    return _Classifier(nn.Sequential(*layers), 64)
+
+
+def acnet_crop_fmnist() -> nn.Module:
+    """ACNet net whose unpadded blocks (padding 0 < K//2) use the official crop variant:
+    3×3 p=1, 5×5 p=1 (crop 1), 3×3 p=0 (crop 1), 3×3 p=1 (deploy: 4 convs)."""
+    layers: list[nn.Module] = [
+        ACBlock(1, 16, 3), nn.ReLU(), ACBlock(16, 32, 5, stride=2, padding=1), nn.ReLU(),
+        ACBlock(32, 32, 3, padding=0), nn.ReLU(), ACBlock(32, 64, 3, stride=2), nn.ReLU()]
     return _Classifier(nn.Sequential(*layers), 64)
 
 
