@@ -92,9 +92,19 @@ def test_int8_on_ort_convs_integer_and_accuracy_within_half_a_point(
 
 
 def _output_step(qgm: fx.GraphModule) -> float:
+    """One output step: the output's quantization step, or for a float linear output (ORT/TVM
+    placement: nobody reads it quantized) what one step of its input moves it, s_x·max|w|."""
+    from quantflow.ir import get_tensor
+
     out = next(n for n in qgm.graph.nodes if n.op == "output").args[0]
     dq = out[0] if isinstance(out, (tuple, list)) else out
-    return float(dq.args[1])
+    if dq.target != torch.ops.aten.linear.default:
+        return float(dq.args[1])
+    x_dq, w_dq = dq.args[0], dq.args[1]
+    w_int, w_scale = get_tensor(qgm, w_dq.args[0]), get_tensor(qgm, w_dq.args[1])
+    assert w_int is not None and w_scale is not None
+    w_max = float((w_int.float().abs() * w_scale[:, None]).max())
+    return float(x_dq.args[1]) * w_max
 
 
 @pytest.mark.tvm
