@@ -84,7 +84,8 @@ def _load_zoo(name: str, spec: str, input_shape: tuple[int, ...] | None) -> Load
     except FileNotFoundError as exc:
         raise InputError(f"{spec}: {exc}") from exc
     shape = input_shape if input_shape is not None else (1, *zoo.MODELS[name].input_shape)
-    example = example_input(check_shape(shape, spec), zoo.MODELS[name].input_dtype, where=spec)
+    dtype = getattr(zoo.MODELS[name], "input_dtype", torch.float32)
+    example = example_input(check_shape(shape, spec), dtype, where=spec)
     return LoadedModel(module.eval(), (example,), "zoo", spec, name)
 
 

@@ -109,7 +109,8 @@ def plan_tensors(gm: fx.GraphModule, plan: QuantPlan, placement: str | KernelRul
         lp = plan.for_node(n.name)
         if lp.act is None:
             continue
-        if is_op(n, ADD_OPS) and n.name not in read_q:
+        if is_op(n, ADD_OPS) and n.name not in read_q and (
+                placement == "ort" or _only_float_readers(n)):
             continue  # a float add: its inputs need no quantization either
         for t in inputs:
             want(t, lp.act)
@@ -118,6 +119,21 @@ def plan_tensors(gm: fx.GraphModule, plan: QuantPlan, placement: str | KernelRul
             if not is_op(n, FLOAT_OUTPUT_OPS) or out.name in read_q:
                 want(out, lp.act)
     return wanted
+
+
+#: ops with no int8 kernel on any target, whose input a residual add may feed (transformers)
+FLOAT_ONLY_OPS = (aten.layer_norm.default, aten.softmax.int, aten._softmax.default)
+
+
+def _only_float_readers(n: fx.Node) -> bool:
+    """Every reader of `n` (through value-preserving ops) is a float-only op (LayerNorm,
+    softmax): TensorRT fuses such an add into a float skip-LayerNorm or the softmax; its
+    residual-add rule (quantize both inputs so the add fuses into a conv epilogue) is for
+    adds that feed int8 layers."""
+    users = list(n.users)
+    return bool(users) and all(
+        _only_float_readers(u) if is_op(u, VALUE_PRESERVING) else is_op(u, FLOAT_ONLY_OPS)
+        for u in users)
 
 
 def _read_quantized(gm: fx.GraphModule, placement: str) -> set[str]:
@@ -131,7 +147,9 @@ def _read_quantized(gm: fx.GraphModule, placement: str) -> set[str]:
       stays a float conv), so conv outputs are always quantized.
     - an add: a residual add feeding LayerNorm (transformers) or the attention mask add
       feeding softmax runs in float; quantizing it would put the residual stream's outlier
-      channels, or the mask's -1e4, into one int8 range.
+      channels, or the mask's -1e4, into one int8 range. (TensorRT: an add stays float only
+      when float-only ops read it, `_only_float_readers`; its residual adds before pools
+      stay quantized, as its placement recommendation asks.)
     Adds only read quantized inputs when they are themselves read quantized, hence the walk
     from the outputs backwards.
     """
@@ -142,7 +160,8 @@ def _read_quantized(gm: fx.GraphModule, placement: str) -> set[str]:
                 if u.name in read:
                     read.add(n.name)
             elif n in _activation_inputs(u, placement) and (
-                    not is_op(u, ADD_OPS) or u.name in read):
+                    not is_op(u, ADD_OPS) or u.name in read
+                    or (placement != "ort" and not _only_float_readers(u))):
                 read.add(n.name)
     return read
 

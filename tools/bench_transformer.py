@@ -113,19 +113,21 @@ def ort_dynamic(src: Path, dst: Path) -> dict[str, Any]:
     return {"quantize_s": round(time.perf_counter() - t0, 2)}
 
 
-def nncf_quantize(python: str, src: Path, dst: Path, cal: np.ndarray, work: Path) -> dict[str, Any]:
+def nncf_quantize(python: str, src: Path, dst: Path, cal: np.ndarray, work: Path,
+                  transformer: bool = True) -> dict[str, Any]:
     if not Path(python).exists():
         return {"error": f"no interpreter at {python} (bash tools/setup_bench_peers.sh)"}
     npy = work / "calib_ids.npy"
     np.save(npy, cal)
-    proc = subprocess.run([python, __file__, "_nncf", str(src), str(npy), str(dst)],
+    proc = subprocess.run([python, __file__, "_nncf", str(src), str(npy), str(dst),
+                           "transformer" if transformer else "cnn"],
                           capture_output=True, text=True, timeout=3600, check=False)
     if proc.returncode != 0:
         return {"error": f"nncf failed (rc {proc.returncode}): {proc.stderr.strip()[-600:]}"}
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
-def _nncf_main(src: str, npy: str, dst: str) -> None:
+def _nncf_main(src: str, npy: str, dst: str, kind: str = "transformer") -> None:
     """Runs inside the nncf venv: only numpy, onnx and nncf."""
     import nncf
     import onnx
@@ -135,14 +137,15 @@ def _nncf_main(src: str, npy: str, dst: str) -> None:
     name = model.graph.input[0].name
     ds = nncf.Dataset([x[i:i + 1] for i in range(len(x))], lambda s: {name: s})
     t0 = time.perf_counter()
-    q = nncf.quantize(model, ds, subset_size=len(x), model_type=nncf.ModelType.TRANSFORMER)
+    model_type = nncf.ModelType.TRANSFORMER if kind == "transformer" else None
+    q = nncf.quantize(model, ds, subset_size=len(x), model_type=model_type)
     onnx.save(q, dst)
     print(json.dumps({"quantize_s": round(time.perf_counter() - t0, 2), "nncf": nncf.__version__}))
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_nncf":
-        _nncf_main(*sys.argv[2:5])
+        _nncf_main(*sys.argv[2:6])
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench_results/transformer_minilm.json")
