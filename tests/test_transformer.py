@@ -245,3 +245,18 @@ def test_trt_attention_placement_passes_the_mha_rule(tmp_path: Path) -> None:
     assert dq is not None
     bmm[0].input[1] = g.producer[dq.input[0]].input[0]  # read the float tensor before its Q
     assert [v.rule for v in check_attention(QdqGraph(model))] == ["attention-bmm"]
+
+
+@pytest.mark.slow
+def test_minilm_mixed_precision_returns_a_plan_within_the_drop(tmp_path: Path) -> None:
+    """`--bits mixed --max-drop 1` on a transformer: HAWQ traces, latency tables and the search
+    run on it and return a plan within the cosine budget (measured: W8A8x35 W4A8x1, 0.995)."""
+    from quantflow.cli import main
+
+    out = tmp_path / "out"
+    assert main(["compile", "zoo:minilm", "--bits", "mixed", "--max-drop", "1",
+                 "--calib-samples", "64", "--eval-samples", "200", "--profile-runs", "3",
+                 "-o", str(out)]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert r["search"] and r["gate"]["passed"]
+    assert 100 * (1 - r["quality"]["quantized"]["cosine"]) <= 1.0
