@@ -166,6 +166,44 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, vnni: bool = F
         stats.weights.append((layer.wq, node.name))
         return finish(imp, acc, layer, [-1])
 
+    def matmul(node: fx.Node, imp: Any) -> Any:
+        """Activation × activation (attention's Q·Kᵀ and P·V) from two per-tensor DQs: an
+        exact int32 product of the zero-point-shifted codes, scaled by sa·sb once
+        (tvm_int_math's algebra with both operands quantized)."""
+        bb = imp.block_builder
+        a, b = (match_dq(arg, consts) for arg in node.args[:2])
+        ok = all(op is not None and op.axis is None and op.dtype in (torch.uint8, torch.int8)
+                 for op in (a, b))
+        if not ok:
+            stats.float_layers[node.name] = "an input is not a per-tensor uint8/int8 dequantize"
+            return bb.emit(relax.op.matmul(imp.env[node.args[0]], imp.env[node.args[1]]))
+        assert a is not None and b is not None
+
+        def shifted(op: Any) -> Any:
+            v = bb.emit(relax.op.astype(imp.env[op.q], "int32"))
+            zp = int(op.zero_point)
+            return v if zp == 0 else bb.emit(relax.op.subtract(v, relax.const(zp, "int32")))
+
+        acc = bb.emit(relax.op.matmul(shifted(a), shifted(b), out_dtype="int32"),
+                      name_hint=node.name)
+        stats.int_layers.append(node.name)
+        y = bb.emit(relax.op.astype(acc, "float32"))
+        return bb.emit(relax.op.multiply(y, relax.const(np.float32(a.scale) * np.float32(b.scale),
+                                                         "float32")))
+
+    def select(node: fx.Node, imp: Any) -> Any:
+        # TVM 0.27 takes aten.select's index as is: x[..., -1] read element -1 as garbage
+        # instead of the last one; normalize a negative index with the static size
+        x, dim, index = node.args[:3]
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        if val is None or not isinstance(index, int) or not isinstance(dim, int):
+            raise UnsupportedOpError(f"node {node.name!r}: select without static arguments")
+        dim = dim % val.dim()
+        if index < 0:
+            index += int(val.shape[dim])
+        return imp.block_builder.emit(relax.op.take(imp.env[x], relax.const(index, "int64"),
+                                                    axis=dim))
+
     def batch_norm(node: fx.Node, imp: Any) -> Any:
         # TVM 0.27 reads aten.batch_norm.default's `training` flag as momentum and always
         # emits training-mode (batch statistics) BN; lower eval BN as its affine map instead.
@@ -197,6 +235,8 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, vnni: bool = F
         "dequantize_per_channel.default": dequantize,
         "conv2d.default": conv2d,
         "linear.default": linear,
+        "matmul.default": matmul,
+        "select.int": select,
     }
 
 
