@@ -32,8 +32,8 @@ from quantflow.passes.decompose_sdpa import decompose_sdpa as _decompose_sdpa
 from quantflow.passes.equalize import equalize as _equalize
 from quantflow.passes.fold_affine import fold_affine as _fold_affine
 from quantflow.passes.fold_bn import fold_bn as _fold_bn
-from quantflow.passes.fold_scale import fold_scale as _fold_scale
 from quantflow.passes.fold_input_shift import fold_input_shift as _fold_input_shift
+from quantflow.passes.fold_scale import fold_scale as _fold_scale
 from quantflow.passes.pipeline import Pass, PassReport, run_pipeline
 from quantflow.passes.reparam_bn_branch import avgpool_to_conv, bn_to_conv
 from quantflow.passes.reparam_parallel import merge_parallel_convs

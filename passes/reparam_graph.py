@@ -21,7 +21,7 @@ from quantflow.passes.reparam_math import (
 aten = torch.ops.aten
 
 ADD_OPS = (aten.add.Tensor, aten.add_.Tensor)
-_CONV_FOR_ND = {1: aten.conv1d.default, 2: aten.conv2d.default}
+_CONV_FOR_ND = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}
 
 
 class Constants:

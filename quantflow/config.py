@@ -31,6 +31,7 @@ DATASETS: dict[str, tuple[str, str]] = {
     "natural-images": ("natural-images-calib", "natural-images"),
     "sentences": ("sentences-calib", "sentences"),
     "tones": ("tones-calib", "tones"),
+    "fmnist-clips": ("fmnist-clips-calib", "fmnist-clips"),
 }
 #: a zoo model's training dataset -> the built-in data it calibrates and evaluates on
 ZOO_DATASETS = {"imagenet": "natural-images"}
@@ -202,7 +203,8 @@ class DataOptions:
 
     calib: str | None = option(
         None, "--calib", "calibration data: " + " | ".join(DATASETS) + ", a .npy/.pt/.npz "
-        "file with (N,C,H,W) floats, a folder of such files or images, or `distilled` (ZeroQ: "
+        "file with samples first ((N,C,H,W) floats, (N,C,D,H,W), (N,L); int token ids), a "
+        "folder of such files or images, or `distilled` (ZeroQ: "
         "synthesized from the model's BatchNorm statistics) (default: the zoo model's "
         "dataset)", metavar="DATA")
     eval_data: str | None = option(None, "--eval", "evaluation data (.npz with x and y gives "

@@ -157,29 +157,36 @@ def _fashion_mnist_calib() -> tuple[Tensor, Tensor]:
 
 
 def _as_x(arr: object, where: str, limit: int | None = None) -> Tensor:
-    """(N,C,H,W) float32, the first `limit` samples, every one finite (sample named)."""
+    """Samples first, (N, ...) with at least one dim per sample: float32 ((N,C,H,W) images,
+    (N,C,D,H,W) volumes, (N,L) audio frames), or int64 token ids ((N,L) from int32/int64);
+    the first `limit` samples, every one finite (sample named)."""
     if isinstance(arr, np.ndarray):
-        if arr.ndim == 4 and limit is not None:
+        if arr.ndim >= 2 and limit is not None:
             arr = arr[:limit]
         # priced before a memory-mapped file is read in (as float32, plus the copy)
-        resources.check_alloc(int(arr.size) * (4 + arr.dtype.itemsize),
+        resources.check_alloc(int(arr.size) * (8 + arr.dtype.itemsize),
                               f"{where}: {arr.shape[0] if arr.ndim else 1} samples of shape "
                               f"{tuple(arr.shape[1:])}", "pass fewer samples "
                               "(--calib-samples / --eval-samples) or smaller ones")
         arr = np.array(arr)  # a writable in-memory copy, never a view of the mapped file
     x = torch.as_tensor(arr) if isinstance(arr, np.ndarray) else arr
     if not isinstance(x, Tensor):
-        raise DataError(f"{where}: expected an (N,C,H,W) float array, got {type(arr).__name__}")
-    if x.ndim != 4:
-        raise DataError(
-            f"{where}: expected an (N,C,H,W) float array (4 dims), got shape {tuple(x.shape)}"
-        )
-    if not x.is_floating_point():
-        raise DataError(
-            f"{where}: expected floating-point data (already preprocessed), got dtype {x.dtype}"
-        )
+        raise DataError(f"{where}: expected an (N, ...) array, got {type(arr).__name__}")
+    if x.ndim < 2:
+        raise DataError(f"{where}: expected samples first, (N, ...) with at least 2 dims "
+                        f"(e.g. (N,C,H,W) images, (N,L) token ids), got shape {tuple(x.shape)}")
     if limit is not None:
         x = x[:limit]
+    if x.dtype in (torch.int32, torch.int64):  # token ids: kept integer, never negative
+        if x.numel() and int(x.min()) < 0:
+            raise DataError(f"{where}: integer data are token ids and must be >= 0, found "
+                            f"{int(x.min())}")
+        return x.detach().to(torch.int64).contiguous()
+    if not x.is_floating_point():
+        raise DataError(
+            f"{where}: expected floating-point data (already preprocessed) or int32/int64 token "
+            f"ids, got dtype {x.dtype}"
+        )
     x = x.detach().to(torch.float32).contiguous()
     validate.samples_finite(x, where)
     return x
@@ -274,7 +281,7 @@ def _load_image_file(path: Path, preprocessing: str | None) -> Tensor:
 def load_tensor_data(
     path: str | os.PathLike[str], preprocessing: str | None = None, limit: int | None = None
 ) -> tuple[Tensor, Tensor | None]:
-    """Load the user's data as ``(x float32 (N,C,H,W), y int64 (N,) or None)``.
+    """Load the user's data as ``(x float32 (N, ...) or int64 token ids, y int64 (N,) or None)``.
 
     Accepts: a ``.npy`` or ``.pt`` file holding an (N,C,H,W) float array (a ``.pt`` may
     also hold ``{"x": ..., "y": ...}`` or an ``(x, y)`` pair); a ``.npz`` with ``x`` and
@@ -342,6 +349,8 @@ def builtin_dataset(name: str) -> tuple[Tensor, Tensor | None]:
     * ``sentences-calib``: token ids of 256 other sentences.
     * ``tones``: 1000 audio frames of harmonic tones (CREPE's input; no labels).
     * ``tones-calib``: 256 frames from another seed.
+    * ``fmnist-clips``: 2000 test clips (N, 1, 8, 28, 28) with labels (zoo.volumetric).
+    * ``fmnist-clips-calib``: 512 train clips the zoo model was not trained on.
     """
     if name == "fashion-mnist":
         return load_fashion_mnist("test")
@@ -355,6 +364,12 @@ def builtin_dataset(name: str) -> tuple[Tensor, Tensor | None]:
         from quantflow.zoo.minilm import sentence_ids  # lazy: needs the tokenizer package
 
         return sentence_ids(name == "sentences-calib"), None
+    if name in ("fmnist-clips", "fmnist-clips-calib"):
+        from quantflow.zoo.volumetric import fmnist_clips
+
+        if name == "fmnist-clips":
+            return fmnist_clips("test", limit=2000)
+        return fmnist_clips("train", limit=512, start=50000)
     if name in ("tones", "tones-calib"):
         from quantflow.zoo.crepe import tone_frames
 

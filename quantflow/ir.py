@@ -36,7 +36,7 @@ log = logging.getLogger("quantflow")
 
 aten = torch.ops.aten
 
-CONV_OPS = (aten.conv2d.default, aten.conv1d.default)
+CONV_OPS = (aten.conv2d.default, aten.conv1d.default, aten.conv3d.default)
 LINEAR_OPS = (aten.linear.default,)
 BN_OPS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 #: ops with a weight that quantization treats as a "layer"
@@ -142,7 +142,7 @@ class ConvArgs:
     def of(node: fx.Node) -> ConvArgs:
         if node.target not in CONV_OPS:
             raise CaptureError(f"node {node.name!r} ({node.target}) is not a conv")
-        nd = 2 if node.target == aten.conv2d.default else 1
+        nd = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}[node.target]
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
         defaults: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1,
                                     "groups": 1}

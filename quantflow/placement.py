@@ -37,14 +37,16 @@ MATMUL_OPS = (aten.matmul.default, aten.bmm.default, aten.mm.default)
 ADD_OPS = (aten.add.Tensor,)
 CAT_OPS = (aten.cat.default,)
 POOL_OPS = (aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default, aten.mean.dim,
-            aten.max_pool2d.default)
+            aten.max_pool2d.default, aten.adaptive_avg_pool3d.default, aten.avg_pool3d.default,
+            aten.max_pool3d.default, aten.adaptive_avg_pool1d.default, aten.avg_pool1d.default,
+            aten.max_pool1d.default)
 #: activations that fold into the output quantization range of the op before them
 FUSED_ACTS = (aten.relu.default, aten.relu_.default, aten.hardtanh.default,
               aten.hardtanh_.default, aten.clamp.default, aten.relu6.default)
 #: ops whose output values are a subset of their input's: the output re-uses the input's
 #: quantization parameters (exact, and onnxruntime then keeps e.g. MaxPool in uint8)
-VALUE_PRESERVING = (aten.max_pool2d.default, aten.flatten.using_ints, aten.view.default,
-                    aten.reshape.default, aten.permute.default, aten.transpose.int,
+VALUE_PRESERVING = (aten.max_pool2d.default, aten.max_pool3d.default, aten.max_pool1d.default,
+                    aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten.permute.default, aten.transpose.int,
                     aten.squeeze.dim, aten.unsqueeze.default)
 #: ORT placement: ops whose output stays float unless a quantized op reads it (_read_quantized)
 FLOAT_OUTPUT_OPS = (aten.linear.default, *MATMUL_OPS)

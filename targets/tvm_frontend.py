@@ -116,23 +116,32 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, vnni: bool = F
         if t is not None:  # a weight dequantized in the graph folds to an unknown constant
             stats.weights.append((t.numpy(), name))
 
-    def conv2d(node: fx.Node, imp: Any) -> Any:
+    def conv(node: fx.Node, imp: Any) -> Any:
+        """conv1d/2d/3d: the same integer algebra over any number of spatial dims."""
         c = ConvArgs.of(node)  # export drops trailing defaults; this normalizes them
+        nd = len(c.stride)
         layer, why = match_int_layer(node, c.x, c.weight, c.bias, consts)
         if layer is None:
             stats.float_layers[node.name] = why
             record_float_weight(c.weight, node.name)
-            return imp._conv2d(node)
+            return {1: imp._conv1d, 2: imp._conv2d, 3: imp._conv3d}[nd](node)
         bb = imp.block_builder
         xq, wq = imp.env[layer.x.q], imp.env[layer.w.q]
-        ph, pw = c.padding
-        if ph or pw:
+        if any(c.padding):
             # pad with the input zero point: real-valued zero at the border (tvm_int_math)
-            xq = bb.emit(relax.op.nn.pad(xq, [0, 0, 0, 0, ph, ph, pw, pw], "constant",
+            widths = [0, 0, 0, 0] + [p for p in c.padding for _ in (0, 1)]
+            xq = bb.emit(relax.op.nn.pad(xq, widths, "constant",
                                          float(int(layer.x.zero_point))),
                          name_hint=f"{node.name}_pad")
         stats.int_layers.append(node.name)
         o, i = layer.wq.shape[:2]
+        if nd != 2:
+            op = relax.op.nn.conv1d if nd == 1 else relax.op.nn.conv3d
+            acc = bb.emit(op(xq, wq, strides=list(c.stride), padding=[0] * nd,
+                             dilation=list(c.dilation), groups=c.groups, out_dtype="int32"),
+                          name_hint=node.name)
+            stats.weights.append((layer.wq, node.name))
+            return finish(imp, acc, layer, [1, -1] + [1] * nd)
         if vnni and c.groups == 1 and layer.x.dtype == torch.uint8 \
                 and o % VNNI_LANES == 0 and i % VNNI_K == 0:
             wp = pack_vnni_weight(layer.wq)
@@ -233,7 +242,9 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, vnni: bool = F
         "quantize_per_tensor.default": quantize,
         "dequantize_per_tensor.default": dequantize,
         "dequantize_per_channel.default": dequantize,
-        "conv2d.default": conv2d,
+        "conv1d.default": conv,
+        "conv2d.default": conv,
+        "conv3d.default": conv,
         "linear.default": linear,
         "matmul.default": matmul,
         "select.int": select,

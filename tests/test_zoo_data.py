@@ -39,7 +39,8 @@ def test_every_entry_builds_and_runs(name: str) -> None:
         x = torch.randn(2, *entry.input_shape)
     with torch.no_grad():
         out = model(x)
-    outputs = {"fashion-mnist": 10, "imagenet": 1000, "sentences": 384, "tones": 360}
+    outputs = {"fashion-mnist": 10, "imagenet": 1000, "sentences": 384, "tones": 360,
+               "fmnist-clips": 10}
     assert out.shape == (2, outputs[entry.dataset])
 
 
@@ -219,9 +220,12 @@ def test_load_tensor_data_formats(tmp_path: Path) -> None:
 def test_load_tensor_data_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         load_tensor_data(tmp_path / "nope.npy")
-    np.save(tmp_path / "flat.npy", np.zeros((4, 8), np.float32))
-    with pytest.raises(DataError, match=r"flat\.npy.*4 dims"):
+    np.save(tmp_path / "flat.npy", np.zeros(8, np.float32))
+    with pytest.raises(DataError, match=r"flat\.npy.*samples first"):
         load_tensor_data(tmp_path / "flat.npy")
+    np.save(tmp_path / "neg_ids.npy", np.full((2, 4), -1, np.int64))
+    with pytest.raises(DataError, match="token ids"):
+        load_tensor_data(tmp_path / "neg_ids.npy")
     np.save(tmp_path / "ints.npy", np.zeros((1, 1, 2, 2), np.uint8))
     with pytest.raises(DataError, match="floating-point"):
         load_tensor_data(tmp_path / "ints.npy")

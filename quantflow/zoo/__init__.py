@@ -27,6 +27,7 @@ from quantflow.zoo.minilm import SEQ_LEN, minilm, minilm_pretrained
 from quantflow.zoo.mobilenetv2 import MobileNetV2, mobilenet_v2, mobilenetv2_fmnist
 from quantflow.zoo.reparam import repvgg_fmnist, unireplknet_fmnist
 from quantflow.zoo.resnet import ResNet, resnet18, resnet_fmnist
+from quantflow.zoo.volumetric import FRAMES, r2plus1d_fmnist
 
 __all__ = [
     "MODELS",
@@ -130,6 +131,15 @@ def _entries() -> dict[str, ZooEntry]:
             weights=None,
             description="torchvision MobileNetV2 with its ImageNet weights (top-1 71.9%)",
             pretrained_factory=mobilenet_v2_imagenet,
+        ),
+        ZooEntry(
+            name="r2plus1d_fmnist",
+            factory=r2plus1d_fmnist,
+            input_shape=(1, FRAMES, 28, 28),
+            dataset="fmnist-clips",
+            weights="r2plus1d_fmnist.pt",
+            description=("(2+1)-D / 3-D conv net trained on drifting Fashion-MNIST clips "
+                         "(tools/train_volumetric.py)"),
         ),
         ZooEntry(
             name="minilm",
