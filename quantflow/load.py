@@ -13,7 +13,8 @@ TorchScript, a state dict or a pickled module); this module tells them apart and
 - state dict (a torch.save'd mapping of tensors, loaded with ``weights_only=True``, so no code
   runs) plus ``arch="module:factory"``, or a pickled whole module, which needs
   ``trust_pickle`` (unpickling runs code from the file): `quantflow.load_torch_save`.
-- ``.onnx``: converted with `onnx2torch` when it is installed.
+- ``.onnx``: `quantflow.load_onnx` (converted by `quantflow.onnx_import`: constant folding,
+  shape arithmetic kept in Python, MatMul/LayerNorm/GELU fused back into layers).
 
 `LoadedModel` and the example-input helpers live in `quantflow.loaded`. Every loaded model's
 floating-point parameters, buffers and constants must be finite, and example inputs are priced
@@ -39,9 +40,10 @@ from torch import Tensor
 from quantflow import archive, validate
 from quantflow.errors import InputError
 from quantflow.load_exported import load_exported
+from quantflow.load_onnx import load_onnx
 from quantflow.load_torch_save import load_torch_save
 from quantflow.load_torchscript import load_torchscript
-from quantflow.loaded import LoadedModel, Source, brief, check_shape, example_input, given_input
+from quantflow.loaded import LoadedModel, Source, check_shape, example_input
 
 log = logging.getLogger("quantflow.load")
 
@@ -87,33 +89,6 @@ def _load_zoo(name: str, spec: str, input_shape: tuple[int, ...] | None) -> Load
     dtype = getattr(zoo.MODELS[name], "input_dtype", torch.float32)
     example = example_input(check_shape(shape, spec), dtype, where=spec)
     return LoadedModel(module.eval(), (example,), "zoo", spec, name)
-
-
-def _load_onnx(path: Path, input_shape: tuple[int, ...] | None) -> LoadedModel:
-    if importlib.util.find_spec("onnx2torch") is None:
-        raise InputError(
-            f"{path}: ONNX input needs the onnx2torch converter: pip install onnx2torch "
-            "(or pass the original PyTorch model: .pt2, TorchScript or state dict + --arch)"
-        )
-    import onnx
-    import onnx2torch
-
-    try:
-        proto = onnx.load(str(path))
-        module = onnx2torch.convert(proto)
-    except Exception as exc:
-        raise InputError(
-            f"{path}: onnx2torch could not convert this model ({brief(exc)}); "
-            "pass the original PyTorch model instead"
-        ) from exc
-    if input_shape is None:
-        # the first graph input's static dims; symbolic ones (dim_param) -> 1
-        init = {i.name for i in proto.graph.initializer}
-        first = next((i for i in proto.graph.input if i.name not in init), None)
-        dims = first.type.tensor_type.shape.dim if first is not None else []
-        input_shape = tuple(d.dim_value if d.dim_value > 0 else 1 for d in dims) or None
-    inputs = given_input(input_shape, path)
-    return LoadedModel(module.eval(), inputs, "onnx", str(path), path.stem)
 
 
 #: torch.save's legacy (non-zip) format starts with a pickled magic number: these are its bytes
@@ -176,7 +151,7 @@ def _load(
     if p.stat().st_size == 0:
         raise InputError(f"{p} is empty (0 bytes); the save was interrupted, save it again")
     if p.suffix.lower() == ".onnx":
-        return _load_onnx(p, input_shape)
+        return load_onnx(p, input_shape)
     kind = _zip_kind(p)
     if arch is not None and kind in ("exported-program", "torchscript"):
         log.warning(

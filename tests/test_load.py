@@ -346,15 +346,6 @@ def test_state_dict_key_mismatch_lists_missing_and_unexpected(files: Files, tmp_
     assert "unexpected in file (1): head.weight" in msg
 
 
-def test_onnx_needs_onnx2torch(tmp_path: Path) -> None:
-    if importlib.util.find_spec("onnx2torch") is not None:
-        pytest.skip("onnx2torch is installed; this checks the message shown without it")
-    path = _write(tmp_path, "model.onnx", b"\x08\x07")
-    with pytest.raises(InputError, match="pip install onnx2torch") as exc:
-        load_model(str(path))
-    assert str(path) in str(exc.value)
-
-
 def test_torchscript_conversion_failure_is_a_capture_error(files: Files) -> None:
     path = str(files.dir / "scripted.pt")
     with pytest.raises(CaptureError, match=r"\[\(1, 5, 8, 8\)\]") as exc:

