@@ -365,8 +365,6 @@ def builtin_dataset(name: str) -> tuple[Tensor, Tensor | None]:
 
         return sentence_ids(name == "sentences-calib"), None
     if name in ("fmnist-clips", "fmnist-clips-calib"):
-        from quantflow.zoo.volumetric import fmnist_clips
-
         if name == "fmnist-clips":
             return fmnist_clips("test", limit=2000)
         return fmnist_clips("train", limit=512, start=50000)
@@ -375,3 +373,14 @@ def builtin_dataset(name: str) -> tuple[Tensor, Tensor | None]:
 
         return tone_frames(name == "tones-calib"), None
     raise KeyError(f"unknown built-in dataset {name!r}; known: {', '.join(BUILTIN_DATASETS)}")
+
+
+def fmnist_clips(split: str, limit: int | None = None, start: int = 0) -> tuple[Tensor, Tensor]:
+    """Clips of the Fashion-MNIST `split` (normalized as the 2-D zoo models) and labels:
+    `quantflow.zoo.volumetric.clips` of the images `start` .. `start + limit`."""
+    from quantflow.zoo.volumetric import clips  # lazy: the zoo imports torch modules only
+
+    x, y = load_fashion_mnist("train" if split == "train" else "test")
+    stop = None if limit is None else start + limit
+    x, y = x[start:stop], y[start:stop]
+    return clips(x, start), y

@@ -18,8 +18,8 @@ than an ONNX transcript:
 
 Weights become parameters/buffers of the module (named after their ONNX initializers), so the
 exported program lifts them and BatchNorm folding, CLE and the quantizer see them as weights.
-The op semantics live in `quantflow.onnx_ops`; an op it does not know is an `InputError` naming
-the node, found at load time, not in the middle of capture.
+The op semantics live in `quantflow.onnx_ops` and `quantflow.onnx_layers`; an op they do not
+know is an `InputError` naming the node, found at load time, not in the middle of capture.
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
-"""ONNX op semantics in torch, for `quantflow.onnx_import`.
+"""ONNX op semantics in torch, for `quantflow.onnx_import`: the elementwise and tensor ops here,
+the layers (conv, pooling, normalization, resize, fused layers) in `quantflow.onnx_layers`.
 
 Each entry of `OPS` takes the module (for its buffers and parameters), the step and the step's
 input values (tensors, or NumPy arrays for constants and shape values) and returns the outputs.
 Inputs that ONNX defines as attributes-by-another-name (shapes, axes, pads, scales) must be
-constant; a tensor there is an error naming the node. Semantics follow the ONNX operator spec;
-where torch differs (average pooling counts padding by default, asymmetric pads, Resize's
-coordinate modes), the conversion says how it maps or refuses.
+constant; a tensor there is an error naming the node. Semantics follow the ONNX operator spec.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from quantflow.errors import InputError
+from quantflow.onnx_layers import LAYER_OPS, const_in, tensor_in
 from quantflow.onnx_shapes import STATIC_OPS, axes_of, ints, shape_of, slices
 
 Value = Tensor | np.ndarray
@@ -28,12 +28,6 @@ Op = Callable[[Any, Any, Args], list[Any]]
 static_op = STATIC_OPS
 
 
-def _t(m: Any, s: Any, a: Args, k: int) -> Tensor:
-    t = m.tensor(s.inputs[k], a[k])
-    assert isinstance(t, Tensor)
-    return t
-
-
 def _operand(m: Any, s: Any, a: Args, k: int) -> Any:
     """A binary op's operand: a Python number for a one-element constant that broadcasts
     away (keeps the graph's constants scalar, as PyTorch code writes them), else a tensor."""
@@ -41,19 +35,11 @@ def _operand(m: Any, s: Any, a: Args, k: int) -> Any:
     rank = other.dim() if isinstance(other, Tensor) else np.ndim(other)
     if isinstance(v, np.ndarray) and v.size == 1 and v.ndim <= rank and v.dtype != object:
         return v.item()
-    return _t(m, s, a, k)
-
-
-def _const(s: Any, a: Args, k: int, what: str) -> np.ndarray:
-    v = a[k]
-    if not isinstance(v, np.ndarray):
-        raise InputError(f"node {s.name!r} ({s.op}): its {what} (input {k}) is computed at run "
-                         "time; quantflow needs it constant")
-    return v
+    return tensor_in(m, s, a, k)
 
 
 def _unary(fn: Callable[[Tensor], Tensor]) -> Op:
-    return lambda m, s, a: [fn(_t(m, s, a, 0))]
+    return lambda m, s, a: [fn(tensor_in(m, s, a, 0))]
 
 
 def _binary(fn: Callable[[Any, Any], Tensor]) -> Op:
@@ -75,134 +61,16 @@ def _div(x: Any, y: Any) -> Tensor:
 
 def _variadic(fn: Callable[[Tensor, Tensor], Tensor]) -> Op:
     def op(m: Any, s: Any, a: Args) -> list[Any]:
-        out = _t(m, s, a, 0)
+        out = tensor_in(m, s, a, 0)
         for k in range(1, len(a)):
-            out = fn(out, _t(m, s, a, k))
+            out = fn(out, tensor_in(m, s, a, k))
         return [out]
-    return op
-
-
-def _pads(s: Any, x: Tensor, kernel: list[int], strides: list[int],
-          dilations: list[int]) -> list[int]:
-    """ONNX pads [b1.., e1..] resolved from auto_pad against the input's spatial sizes."""
-    n = len(kernel)
-    auto = s.attrs.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        begin, end = [], []
-        for i in range(n):
-            size = int(x.shape[2 + i])
-            out = -(-size // strides[i])
-            total = max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1 - size)
-            lo = total // 2 if auto == "SAME_UPPER" else total - total // 2
-            begin.append(lo)
-            end.append(total - lo)
-        return begin + end
-    if auto == "VALID":
-        return [0] * 2 * n
-    return list(s.attrs.get("pads", [0] * 2 * n))
-
-
-def _pad_args(pads: list[int], x: Tensor, value: float = 0.0) -> tuple[Tensor, list[int]]:
-    """Symmetric pads go to the op; asymmetric ones are applied first with F.pad."""
-    n = len(pads) // 2
-    begin, end = pads[:n], pads[n:]
-    if begin == end:
-        return x, begin
-    flat: list[int] = []
-    for i in reversed(range(n)):
-        flat += [begin[i], end[i]]
-    return F.pad(x, flat, value=value), [0] * n
-
-
-def _conv(m: Any, s: Any, a: Args) -> list[Any]:
-    x, w = _t(m, s, a, 0), _t(m, s, a, 1)
-    b = _t(m, s, a, 2) if len(a) > 2 and a[2] is not None else None
-    n = w.dim() - 2
-    kernel = list(s.attrs.get("kernel_shape", w.shape[2:]))
-    strides = list(s.attrs.get("strides", [1] * n))
-    dil = list(s.attrs.get("dilations", [1] * n))
-    x, pad = _pad_args(_pads(s, x, kernel, strides, dil), x)
-    fn = (F.conv1d, F.conv2d, F.conv3d)[n - 1]
-    return [fn(x, w, b, strides, pad, dil, s.attrs.get("group", 1))]
-
-
-def _conv_transpose(m: Any, s: Any, a: Args) -> list[Any]:
-    x, w = _t(m, s, a, 0), _t(m, s, a, 1)
-    b = _t(m, s, a, 2) if len(a) > 2 and a[2] is not None else None
-    n = w.dim() - 2
-    strides = list(s.attrs.get("strides", [1] * n))
-    dil = list(s.attrs.get("dilations", [1] * n))
-    pads = list(s.attrs.get("pads", [0] * 2 * n))
-    if pads[:n] != pads[n:] or "output_shape" in s.attrs:
-        raise InputError(f"node {s.name!r} (ConvTranspose): asymmetric pads / output_shape are "
-                         "not supported; re-export with symmetric padding")
-    fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[n - 1]
-    return [fn(x, w, b, strides, pads[:n], list(s.attrs.get("output_padding", [0] * n)),
-               s.attrs.get("group", 1), dil)]
-
-
-def _ceil_equivalent(x: Tensor, kernel: list[int], strides: list[int], pads: list[int],
-                     ceil: bool) -> list[int] | None:
-    """Begin pads for a torch ceil-mode pool equal to ONNX's extra, uncounted end padding.
-
-    Caffe-era exporters write a ceil-mode average pool as floor mode plus one more end pad.
-    Uncounted padding adds nothing to a window's sum or divisor, and torch's ceil mode keeps
-    the last partial window with the in-bounds divisor: the same numbers whenever both give
-    the same output size. None when they differ."""
-    n = len(kernel)
-    for i in range(n):
-        size, b, e, k, st = int(x.shape[2 + i]), pads[i], pads[n + i], kernel[i], strides[i]
-        span = size + b + e - k
-        onnx_out = (-(-span // st) if ceil else span // st) + 1
-        torch_out = -(-(size + 2 * b - k) // st) + 1
-        if (torch_out - 1) * st >= size + b:
-            torch_out -= 1
-        if e < b or onnx_out != torch_out or 2 * b > k:
-            return None
-    return pads[:n]
-
-
-def _pool(kind: str) -> Op:
-    def op(m: Any, s: Any, a: Args) -> list[Any]:
-        x = _t(m, s, a, 0)
-        kernel = list(s.attrs["kernel_shape"])
-        n = len(kernel)
-        strides = list(s.attrs.get("strides", [1] * n))
-        dil = list(s.attrs.get("dilations", [1] * n))
-        pads = _pads(s, x, kernel, strides, dil)
-        ceil = bool(s.attrs.get("ceil_mode", 0))
-        if kind == "max":
-            x, pad = _pad_args(pads, x, float("-inf"))
-            mfn: Any = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[n - 1]
-            return [mfn(x, kernel, strides, pad, dil, ceil)]
-        include = bool(s.attrs.get("count_include_pad", 0))
-        fn: Any = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[n - 1]
-        if pads[:n] != pads[n:] and not include:
-            begin = _ceil_equivalent(x, kernel, strides, pads, ceil)
-            if begin is not None:
-                return [fn(x, kernel, strides, begin, True, False)]
-            # exact in general: window sums over window counts of real elements
-            ones = torch.ones_like(x[:1, :1])
-            xp, _ = _pad_args(pads, x)
-            op, _ = _pad_args(pads, ones)
-            return [fn(xp, kernel, strides, 0, ceil, True) / fn(op, kernel, strides, 0, ceil, True)]
-        x, pad = _pad_args(pads, x)
-        return [fn(x, kernel, strides, pad, ceil, include)]
-    return op
-
-
-def _global(kind: str) -> Op:
-    def op(m: Any, s: Any, a: Args) -> list[Any]:
-        x = _t(m, s, a, 0)
-        dims = list(range(2, x.dim()))
-        return [x.mean(dims, keepdim=True) if kind == "avg" else x.amax(dims, keepdim=True)]
     return op
 
 
 def _reduce(kind: str) -> Op:
     def op(m: Any, s: Any, a: Args) -> list[Any]:
-        x = _t(m, s, a, 0)
+        x = tensor_in(m, s, a, 0)
         axes = axes_of(s, a, 1)
         keep = bool(s.attrs.get("keepdims", 1))
         if axes is None:
@@ -223,7 +91,7 @@ def _reduce(kind: str) -> Op:
 
 def _softmax(log: bool) -> Op:
     def op(m: Any, s: Any, a: Args) -> list[Any]:
-        x = _t(m, s, a, 0)
+        x = tensor_in(m, s, a, 0)
         default = -1 if m.opset >= 13 else 1
         axis = s.attrs.get("axis", default) % x.dim()
         if m.opset < 13 and axis != x.dim() - 1:  # old semantics: flatten from axis
@@ -235,8 +103,8 @@ def _softmax(log: bool) -> Op:
 
 
 def _reshape(m: Any, s: Any, a: Args) -> list[Any]:
-    x = _t(m, s, a, 0)
-    shape = ints(_const(s, a, 1, "target shape")) if len(a) > 1 else list(s.attrs["shape"])
+    x = tensor_in(m, s, a, 0)
+    shape = ints(const_in(s, a, 1, "target shape")) if len(a) > 1 else list(s.attrs["shape"])
     if not s.attrs.get("allowzero", 0):
         shape = [x.shape[i] if (isinstance(v, int) and v == 0) else v
                  for i, v in enumerate(shape)]
@@ -244,7 +112,7 @@ def _reshape(m: Any, s: Any, a: Args) -> list[Any]:
 
 
 def _flatten(m: Any, s: Any, a: Args) -> list[Any]:
-    x = _t(m, s, a, 0)
+    x = tensor_in(m, s, a, 0)
     axis = s.attrs.get("axis", 1) % max(x.dim(), 1)
     if axis == 0:
         return [x.reshape(1, -1)]
@@ -255,7 +123,7 @@ def _flatten(m: Any, s: Any, a: Args) -> list[Any]:
 def _gather(m: Any, s: Any, a: Args) -> list[Any]:
     axis = s.attrs.get("axis", 0)
     if isinstance(a[1], np.ndarray):
-        x = _t(m, s, a, 0)
+        x = tensor_in(m, s, a, 0)
         idx = np.asarray(a[1], dtype=np.int64)
         axis %= x.dim()
         if idx.ndim == 0:
@@ -264,18 +132,18 @@ def _gather(m: Any, s: Any, a: Args) -> list[Any]:
         idx = np.where(idx < 0, idx + int(x.shape[axis]), idx)
         picked = x.index_select(axis, torch.from_numpy(idx.reshape(-1)))
         return [picked.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])]
-    ids = _t(m, s, a, 1)
+    ids = tensor_in(m, s, a, 1)
     if axis == 0 and isinstance(a[0], np.ndarray) and a[0].ndim == 2:
-        return [F.embedding(ids, _t(m, s, a, 0))]  # a lookup table: what nn.Embedding exports
-    x = _t(m, s, a, 0)
+        return [F.embedding(ids, tensor_in(m, s, a, 0))]  # a lookup table: what nn.Embedding exports
+    x = tensor_in(m, s, a, 0)
     flat = x.index_select(axis, ids.reshape(-1))
     return [flat.reshape(*x.shape[:axis], *ids.shape, *x.shape[axis + 1:])]
 
 
 def _slice(m: Any, s: Any, a: Args) -> list[Any]:
-    x = _t(m, s, a, 0)
+    x = tensor_in(m, s, a, 0)
     for k in range(1, len(a)):
-        _const(s, a, k, "slice bound")
+        const_in(s, a, k, "slice bound")
     sl = slices(s, a, x.dim())
     if any(p.step is not None and p.step < 0 for p in sl):
         raise InputError(f"node {s.name!r} (Slice): negative steps are not supported")
@@ -283,12 +151,12 @@ def _slice(m: Any, s: Any, a: Args) -> list[Any]:
 
 
 def _split(m: Any, s: Any, a: Args) -> list[Any]:
-    x = _t(m, s, a, 0)
+    x = tensor_in(m, s, a, 0)
     axis = s.attrs.get("axis", 0)
     if "split" in s.attrs:
         sizes = list(s.attrs["split"])
     elif len(a) > 1 and a[1] is not None:
-        sizes = [int(v) for v in ints(_const(s, a, 1, "split sizes"))]
+        sizes = [int(v) for v in ints(const_in(s, a, 1, "split sizes"))]
     else:
         k = s.attrs.get("num_outputs", len(s.outputs))
         sizes = [-(-int(x.shape[axis]) // k)] * k
@@ -296,7 +164,7 @@ def _split(m: Any, s: Any, a: Args) -> list[Any]:
 
 
 def _unsqueeze(m: Any, s: Any, a: Args) -> list[Any]:
-    x = _t(m, s, a, 0)
+    x = tensor_in(m, s, a, 0)
     axes = axes_of(s, a, 1) or []
     rank = x.dim() + len(axes)
     for ax in sorted(v % rank for v in axes):
@@ -305,18 +173,18 @@ def _unsqueeze(m: Any, s: Any, a: Args) -> list[Any]:
 
 
 def _squeeze(m: Any, s: Any, a: Args) -> list[Any]:
-    x = _t(m, s, a, 0)
+    x = tensor_in(m, s, a, 0)
     axes = axes_of(s, a, 1)
     return [x.squeeze() if axes is None else x.squeeze([v % x.dim() for v in axes])]
 
 
 def _pad(m: Any, s: Any, a: Args) -> list[Any]:
-    x = _t(m, s, a, 0)
+    x = tensor_in(m, s, a, 0)
     pads = list(s.attrs["pads"]) if "pads" in s.attrs else \
-        [int(v) for v in ints(_const(s, a, 1, "pads"))]
+        [int(v) for v in ints(const_in(s, a, 1, "pads"))]
     value = float(s.attrs.get("value", 0.0))
     if len(a) > 2 and a[2] is not None:
-        value = float(np.asarray(_const(s, a, 2, "pad value")).reshape(-1)[0])
+        value = float(np.asarray(const_in(s, a, 2, "pad value")).reshape(-1)[0])
     mode = s.attrs.get("mode", b"constant")
     mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}[
         mode.decode() if isinstance(mode, bytes) else mode]
@@ -329,49 +197,19 @@ def _pad(m: Any, s: Any, a: Args) -> list[Any]:
     return [F.pad(x, flat, mode=mode, value=value if mode == "constant" else None)]
 
 
-def _resize(m: Any, s: Any, a: Args) -> list[Any]:
-    x = _t(m, s, a, 0)
-    attr = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in s.attrs.items()}
-    mode = attr.get("mode", "nearest")
-    coord = attr.get("coordinate_transformation_mode", "asymmetric" if s.op == "Upsample"
-                     else "half_pixel")
-    sizes = scales = None
-    if s.op == "Upsample":
-        scales = [float(v) for v in _const(s, a, 1, "scales")]
-    else:
-        if len(a) > 3 and a[3] is not None and np.asarray(a[3]).size:
-            sizes = ints(_const(s, a, 3, "sizes"))[2:]  # not int(): the batch may be symbolic
-        elif len(a) > 2 and a[2] is not None:
-            scales = [float(v) for v in _const(s, a, 2, "scales")]
-    kw: dict[str, Any] = {"size": sizes} if sizes else {"scale_factor": (scales or [])[2:]}
-    if mode == "nearest" and coord == "asymmetric" and \
-            attr.get("nearest_mode", "floor" if s.op == "Upsample" else "round_prefer_floor") \
-            == "floor":
-        return [F.interpolate(x, mode="nearest", **kw)]
-    if mode == "linear" and coord in ("half_pixel", "pytorch_half_pixel", "align_corners"):
-        lin = {3: "linear", 4: "bilinear", 5: "trilinear"}[x.dim()]
-        return [F.interpolate(x, mode=lin, align_corners=coord == "align_corners", **kw)]
-    if mode == "cubic" and coord in ("half_pixel", "pytorch_half_pixel", "align_corners") and \
-            float(attr.get("cubic_coeff_a", -0.75)) == -0.75 and not attr.get("exclude_outside"):
-        # torch's bicubic uses the same a = -0.75 kernel, sampling outside clamped like ONNX
-        return [F.interpolate(x, mode="bicubic", align_corners=coord == "align_corners", **kw)]
-    raise InputError(f"node {s.name!r} ({s.op}): mode {mode!r} with coordinate transform "
-                     f"{coord!r} has no torch equivalent quantflow maps")
-
-
 def _cast(m: Any, s: Any, a: Args) -> list[Any]:
     import onnx
 
     dtype = onnx.helper.tensor_dtype_to_np_dtype(s.attrs["to"])
-    return [_t(m, s, a, 0).to(getattr(torch, np.dtype(dtype).name))]
+    return [tensor_in(m, s, a, 0).to(getattr(torch, np.dtype(dtype).name))]
 
 
 def _clip(m: Any, s: Any, a: Args) -> list[Any]:
-    x = _t(m, s, a, 0)
+    x = tensor_in(m, s, a, 0)
     lo = s.attrs.get("min") if len(a) < 2 or a[1] is None else \
-        float(_const(s, a, 1, "min").reshape(-1)[0])
+        float(const_in(s, a, 1, "min").reshape(-1)[0])
     hi = s.attrs.get("max") if len(a) < 3 or a[2] is None else \
-        float(_const(s, a, 2, "max").reshape(-1)[0])
+        float(const_in(s, a, 2, "max").reshape(-1)[0])
     if lo == 0.0 and hi is None:
         return [F.relu(x)]
     if lo == 0.0 and hi == 6.0:
@@ -379,42 +217,19 @@ def _clip(m: Any, s: Any, a: Args) -> list[Any]:
     return [x.clamp(lo, hi)]
 
 
-def _batch_norm(m: Any, s: Any, a: Args) -> list[Any]:
-    x, w, b, mean, var = (_t(m, s, a, k) for k in range(5))
-    return [F.batch_norm(x, mean, var, w, b, False, 0.0, float(s.attrs.get("epsilon", 1e-5)))]
-
-
-def _layer_norm_op(m: Any, s: Any, a: Args) -> list[Any]:
-    x = _t(m, s, a, 0)
-    axis = s.attrs.get("axis", -1) % x.dim()
-    w = _t(m, s, a, 1)
-    b = _t(m, s, a, 2) if len(a) > 2 and a[2] is not None else None
-    return [F.layer_norm(x, list(x.shape[axis:]), w, b, float(s.attrs.get("epsilon", 1e-5)))]
-
-
-def _linear(m: Any, s: Any, a: Args) -> list[Any]:
-    return [F.linear(_t(m, s, a, 0), m.param(s, "weight"), m.param(s, "bias"))]
-
-
-def _layer_norm(m: Any, s: Any, a: Args) -> list[Any]:
-    x, w = _t(m, s, a, 0), m.param(s, "weight")
-    c = int(w.shape[0]) if w is not None else int(x.shape[-1])
-    return [F.layer_norm(x, [c], w, m.param(s, "bias"), float(s.attrs["epsilon"]))]
-
-
 def _gemm(m: Any, s: Any, a: Args) -> list[Any]:
-    x, w = _t(m, s, a, 0), _t(m, s, a, 1)
+    x, w = tensor_in(m, s, a, 0), tensor_in(m, s, a, 1)
     x = x.t() if s.attrs.get("transA", 0) else x
     w = w.t() if s.attrs.get("transB", 0) else w
     y = float(s.attrs.get("alpha", 1.0)) * (x @ w)
     if len(a) > 2 and a[2] is not None:
-        y = y + float(s.attrs.get("beta", 1.0)) * _t(m, s, a, 2)
+        y = y + float(s.attrs.get("beta", 1.0)) * tensor_in(m, s, a, 2)
     return [y]
 
 
 def _expand(m: Any, s: Any, a: Args) -> list[Any]:
-    x = _t(m, s, a, 0)
-    shape = ints(_const(s, a, 1, "shape"))
+    x = tensor_in(m, s, a, 0)
+    shape = ints(const_in(s, a, 1, "shape"))
     rank = max(x.dim(), len(shape))
     full = [1] * (rank - len(shape)) + shape
     xs = [1] * (rank - x.dim()) + list(x.shape)
@@ -424,35 +239,21 @@ def _expand(m: Any, s: Any, a: Args) -> list[Any]:
 
 
 def _shape(m: Any, s: Any, a: Args) -> list[Any]:
-    return [shape_of(tuple(_t(m, s, a, 0).shape), s)]
-
-
-def _lrn(m: Any, s: Any, a: Args) -> list[Any]:
-    return [F.local_response_norm(_t(m, s, a, 0), int(s.attrs["size"]),
-                                  float(s.attrs.get("alpha", 1e-4)),
-                                  float(s.attrs.get("beta", 0.75)),
-                                  float(s.attrs.get("bias", 1.0)))]
+    return [shape_of(tuple(tensor_in(m, s, a, 0).shape), s)]
 
 
 def _const_of_shape(m: Any, s: Any, a: Args) -> list[Any]:
     import onnx.numpy_helper as nph
 
     value = nph.to_array(s.attrs["value"]) if "value" in s.attrs else np.zeros(1, np.float32)
-    shape = ints(_const(s, a, 0, "shape"))
+    shape = ints(const_in(s, a, 0, "shape"))
     return [torch.full(shape, value.reshape(-1)[0].item(),
                        dtype=getattr(torch, value.dtype.name))]
 
 
 OPS: dict[str, Op] = {
-    "Linear": _linear, "LayerNorm": _layer_norm,
-    "Gelu": lambda m, s, a: [F.gelu(_t(m, s, a, 0), approximate=(
-        s.attrs.get("approximate", b"none").decode()
-        if isinstance(s.attrs.get("approximate"), bytes) else "none"))],
-    "Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm,
-    "MatMul": lambda m, s, a: [torch.matmul(_t(m, s, a, 0), _t(m, s, a, 1))],
-    "BatchNormalization": _batch_norm, "LayerNormalization": _layer_norm_op, "LRN": _lrn,
-    "MaxPool": _pool("max"), "AveragePool": _pool("avg"),
-    "GlobalAveragePool": _global("avg"), "GlobalMaxPool": _global("max"),
+    **LAYER_OPS, "Gemm": _gemm,
+    "MatMul": lambda m, s, a: [torch.matmul(tensor_in(m, s, a, 0), tensor_in(m, s, a, 1))],
     "ReduceMean": _reduce("mean"), "ReduceSum": _reduce("sum"), "ReduceMax": _reduce("max"),
     "ReduceMin": _reduce("min"), "ReduceL2": _reduce("l2"),
     "Softmax": _softmax(False), "LogSoftmax": _softmax(True),
@@ -464,10 +265,10 @@ OPS: dict[str, Op] = {
     "Not": _unary(torch.logical_not), "Softplus": _unary(F.softplus),
     "HardSwish": _unary(F.hardswish),
     "HardSigmoid": lambda m, s, a: [torch.clamp(
-        float(s.attrs.get("alpha", 0.2)) * _t(m, s, a, 0) + float(s.attrs.get("beta", 0.5)),
+        float(s.attrs.get("alpha", 0.2)) * tensor_in(m, s, a, 0) + float(s.attrs.get("beta", 0.5)),
         0.0, 1.0)],
-    "LeakyRelu": lambda m, s, a: [F.leaky_relu(_t(m, s, a, 0), float(s.attrs.get("alpha", 0.01)))],
-    "Elu": lambda m, s, a: [F.elu(_t(m, s, a, 0), float(s.attrs.get("alpha", 1.0)))],
+    "LeakyRelu": lambda m, s, a: [F.leaky_relu(tensor_in(m, s, a, 0), float(s.attrs.get("alpha", 0.01)))],
+    "Elu": lambda m, s, a: [F.elu(tensor_in(m, s, a, 0), float(s.attrs.get("alpha", 1.0)))],
     "Clip": _clip,
     "Identity": lambda m, s, a: [a[0]], "Dropout": lambda m, s, a: [a[0]],
     "Add": _binary(lambda x, y: x + y), "Sub": _binary(lambda x, y: x - y),
@@ -477,18 +278,17 @@ OPS: dict[str, Op] = {
     "And": _binary(torch.logical_and), "Or": _binary(torch.logical_or),
     "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum),
     "Sum": _variadic(torch.add),
-    "Where": lambda m, s, a: [torch.where(_t(m, s, a, 0), _t(m, s, a, 1), _t(m, s, a, 2))],
+    "Where": lambda m, s, a: [torch.where(tensor_in(m, s, a, 0), tensor_in(m, s, a, 1), tensor_in(m, s, a, 2))],
     "Reshape": _reshape, "Flatten": _flatten, "Gather": _gather, "Slice": _slice,
     "Split": _split, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Pad": _pad,
-    "Transpose": lambda m, s, a: [_t(m, s, a, 0).permute(
-        list(s.attrs.get("perm", range(_t(m, s, a, 0).dim() - 1, -1, -1))))],
-    "Concat": lambda m, s, a: [torch.cat([_t(m, s, a, k) for k in range(len(a))],
+    "Transpose": lambda m, s, a: [tensor_in(m, s, a, 0).permute(
+        list(s.attrs.get("perm", range(tensor_in(m, s, a, 0).dim() - 1, -1, -1))))],
+    "Concat": lambda m, s, a: [torch.cat([tensor_in(m, s, a, k) for k in range(len(a))],
                                          s.attrs.get("axis", 0))],
     "Expand": _expand, "Shape": _shape, "Cast": _cast, "ConstantOfShape": _const_of_shape,
-    "Resize": _resize, "Upsample": _resize,
-    "ArgMax": lambda m, s, a: [torch.argmax(_t(m, s, a, 0), s.attrs.get("axis", 0),
+    "ArgMax": lambda m, s, a: [torch.argmax(tensor_in(m, s, a, 0), s.attrs.get("axis", 0),
                                             bool(s.attrs.get("keepdims", 1)))],
-    "Range": lambda m, s, a: [torch.arange(*(ints(_const(s, a, k, "range bound"))[0]
+    "Range": lambda m, s, a: [torch.arange(*(ints(const_in(s, a, k, "range bound"))[0]
                                               for k in range(3)))],
-    "Tile": lambda m, s, a: [_t(m, s, a, 0).repeat(ints(_const(s, a, 1, "repeats")))],
+    "Tile": lambda m, s, a: [tensor_in(m, s, a, 0).repeat(ints(const_in(s, a, 1, "repeats")))],
 }

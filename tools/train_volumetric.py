@@ -25,8 +25,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from quantflow.data import fmnist_clips
 from quantflow.zoo import WEIGHTS_DIR
-from quantflow.zoo.volumetric import fmnist_clips, r2plus1d_fmnist
+from quantflow.zoo.volumetric import r2plus1d_fmnist
 
 NAME = "r2plus1d_fmnist"
 

@@ -1,6 +1,6 @@
 """A small (2+1)-D / 3-D convolutional network and the volumetric data it is trained on.
 
-Data (`fmnist_clips`): each Fashion-MNIST image becomes a clip of `FRAMES` frames in which the
+Data (`clips`, built from Fashion-MNIST by `quantflow.data.fmnist_clips`): each Fashion-MNIST image becomes a clip of `FRAMES` frames in which the
 garment drifts across the frame with a per-sample velocity (−2..2 px per frame in x and y,
 wrapping around), a (N, 1, D, H, W) volume whose label is the garment's class. Built
 deterministically from the installed Fashion-MNIST files (the velocity comes from the
@@ -70,13 +70,3 @@ def clips(images: Tensor, start: int = 0) -> Tensor:
                                           dims=(1, 2)) for i in range(n)])
         frames.append(shifted)
     return torch.stack(frames, dim=2)
-
-
-def fmnist_clips(split: str, limit: int | None = None, start: int = 0) -> tuple[Tensor, Tensor]:
-    """Clips of the Fashion-MNIST `split` (normalized as the 2-D zoo models) and labels."""
-    from quantflow.data import load_fashion_mnist
-
-    x, y = load_fashion_mnist("train" if split == "train" else "test")
-    stop = None if limit is None else start + limit
-    x, y = x[start:stop], y[start:stop]
-    return clips(x, start), y
