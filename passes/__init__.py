@@ -4,7 +4,7 @@ Every pass is a plain `(gm: fx.GraphModule) -> bool` function (mutates in place,
 whether it changed anything). `DEFAULT_PIPELINE` is the explicit, ordered tuple `optimize` runs
 to a fixpoint:
 
-  canonical_convs   TorchScript's aten.convolution/_convolution → conv2d/conv1d (canonical.py)
+  canonical_convs   TorchScript's aten.convolution/_convolution → conv1d/2d/3d (canonical.py)
   remove_identity   dropout/clone/detach/no-op casts and reshapes, asserts (cleanup.py)
   fold_bn           conv/linear → BN folded into the layer (fold_bn.py)
   decompose_sdpa    scaled_dot_product_attention → matmul/softmax/matmul (decompose_sdpa.py)
@@ -15,7 +15,7 @@ to a fixpoint:
   <reparam passes>  standalone BN → conv, parallel/sequential conv merges (reparam_*.py)
   dead_code         unused nodes, then unused parameters/buffers/submodules (cleanup.py)
 
-Canonical convs come first: every other pass matches only conv1d/conv2d. Identity removal
+Canonical convs come first: every other pass matches only conv1d/2d/3d. Identity removal
 runs next so that e.g. conv → dropout → BN becomes a foldable conv → BN;
 dead_code runs last to drop the constants the folds replaced. Cross-layer equalization
 (`quantflow.passes.equalize.equalize` / `equalize_relu6`) is exact but optional, so it is not in

@@ -1,7 +1,7 @@
-"""Canonical conv form: `aten.convolution` / `aten._convolution` → `aten.conv2d` / `conv1d`.
+"""Canonical conv form: `aten.convolution` / `aten._convolution` → `aten.conv1d/2d/3d`.
 
-Every pass, the quantizer and the targets match convs as `ir.CONV_OPS` (`aten.conv2d`,
-`aten.conv1d`), the ops `torch.export` emits for `nn.Conv1d/2d`. TorchScript records traced
+Every pass, the quantizer and the targets match convs as `ir.CONV_OPS` (`aten.conv1d/2d/3d`),
+the ops `torch.export` emits for `nn.Conv1d/2d/3d`. TorchScript records traced
 convs as the generic op instead: torch's `TS2EPConverter` emits
 `aten.convolution(x, w, b, stride, padding, dilation, transposed, output_padding, groups)`, and a
 ScriptModule exported through its interpreter keeps `aten._convolution`, which takes the same
@@ -16,8 +16,8 @@ for N = w.dim() − 2, because conv{N}d is defined as exactly that call (output_
 sizes a transposed conv's output; a direct conv ignores it), and the backend hints choose a
 kernel, not a result, on the CPU. So the rewrite is exact and keeps the node's meta.
 
-Skipped, with the reason at debug level: transposed convs (no conv1d/conv2d form; they stay
-float), weights of another rank (conv3d) or of unknown rank (no `meta["val"]`), and calls whose
+Skipped, with the reason at debug level: transposed convs (no conv1d/2d/3d form; they stay
+float), weights of another rank or of unknown rank (no `meta["val"]`), and calls whose
 arguments are not all positional. Runs first in `DEFAULT_PIPELINE`;
 `quantflow.load_torchscript` also runs it on the TorchScript it converts, so that loaded graph
 (and the conv counts the report takes before the passes) already has the canonical form.
@@ -35,7 +35,7 @@ aten = torch.ops.aten
 #: the generic conv ops TorchScript leaves behind
 _GENERIC = (aten.convolution.default, aten._convolution.default)
 #: weight rank → canonical op
-_CANONICAL = {4: aten.conv2d.default, 3: aten.conv1d.default}
+_CANONICAL = {5: aten.conv3d.default, 4: aten.conv2d.default, 3: aten.conv1d.default}
 
 
 def _canonical_one(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -43,13 +43,13 @@ def _canonical_one(gm: fx.GraphModule, node: fx.Node) -> bool:
         return skip("canonical_convs", node, "arguments passed by keyword")
     x, w, b, stride, pad, dil, transposed, _out_pad, groups = node.args[:9]
     if transposed:
-        return skip("canonical_convs", node, "transposed conv: no conv1d/conv2d form")
+        return skip("canonical_convs", node, "transposed conv: no conv1d/2d/3d form")
     val = w.meta.get("val") if isinstance(w, fx.Node) else None
     rank = val.dim() if isinstance(val, torch.Tensor) else None
     op = _CANONICAL.get(rank) if rank is not None else None
     if op is None:
         return skip("canonical_convs", node,
-                    f"weight rank {rank}: only 1-d and 2-d convs have a canonical form")
+                    f"weight rank {rank}: only 1-d, 2-d and 3-d convs have a canonical form")
     with gm.graph.inserting_before(node):
         new = gm.graph.call_function(op, (x, w, b, stride, pad, dil, groups))
     new.meta = dict(node.meta)
@@ -59,6 +59,6 @@ def _canonical_one(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def canonical_convs(gm: fx.GraphModule) -> bool:
-    """Rewrite every non-transposed 1-d/2-d `aten.convolution`/`_convolution` as conv1d/conv2d."""
+    """Rewrite every non-transposed 1-d/2-d/3-d `aten.convolution`/`_convolution` canonically."""
     return for_each(gm, lambda node: node.op == "call_function" and node.target in _GENERIC,
                     lambda node: _canonical_one(gm, node))

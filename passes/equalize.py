@@ -20,7 +20,7 @@ we sweep all pairs (Gauss-Seidel, in graph order) until every pair's max_i |log 
 a pair below that tolerance is not touched, so a second run finds nothing and returns False.
 The arithmetic is float64, rounded once to the weight dtype when written back as new constants.
 
-ReLU6 (`hardtanh(x, 0, 6)`, `clamp(x, 0, 6)`) is not scale-equivariant: relu6(y)/s_i is
+ReLU6 (`hardtanh(x, 0, 6)`, `clamp(x, 0, 6)`, `relu6(x)`) is not scale-equivariant: relu6(y)/s_i is
 clamp(y/s_i, 0, 6/s_i), a per-channel bound. Design choice:
   - `equalize` (the default choice) does NOT equalize through ReLU6. It stays exact, and
     the ONNX graph keeps Conv → Clip(0, 6), which onnxruntime folds into the QLinearConv's
@@ -71,7 +71,8 @@ MAX_ROUNDS = 100
 
 _HOMOGENEOUS = (aten.relu.default, aten.relu_.default, aten.leaky_relu.default,
                 aten.leaky_relu_.default)
-_CLIP = (aten.hardtanh.default, aten.hardtanh_.default, aten.clamp.default)
+#: F.relu6 exports as aten.relu6, nn.ReLU6 as hardtanh(x, 0, 6)
+_CLIP = (aten.hardtanh.default, aten.hardtanh_.default, aten.clamp.default, aten.relu6.default)
 
 
 # ----------------------------------------------------------------------------- pure math
@@ -175,6 +176,8 @@ def _arg(node: fx.Node, i: int, name: str, default: object) -> object:
 
 def _clip_bound(node: fx.Node) -> float | None:
     """Upper bound M if node is the relu6-like clip(x, 0, M), M > 0."""
+    if node.target == aten.relu6.default:
+        return 6.0
     if node.target == aten.clamp.default:
         lo, hi = _arg(node, 1, "min", None), _arg(node, 2, "max", None)
     else:  # hardtanh(x, min_val=-1, max_val=1)
@@ -184,10 +187,14 @@ def _clip_bound(node: fx.Node) -> float | None:
     return None
 
 
+#: spatial dims of each conv's output (what a per-channel constant broadcasts over)
+_SPATIAL_DIMS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
+
+
 def _bound_shape(layer: fx.Node, channels: int) -> tuple[int, ...]:
     """Per-channel constant shape that broadcasts over the layer's output ([C,1,1] / [C])."""
     if layer.target in CONV_OPS:
-        return (channels,) + (1,) * (2 if layer.target == aten.conv2d.default else 1)
+        return (channels,) + (1,) * _SPATIAL_DIMS[layer.target]
     return (channels,)
 
 

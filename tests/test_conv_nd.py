@@ -182,3 +182,101 @@ def test_r2plus1d_zoo_net_int8_within_half_a_point_on_ort(tmp_path: Path) -> Non
     acc_int8 = 100.0 * float((got.argmax(1) == y).double().mean())
     print(f"r2plus1d_fmnist, 1000 test clips: FP32 {acc_fp32:.2f}%, INT8 {acc_int8:.2f}%")
     assert acc_fp32 - acc_int8 <= 0.5 and acc_fp32 > 75.0, (acc_fp32, acc_int8)
+
+
+class RepBlock3d(nn.Module):
+    """RepVGG in 3-D: 3×3×3 conv+BN ‖ 1×1×1 conv+BN ‖ identity BN, summed."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.k3, self.b3 = nn.Conv3d(c, c, 3, padding=1, bias=False), nn.BatchNorm3d(c)
+        self.k1, self.b1 = nn.Conv3d(c, c, 1, bias=False), nn.BatchNorm3d(c)
+        self.bid = nn.BatchNorm3d(c)
+        _bn(self, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.b3(self.k3(x)) + self.b1(self.k1(x)) + self.bid(x))
+
+
+class DilatedRep1d(nn.Module):
+    """UniRepLKNet's dilated re-parameterization along time: a 13-tap conv ‖ 5-tap dilation 2 ‖
+    3-tap dilation 3, each with BN (the branches' receptive fields all fit the 13 taps)."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.big, self.bb = nn.Conv1d(c, c, 13, padding=6, groups=c, bias=False), \
+            nn.BatchNorm1d(c)
+        self.d2, self.b2 = nn.Conv1d(c, c, 5, padding=4, dilation=2, groups=c, bias=False), \
+            nn.BatchNorm1d(c)
+        self.d3, self.b3 = nn.Conv1d(c, c, 3, padding=3, dilation=3, groups=c, bias=False), \
+            nn.BatchNorm1d(c)
+        _bn(self, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bb(self.big(x)) + self.b2(self.d2(x)) + self.b3(self.d3(x))
+
+
+def _convs(gm: torch.fx.GraphModule) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function" and "conv" in
+            str(n.target)]
+
+
+@pytest.mark.parametrize("net,x,op", [(RepBlock3d, lambda: torch.randn(4, 8, 4, 6, 6),
+                                       "aten.conv3d.default"),
+                                      (DilatedRep1d, lambda: torch.randn(4, 8, 40),
+                                       "aten.conv1d.default")], ids=["repvgg3d", "dilated1d"])
+def test_reparameterization_merges_nd_branches_exactly(net: type, x: object, op: str) -> None:
+    """The 2-D merge algebra (BN folding, kernel padding, dilation to a sparse kernel,
+    identity as a centre tap) holds in 1-D and 3-D: one conv left, same outputs (fp32 1e-5)."""
+    model = net().eval()
+    xs = x()  # type: ignore[operator]
+    gm = capture(model, (xs[:1],))
+    optimize(gm)
+    assert _convs(gm) == [op], _convs(gm)
+    with torch.no_grad():
+        want, got = model(xs), gm(xs)
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("relu6", [False, True], ids=["relu", "relu6"])
+def test_cross_layer_equalization_on_3d_convs_is_exact(relu6: bool) -> None:
+    from quantflow.passes.equalize import equalize, equalize_relu6
+
+    class Pair3d(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(7)
+            self.a, self.b = nn.Conv3d(2, 8, 3, padding=1), nn.Conv3d(8, 4, (1, 3, 3))
+            with torch.no_grad():  # channel ranges spread over 100x: what CLE evens out
+                self.a.weight.mul_(torch.logspace(-1, 1, 8)[:, None, None, None, None])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return self.b(nn.functional.relu6(y) if relu6 else torch.relu(y))
+
+    x = torch.randn(4, 2, 4, 8, 8) * 4
+    gm = check_pass(equalize_relu6 if relu6 else equalize, capture(Pair3d().eval(), (x[:1],)),
+                    (x,))
+    w = dict(gm.named_parameters()).get("a.weight")
+    w = w if w is not None else next(t for n, t in gm.state_dict().items() if t.dim() == 5
+                                     and t.shape[0] == 8)
+    ranges = w.abs().amax(dim=(1, 2, 3, 4))
+    assert float(ranges.max() / ranges.min()) < 10.0, ranges
+
+
+def test_torchscript_conv3d_becomes_canonical(tmp_path: Path) -> None:
+    """A traced 3-D net: TorchScript's generic aten.convolution turns into aten.conv3d, so BN
+    folds and the quantizer sees three convs."""
+    from quantflow.load import load_model
+
+    path = tmp_path / "net3d.pt"
+    torch.jit.save(torch.jit.trace(Net3d().eval(), _x3(1)), str(path))
+    loaded = load_model(str(path), input_shape=(1, 1, 8, 16, 16))
+    gm = capture(loaded.module, loaded.example_inputs or ())
+    optimize(gm)
+    assert _convs(gm) == ["aten.conv3d.default"] * 3, _convs(gm)
+    with torch.no_grad():
+        want, got = Net3d().eval()(_x3(4)), gm(_x3(4))
+    assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
