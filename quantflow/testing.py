@@ -57,3 +57,21 @@ def check_pass(
     assert err <= rel_tol, f"{pass_fn.__name__}: max|Δ|/max|y| = {err:.3e} > {rel_tol:.0e}"
     assert not pass_fn(gm), f"{pass_fn.__name__} is not idempotent: a second run changed the graph"
     return gm
+
+
+def output_step(qgm: fx.GraphModule) -> float:
+    """One output step of a quantized graph: its output's quantization step, or for a float
+    linear output (the ORT/TVM placement leaves an output nobody reads quantized float) what
+    one step of the linear's input moves it, s_x·max|w|. The unit "within one step of the
+    simulation" is measured in."""
+    from quantflow.ir import get_tensor
+
+    out = next(n for n in qgm.graph.nodes if n.op == "output").args[0]
+    dq = out[0] if isinstance(out, (tuple, list)) else out
+    if dq.target != torch.ops.aten.linear.default:
+        return float(dq.args[1])
+    x_dq, w_dq = dq.args[0], dq.args[1]
+    w_int, w_scale = get_tensor(qgm, w_dq.args[0]), get_tensor(qgm, w_dq.args[1])
+    assert w_int is not None and w_scale is not None
+    w_max = float((w_int.float().abs() * w_scale[:, None]).max())
+    return float(x_dq.args[1]) * w_max

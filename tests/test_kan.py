@@ -21,7 +21,7 @@ from quantflow.quantize import quantize
 from quantflow.spec import TRT_ACT, int8_plan
 from quantflow.targets import get_target
 from quantflow.targets.trt_rules import check_trt_qdq
-from quantflow.testing import check_pass
+from quantflow.testing import check_pass, output_step
 from quantflow.zoo import get_model
 from quantflow.zoo.kan import kan_fmnist
 
@@ -91,22 +91,6 @@ def test_int8_on_ort_convs_integer_and_accuracy_within_half_a_point(
     assert acc_fp32 > 80.0, acc_fp32
 
 
-def _output_step(qgm: fx.GraphModule) -> float:
-    """One output step: the output's quantization step, or for a float linear output (ORT/TVM
-    placement: nobody reads it quantized) what one step of its input moves it, s_x·max|w|."""
-    from quantflow.ir import get_tensor
-
-    out = next(n for n in qgm.graph.nodes if n.op == "output").args[0]
-    dq = out[0] if isinstance(out, (tuple, list)) else out
-    if dq.target != torch.ops.aten.linear.default:
-        return float(dq.args[1])
-    x_dq, w_dq = dq.args[0], dq.args[1]
-    w_int, w_scale = get_tensor(qgm, w_dq.args[0]), get_tensor(qgm, w_dq.args[1])
-    assert w_int is not None and w_scale is not None
-    w_max = float((w_int.float().abs() * w_scale[:, None]).max())
-    return float(x_dq.args[1]) * w_max
-
-
 @pytest.mark.tvm
 def test_tvm_matches_the_simulation_within_one_step(
         prepared: tuple[fx.GraphModule, fx.GraphModule], tmp_path: Path) -> None:
@@ -118,7 +102,7 @@ def test_tvm_matches_the_simulation_within_one_step(
     (got,) = target.run(art, [x.numpy()])
     with torch.no_grad():
         want = qgm(x).numpy()
-    steps = np.abs(got - want) / _output_step(qgm)
+    steps = np.abs(got - want) / output_step(qgm)
     assert steps.max() <= 1.0 + 1e-3, steps.max()
 
 
