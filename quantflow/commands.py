@@ -105,6 +105,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                              args.preprocess, args.calib_samples,
                                              args.eval_samples)
             example = resolve_example_inputs(loaded, args.input_shape, calib.x)
+            validate.data_matches_input(calib.x, example[0],
+                                        f"--calib {args.calib or '(the built-in data)'}")
+            if evaluation is not None:
+                validate.data_matches_input(
+                    evaluation.x, example[0], f"--eval {args.eval_data or '(the built-in data)'}")
         report = compile(loaded.module, example, calib, evaluation, stage.tmp, config,
                          name=loaded.name, source=loaded.source)
     report.data = stage.relocate(report.data)

@@ -179,7 +179,8 @@ def _as_x(arr: object, where: str, limit: int | None = None) -> Tensor:
         x = x[:limit]
     if x.dtype in (torch.int32, torch.int64):  # token ids: kept integer, never negative
         if x.numel() and int(x.min()) < 0:
-            raise DataError(f"{where}: integer data are token ids and must be >= 0, found "
+            raise DataError(f"{where}: expected floating-point data (already preprocessed) or "
+                            f"int32/int64 token ids (>= 0), found integers down to "
                             f"{int(x.min())}")
         return x.detach().to(torch.int64).contiguous()
     if not x.is_floating_point():

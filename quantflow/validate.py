@@ -190,6 +190,21 @@ def single_input(loaded: LoadedModel) -> None:
                            "inputs) and derives the others from it or holds them as constants")
 
 
+def data_matches_input(x: Tensor, example: Tensor, where: str) -> None:
+    """Float data for a model that takes floats, token ids for one that takes integers: an
+    integer array given to an image model (raw uint8 pixels saved as int64) would otherwise
+    fail deep inside capture."""
+    if x.dtype.is_floating_point == example.dtype.is_floating_point:
+        return
+    if example.dtype.is_floating_point:
+        raise InputError(f"{where}: the model takes floating-point input but the data are "
+                         f"integers ({x.dtype}); expected floating-point data (already "
+                         "preprocessed: scaled and normalized), or pass a folder of images "
+                         "with --preprocess")
+    raise InputError(f"{where}: the model takes integer input ({example.dtype}, token ids) but "
+                     f"the data are {x.dtype}; pass the token ids as an int32/int64 array")
+
+
 def plan_layers(plan: QuantPlan, gm: fx.GraphModule, where: str) -> None:
     """Every layer a plan names is a node of this graph: a plan for another model (or a stale
     one) must not be applied in part and copied into the new plan.json."""

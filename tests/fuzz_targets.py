@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from quantflow.errors import QuantflowError
 
 #: the kept corpus of interesting inputs, one folder per target
@@ -33,7 +35,11 @@ def load_data_target(path: Path) -> object:
     from quantflow.data import load_tensor_data
 
     x, y = load_tensor_data(path, "imagenet", 64)
-    assert x.dtype.is_floating_point and x.dim() == 4 and bool(x.isfinite().all())
+    # samples first: finite floats of any rank >= 2 (images, volumes, audio frames), or
+    # non-negative int64 token ids
+    assert x.dim() >= 2
+    assert (x.dtype.is_floating_point and bool(x.isfinite().all())) or \
+        (x.dtype == torch.int64 and bool((x >= 0).all()))
     assert y is None or (y.dim() == 1 and y.shape[0] == x.shape[0] and bool((y >= 0).all()))
     return x
 

@@ -130,3 +130,16 @@ def test_plan_layers() -> None:
     with pytest.raises(UsageError, match=r"p\.json: names 2 layer\(s\).*also_gone, ghost"):
         validate.plan_layers(plan, gm, "p.json")
     validate.plan_layers(int8_plan(), gm, "p.json")  # no per-layer entries: nothing to check
+
+
+def test_data_dtype_must_match_the_model_input() -> None:
+    """Non-negative integers load as token ids; given to an image model they are refused with
+    the fix, and float data given to a token-id model likewise."""
+    ints, floats = torch.zeros(4, 3, 8, 8, dtype=torch.int64), torch.zeros(4, 3, 8, 8)
+    validate.data_matches_input(floats, floats[:1], "--calib x.npy")
+    validate.data_matches_input(ints, ints[:1], "--calib x.npy")
+    with pytest.raises(InputError, match=r"--calib x.npy: the model takes floating-point input "
+                                         r"but the data are integers.*--preprocess"):
+        validate.data_matches_input(ints, floats[:1], "--calib x.npy")
+    with pytest.raises(InputError, match=r"integer input .*token ids"):
+        validate.data_matches_input(floats, ints[:1], "--eval y.npy")
