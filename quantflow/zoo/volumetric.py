@@ -1,13 +1,13 @@
 """A small (2+1)-D / 3-D convolutional network and the volumetric data it is trained on.
 
-Data (`clips`, built from Fashion-MNIST by `quantflow.data.fmnist_clips`): each Fashion-MNIST image becomes a clip of `FRAMES` frames in which the
-garment drifts across the frame with a per-sample velocity (−2..2 px per frame in x and y,
+Data (`clips`; `quantflow.data.fmnist_clips` applies it to Fashion-MNIST): each image becomes
+a clip of `FRAMES` frames in which the garment drifts across the frame with a per-sample velocity (−2..2 px per frame in x and y,
 wrapping around), a (N, 1, D, H, W) volume whose label is the garment's class. Built
 deterministically from the installed Fashion-MNIST files (the velocity comes from the
 sample index), so nothing is downloaded and every machine sees the same volumes.
 
 Network (`r2plus1d_fmnist`): a (2+1)-D stem (1×3×3 spatial conv, then a 3×1×1 temporal conv,
-as in R(2+1)D, Tran et al. CVPR 2018), a residual (2+1)-D block, a plain 3×3×3 block with
+as in R(2+1)D, Tran et al. CVPR 2018), a residual (2+1)-D block, two plain 3×3×3 blocks with
 stride 2, global 3-D average pooling and a linear classifier; BatchNorm after every conv.
 """
 
