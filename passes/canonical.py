@@ -28,14 +28,15 @@ from __future__ import annotations
 import torch
 from torch import fx
 
+from quantflow.ir import CONV_ND
 from quantflow.passes.driver import for_each, skip
 
 aten = torch.ops.aten
 
 #: the generic conv ops TorchScript leaves behind
 _GENERIC = (aten.convolution.default, aten._convolution.default)
-#: weight rank → canonical op
-_CANONICAL = {5: aten.conv3d.default, 4: aten.conv2d.default, 3: aten.conv1d.default}
+#: weight rank → canonical op (a conv's weight has its spatial dims + out, in channels)
+_CANONICAL = {nd + 2: op for op, nd in CONV_ND.items()}
 
 
 def _canonical_one(gm: fx.GraphModule, node: fx.Node) -> bool:

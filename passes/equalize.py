@@ -51,6 +51,7 @@ import torch
 from torch import fx
 
 from quantflow.ir import (
+    CONV_ND,
     CONV_OPS,
     LINEAR_OPS,
     WEIGHTED_OPS,
@@ -187,14 +188,10 @@ def _clip_bound(node: fx.Node) -> float | None:
     return None
 
 
-#: spatial dims of each conv's output (what a per-channel constant broadcasts over)
-_SPATIAL_DIMS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
-
-
 def _bound_shape(layer: fx.Node, channels: int) -> tuple[int, ...]:
     """Per-channel constant shape that broadcasts over the layer's output ([C,1,1] / [C])."""
     if layer.target in CONV_OPS:
-        return (channels,) + (1,) * _SPATIAL_DIMS[layer.target]
+        return (channels,) + (1,) * CONV_ND[layer.target]
     return (channels,)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from quantflow.ir import CONV_OPS, ConvArgs, add_const, get_tensor
+from quantflow.ir import CONV_ND, CONV_OPS, ConvArgs, add_const, get_tensor
 from quantflow.passes.driver import is_erased
 from quantflow.passes.reparam_math import (
     Geometry,
@@ -21,7 +21,7 @@ from quantflow.passes.reparam_math import (
 aten = torch.ops.aten
 
 ADD_OPS = (aten.add.Tensor, aten.add_.Tensor)
-_CONV_FOR_ND = {1: aten.conv1d.default, 2: aten.conv2d.default, 3: aten.conv3d.default}
+_CONV_FOR_ND = {nd: op for op, nd in CONV_ND.items()}
 
 
 class Constants:

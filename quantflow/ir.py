@@ -36,7 +36,9 @@ log = logging.getLogger("quantflow")
 
 aten = torch.ops.aten
 
-CONV_OPS = (aten.conv2d.default, aten.conv1d.default, aten.conv3d.default)
+#: conv op -> number of spatial dims (the one table of 1-D/2-D/3-D convs)
+CONV_ND = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}
+CONV_OPS = tuple(CONV_ND)
 LINEAR_OPS = (aten.linear.default,)
 BN_OPS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 #: ops with a weight that quantization treats as a "layer"
@@ -142,7 +144,7 @@ class ConvArgs:
     def of(node: fx.Node) -> ConvArgs:
         if node.target not in CONV_OPS:
             raise CaptureError(f"node {node.name!r} ({node.target}) is not a conv")
-        nd = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.conv3d.default: 3}[node.target]
+        nd = CONV_ND[node.target]
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
         defaults: dict[str, Any] = {"bias": None, "stride": 1, "padding": 0, "dilation": 1,
                                     "groups": 1}

@@ -59,20 +59,17 @@ def _parse(path: Path) -> Any:
 def _example(proto: Any, path: Path, input_shape: tuple[int, ...] | None) -> torch.Tensor:
     import onnx
 
-    init = {i.name for i in proto.graph.initializer}
-    inputs = [i for i in proto.graph.input if i.name not in init]
-    if len(inputs) != 1:
-        raise InputError(f"{path}: the model has {len(inputs)} inputs "
-                         f"({', '.join(i.name for i in inputs)}); quantflow compiles "
-                         "single-input models (fold the others into constants before export)")
-    tt = inputs[0].type.tensor_type
+    from quantflow.onnx_import import single_input
+
+    first = single_input(proto.graph, str(path))
+    tt = first.type.tensor_type
     dtype = getattr(torch, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)).name)
     if input_shape is None:
         # symbolic dims (a batch, a sequence length) -> 1 for the batch, else ask
         dims = list(tt.shape.dim)
         sym = [k for k, d in enumerate(dims) if d.dim_value <= 0]
         if not dims or any(k > 0 for k in sym):
-            raise InputError(f"{path}: input {inputs[0].name!r} has symbolic sizes beyond the "
+            raise InputError(f"{path}: input {first.name!r} has symbolic sizes beyond the "
                              "batch; pass --input-shape with every size (batch first)")
         input_shape = tuple(d.dim_value if d.dim_value > 0 else 1 for d in dims)
     return example_input(check_shape(tuple(input_shape), str(path)), dtype, str(path))

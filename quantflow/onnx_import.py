@@ -67,6 +67,18 @@ def _fold(node: Any, consts: dict[str, np.ndarray], opset: int) -> list[np.ndarr
     return [np.asarray(v) for v in got]
 
 
+def single_input(graph: Any, where: str) -> Any:
+    """The graph's one input (its ValueInfo); initializers listed as inputs (old IR) do not
+    count. quantflow calibrates with one array per sample."""
+    init = {t.name for t in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in init]
+    if len(inputs) != 1:
+        raise InputError(f"{where}: the model has {len(inputs)} inputs "
+                         f"({', '.join(i.name for i in inputs)}); quantflow compiles "
+                         "single-input models (fold the others into constants before export)")
+    return inputs[0]
+
+
 def _safe(name: str, taken: set[str]) -> str:
     base = re.sub(r"\W", "_", name).strip("_") or "c"
     base = "c_" + base if base[0].isdigit() else base
@@ -89,11 +101,7 @@ class OnnxModule(nn.Module):
         self.opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
                           13)
         consts: dict[str, np.ndarray] = {t.name: nph.to_array(t) for t in graph.initializer}
-        self.input_names = [i.name for i in graph.input if i.name not in consts]
-        if len(self.input_names) != 1:
-            raise InputError(f"{where}: the model has {len(self.input_names)} inputs "
-                             f"({', '.join(self.input_names)}); quantflow compiles single-input "
-                             "models (fold the others into constants before export)")
+        self.input_name = single_input(graph, where).name
         self.output_names = [o.name for o in graph.output]
         steps: list[OnnxStep] = []
         for node in graph.node:
@@ -171,7 +179,7 @@ class OnnxModule(nn.Module):
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, ...]:
         # one named input: torch.export maps a dynamic batch onto a plain positional argument
         env: dict[str, Value] = dict(self.const_np)
-        env[self.input_names[0]] = x
+        env[self.input_name] = x
         for s in self.steps:
             args = [env[i] if i else None for i in s.inputs]
             try:

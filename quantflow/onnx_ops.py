@@ -19,7 +19,7 @@ from torch import Tensor
 
 from quantflow.errors import InputError
 from quantflow.onnx_layers import LAYER_OPS, const_in, tensor_in
-from quantflow.onnx_shapes import STATIC_OPS, axes_of, ints, shape_of, slices
+from quantflow.onnx_shapes import STATIC_OPS, axes_of, fill_value, ints, shape_of, slices
 
 Value = Tensor | np.ndarray
 Args = list[Any]
@@ -134,7 +134,8 @@ def _gather(m: Any, s: Any, a: Args) -> list[Any]:
         return [picked.reshape(*x.shape[:axis], *idx.shape, *x.shape[axis + 1:])]
     ids = tensor_in(m, s, a, 1)
     if axis == 0 and isinstance(a[0], np.ndarray) and a[0].ndim == 2:
-        return [F.embedding(ids, tensor_in(m, s, a, 0))]  # a lookup table: what nn.Embedding exports
+        # a lookup table: what nn.Embedding exports
+        return [F.embedding(ids, tensor_in(m, s, a, 0))]
     x = tensor_in(m, s, a, 0)
     flat = x.index_select(axis, ids.reshape(-1))
     return [flat.reshape(*x.shape[:axis], *ids.shape, *x.shape[axis + 1:])]
@@ -243,11 +244,8 @@ def _shape(m: Any, s: Any, a: Args) -> list[Any]:
 
 
 def _const_of_shape(m: Any, s: Any, a: Args) -> list[Any]:
-    import onnx.numpy_helper as nph
-
-    value = nph.to_array(s.attrs["value"]) if "value" in s.attrs else np.zeros(1, np.float32)
-    shape = ints(const_in(s, a, 0, "shape"))
-    return [torch.full(shape, value.reshape(-1)[0].item(),
+    value = fill_value(s)  # a symbolic size (the batch) in the shape: torch sizes it
+    return [torch.full(ints(const_in(s, a, 0, "shape")), value.item(),
                        dtype=getattr(torch, value.dtype.name))]
 
 
@@ -267,7 +265,8 @@ OPS: dict[str, Op] = {
     "HardSigmoid": lambda m, s, a: [torch.clamp(
         float(s.attrs.get("alpha", 0.2)) * tensor_in(m, s, a, 0) + float(s.attrs.get("beta", 0.5)),
         0.0, 1.0)],
-    "LeakyRelu": lambda m, s, a: [F.leaky_relu(tensor_in(m, s, a, 0), float(s.attrs.get("alpha", 0.01)))],
+    "LeakyRelu": lambda m, s, a: [F.leaky_relu(tensor_in(m, s, a, 0),
+                                               float(s.attrs.get("alpha", 0.01)))],
     "Elu": lambda m, s, a: [F.elu(tensor_in(m, s, a, 0), float(s.attrs.get("alpha", 1.0)))],
     "Clip": _clip,
     "Identity": lambda m, s, a: [a[0]], "Dropout": lambda m, s, a: [a[0]],
@@ -278,7 +277,7 @@ OPS: dict[str, Op] = {
     "And": _binary(torch.logical_and), "Or": _binary(torch.logical_or),
     "Max": _variadic(torch.maximum), "Min": _variadic(torch.minimum),
     "Sum": _variadic(torch.add),
-    "Where": lambda m, s, a: [torch.where(tensor_in(m, s, a, 0), tensor_in(m, s, a, 1), tensor_in(m, s, a, 2))],
+    "Where": lambda m, s, a: [torch.where(*(tensor_in(m, s, a, k) for k in range(3)))],
     "Reshape": _reshape, "Flatten": _flatten, "Gather": _gather, "Slice": _slice,
     "Split": _split, "Unsqueeze": _unsqueeze, "Squeeze": _squeeze, "Pad": _pad,
     "Transpose": lambda m, s, a: [tensor_in(m, s, a, 0).permute(

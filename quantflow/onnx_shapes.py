@@ -134,11 +134,18 @@ def _div(s: Any, a: Args) -> list[Arr]:
     return [x / y]
 
 
-def const_of_shape(s: Any, a: Args) -> list[Arr]:
+def fill_value(step: Any) -> np.generic:
+    """ConstantOfShape's fill: its one-element `value` attribute, float32 0 by default."""
     import onnx.numpy_helper as nph
 
-    value = nph.to_array(s.attrs["value"]) if "value" in s.attrs else np.zeros(1, np.float32)
-    return [np.full(tuple(concrete(a[0])), value.reshape(-1)[0], value.dtype)]
+    value = nph.to_array(step.attrs["value"]) if "value" in step.attrs else \
+        np.zeros(1, np.float32)
+    return cast(np.generic, value.reshape(-1)[0])
+
+
+def const_of_shape(s: Any, a: Args) -> list[Arr]:
+    value = fill_value(s)
+    return [np.full(tuple(concrete(a[0])), value, value.dtype)]
 
 
 def _reshape(s: Any, a: Args) -> list[Arr]:

@@ -45,9 +45,10 @@ FUSED_ACTS = (aten.relu.default, aten.relu_.default, aten.hardtanh.default,
               aten.hardtanh_.default, aten.clamp.default, aten.relu6.default)
 #: ops whose output values are a subset of their input's: the output re-uses the input's
 #: quantization parameters (exact, and onnxruntime then keeps e.g. MaxPool in uint8)
-VALUE_PRESERVING = (aten.max_pool2d.default, aten.max_pool3d.default, aten.max_pool1d.default,
-                    aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten.permute.default, aten.transpose.int,
-                    aten.squeeze.dim, aten.unsqueeze.default)
+VALUE_PRESERVING = (aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default,
+                    aten.flatten.using_ints, aten.view.default, aten.reshape.default,
+                    aten.permute.default, aten.transpose.int, aten.squeeze.dim,
+                    aten.unsqueeze.default)
 #: ORT placement: ops whose output stays float unless a quantized op reads it (_read_quantized)
 FLOAT_OUTPUT_OPS = (aten.linear.default, *MATMUL_OPS)
 PLACEMENTS = ("ort", "trt")

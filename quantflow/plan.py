@@ -128,7 +128,7 @@ def choose_uniform(gm: fx.GraphModule, calib: Dataset, config: CompileConfig,
     calibrators = CALIBRATORS if config.calibrator == "auto" else (config.calibrator,)
     scores: dict[str, float] = {}
     best: tuple[float, PlanResult] | None = None
-    best_label = ""
+    best_label, best_ref = "", torch.empty(0)
     batches = cal.batched(calib.x, config.calib_batch)
     x = ev.scoring_subset(calib.x)  # statistics from all the data, scores from a subset
     # (equalize, smooth α, graph); the SmoothQuant variant needs the plain graph's statistics
@@ -149,24 +149,24 @@ def choose_uniform(gm: fx.GraphModule, calib: Dataset, config: CompileConfig,
             label = f"{c}{'+cle' if eq else ''}{f'+smooth{alpha}' if alpha else ''}"
             scores[label] = round(s, 3)
             if best is None or s > best[0]:
-                best, best_label = (s, PlanResult(g, plan, stats)), label
+                best, best_label, best_ref = (s, PlanResult(g, plan, stats)), label, ref
     assert best is not None
-    best = _without_bias_correction(best, best_label, scores, x, scoring)
+    best = _without_bias_correction(best, best_label, scores, x, best_ref, scoring)
     return replace(best[1], candidates=scores)
 
 
 def _without_bias_correction(best: tuple[float, PlanResult], label: str,
-                             scores: dict[str, float], x: torch.Tensor,
+                             scores: dict[str, float], x: torch.Tensor, ref: torch.Tensor,
                              scoring: KernelRules) -> tuple[float, PlanResult]:
     """The winner scored once more without bias correction, kept if that scores better.
 
     Bias correction subtracts (W_q − W)·E[x] with E[x] over every calibration position. On
     CNNs that is the shift the layer sees; on a transformer it also averages padding tokens
     and positions the model pools away (MiniLM, 200 sentences: cosine 0.99735 with, 0.99759
-    without). One extra scoring decides it for the model at hand."""
+    without). One extra scoring decides it for the model at hand (`ref`: the winner's float
+    outputs on `x`, already computed for its score)."""
     s0, res = best
     plan = replace(res.plan, bias_correction=False)
-    ref = ev.predict(res.gm, x)
     s = ev.sqnr_db(ref, ev.predict(quantize(res.gm, plan, res.stats, scoring), x))
     scores[f"{label}-bias_correction"] = round(s, 3)
     return (s, replace(res, plan=plan)) if s > s0 else best

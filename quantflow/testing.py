@@ -75,3 +75,13 @@ def output_step(qgm: fx.GraphModule) -> float:
     assert w_int is not None and w_scale is not None
     w_max = float((w_int.float().abs() * w_scale[:, None]).max())
     return float(x_dq.args[1]) * w_max
+
+
+def aten_op_counts(gm: fx.GraphModule) -> dict[str, int]:
+    """ATen op -> how many nodes call it, keyed with the overload ("matmul.default")."""
+    out: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and hasattr(n.target, "_schema"):
+            key = str(n.target).removeprefix("aten.")
+            out[key] = out.get(key, 0) + 1
+    return out

@@ -22,7 +22,7 @@ from quantflow.passes.smooth import smooth, smooth_scales
 from quantflow.placement import observed_tensors, plan_tensors
 from quantflow.quantize import quantize
 from quantflow.spec import int8_plan
-from quantflow.testing import check_pass
+from quantflow.testing import aten_op_counts, check_pass
 
 aten = torch.ops.aten
 minilm = pytest.importorskip("quantflow.zoo.minilm")
@@ -66,16 +66,6 @@ class Encoder(nn.Module):
         return self.norm2(x + self.ffn_out(F.gelu(self.ffn_in(x))))
 
 
-def count_ops(gm: torch.fx.GraphModule) -> dict[str, int]:
-    """ATen op -> how many call it ("matmul.default")."""
-    out: dict[str, int] = {}
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and hasattr(n.target, "_schema"):
-            key = str(n.target).removeprefix("aten.")
-            out[key] = out.get(key, 0) + 1
-    return out
-
-
 def _x(n: int = 4, length: int = 12, d: int = 32, seed: int = 1) -> Tensor:
     return torch.randn(n, length, d, generator=torch.Generator().manual_seed(seed))
 
@@ -83,9 +73,9 @@ def _x(n: int = 4, length: int = 12, d: int = 32, seed: int = 1) -> Tensor:
 @pytest.mark.parametrize("mask", ["float", "bool", "none"])
 def test_decompose_sdpa_writes_out_attention_exactly(mask: str) -> None:
     gm = capture(Encoder(mask=mask), (_x(),))
-    assert count_ops(gm).get("scaled_dot_product_attention.default") == 1
+    assert aten_op_counts(gm).get("scaled_dot_product_attention.default") == 1
     gm = check_pass(decompose_sdpa, gm, (_x(seed=2),))
-    ops = count_ops(gm)
+    ops = aten_op_counts(gm)
     assert "scaled_dot_product_attention.default" not in ops
     assert ops["matmul.default"] == 2 and ops["softmax.int"] == 1
 
@@ -101,9 +91,9 @@ def test_decompose_sdpa_skips_causal_attention_with_a_reason(caplog: pytest.LogC
 def test_fold_scale_moves_the_attention_scale_into_the_query_projection() -> None:
     gm = capture(Encoder(), (_x(),))
     assert decompose_sdpa(gm)
-    muls = count_ops(gm).get("mul.Tensor", 0)
+    muls = aten_op_counts(gm).get("mul.Tensor", 0)
     gm = check_pass(fold_scale, gm, (_x(seed=3),))
-    assert count_ops(gm).get("mul.Tensor", 0) == muls - 1  # the 1/sqrt(d) on q is gone
+    assert aten_op_counts(gm).get("mul.Tensor", 0) == muls - 1  # the 1/sqrt(d) on q is gone
 
 
 def _calibrated(gm: torch.fx.GraphModule) -> dict:
@@ -117,10 +107,10 @@ def test_smooth_is_exact_and_flattens_the_outlier_channels() -> None:
     absmax = {k: v.channel_absmax for k, v in stats.items() if v.channel_absmax is not None}
     before = absmax["layer_norm"]
     assert float(before.max() / before.median()) > 10  # the outliers are there
-    muls = count_ops(gm).get("mul.Tensor", 0)
+    muls = aten_op_counts(gm).get("mul.Tensor", 0)
     gm = check_pass(lambda g: smooth(g, absmax, 0.5), gm, (_x(seed=5),))
     # the residual reader of each smoothed LayerNorm, and the GELU before ffn_out, get a mul
-    assert count_ops(gm)["mul.Tensor"] == muls + 3
+    assert aten_op_counts(gm)["mul.Tensor"] == muls + 3
     after = _calibrated(gm)["layer_norm"].channel_absmax
     assert after is not None
     # s_j ∝ sqrt(max|x_j|): the spread of the channel ranges shrinks to about its square root
@@ -168,7 +158,7 @@ def test_minilm_matches_the_hugging_face_implementation() -> None:
 
 
 def test_minilm_captures_with_attention_written_out(minilm_sim: dict) -> None:
-    ops = count_ops(minilm_sim["gm"])
+    ops = aten_op_counts(minilm_sim["gm"])
     assert "scaled_dot_product_attention.default" not in ops
     assert ops["matmul.default"] == 12 and ops["linear.default"] == 36
     with torch.no_grad():

@@ -7,7 +7,8 @@ with the FP32 ONNX model's:
 - retrieval: each sentence queries the other 499 by cosine; top-1 = the same nearest
   neighbour as FP32, overlap@10 = mean share of FP32's ten nearest that the row also returns;
 - latency: median ms of one sentence (batch 1), 2 threads, and the ratio to FP32 ORT.
-Rows: FP32 (the plain deploy graph exported to ONNX; the peers quantize this file); quantflow (`quantflow compile zoo:minilm`, its defaults); ORT quantize_static
+Rows: FP32 (the plain deploy graph exported to ONNX; the peers quantize this file); quantflow
+(`quantflow compile zoo:minilm`, its defaults); ORT quantize_static
 (QDQ, per-channel int8 weights, uint8 activations, MinMax, the same 256 calibration
 sentences); ORT quantize_dynamic (int8 weights, activations quantized per call: the
 quantizer's recommendation for transformers); NNCF (`nncf.quantize(model_type=TRANSFORMER)`
