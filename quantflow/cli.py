@@ -4,7 +4,8 @@ Exit codes (also in `quantflow --help`, table in errors.EXIT_CODES): 0 ok; 1 int
 2 bad arguments (flags, --config, -o); 3 bad model or data file (incl. code refused without
 --trust-pickle); 4 capture error / unsupported op; 5 a pass broke equivalence; 6 target runtime
 unavailable; 7 parity; 8 not enough memory; 10 budget exceeded (accuracy drop over --max-drop)
-— for CI gates; 130 Ctrl-C; 143 SIGTERM. A user error prints one line (`-v` adds the traceback);
+— for CI gates; 11/12/13 `quantflow gate`: accuracy/size/latency regressed against the
+baseline; 130 Ctrl-C; 143 SIGTERM. A user error prints one line (`-v` adds the traceback);
 only a bug (exit 1) prints a traceback unasked.
 """
 
@@ -21,7 +22,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from quantflow.config import TARGETS, CompileConfig, DataOptions, Flag, flags
+from quantflow.config import TARGETS, CompileConfig, DataOptions, Flag, GateThresholds, flags
 from quantflow.errors import EXIT_CODES, InputError, QuantflowError, ResourceError
 
 EPILOG = "exit codes:\n" + "\n".join(f"  {code:>3}  {what}" for what, code in EXIT_CODES.items())
@@ -151,8 +152,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-layer", action="store_true",
                    help="per-layer times (ORT profiler; TVM: per kernel, named after fx layers)")
 
+    _add_gate(sub)
     sub.add_parser("zoo", help="list the built-in models")
     return parser
+
+
+def _add_gate(sub: Any) -> None:
+    """`quantflow gate`: the CI regression gate (quantflow/regression_gate.py)."""
+    g = sub.add_parser("gate", help="fail CI when a compile is worse than its baseline",
+                       description="Compare a compile's report.json with a baseline report "
+                       "or with the recent runs in a history folder: accuracy (or agreement "
+                       "/ cosine), quantized size, median latency (noise-aware).",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("report", help="the candidate: OUT/report.json of `quantflow compile`")
+    g.add_argument("--baseline", metavar="BASE.json", help="baseline report.json")
+    g.add_argument("--history", metavar="DIR", help="history folder (DIR/history.jsonl): the "
+                   "baseline is the median of its last --history-runs passing runs of the "
+                   "same model, target, device and CPU class (unless --baseline is given)")
+    for f, spec in flags(GateThresholds):
+        _add_option(g, f.name, f.default, spec)
+    g.add_argument("--junit", metavar="FILE", help="write JUnit XML: one testcase per metric")
+    g.add_argument("--record", action="store_true", help="append this run to --history DIR "
+                   "(with its verdict; only passing runs become baselines) and redraw "
+                   "report.html beside the report with the history")
+    g.add_argument("-v", "--verbose", action="count", default=0)
 
 
 class Terminated(KeyboardInterrupt):

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from quantflow import outdir, resources, validate
-from quantflow.config import DATASETS, ZOO_DATASETS, CompileConfig, DataOptions, flags
+from quantflow.config import (DATASETS, ZOO_DATASETS, CompileConfig, DataOptions,
+                              GateThresholds, flags)
 from quantflow.dataset import Dataset
 from quantflow.errors import BudgetExceededError, InputError, PassError, UsageError
 from quantflow.pipeline import compile
@@ -272,6 +273,13 @@ def _runtime_of(path: Path) -> tuple[str, Path]:
                 return kind, path
     raise InputError(f"{path}: not a compiled artifact; fix: pass model.onnx, a TVM model.so "
                      "or manifest.json, or the directory `quantflow compile` wrote")
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    """The CI regression gate; its body is quantflow/regression_gate.py."""
+    from quantflow.regression_gate import run
+
+    return run(args, _options(GateThresholds, args))
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:

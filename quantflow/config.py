@@ -227,6 +227,39 @@ class DataOptions:
                 raise ValueError(f"{name} must be >= 1, got {v}")
 
 
+@dataclass(frozen=True)
+class GateThresholds:
+    """`quantflow gate` (quantflow/regress.py): how much worse than its baseline a run may
+    be. Not the in-compile budget (`--max-drop`, quantflow/gate.py), which bounds one compile
+    against its own FP32 model."""
+
+    max_acc_drop: float = option(1.0, "--max-acc-drop", "accuracy (or agreement / cosine "
+                                 "with FP32 when the data has no labels) may fall this many "
+                                 "points below the baseline", metavar="POINTS", kind="float")
+    max_size_growth: float = option(5.0, "--max-size-growth", "the quantized artifact may "
+                                    "grow this many percent", metavar="PCT", kind="float")
+    max_latency_growth: float = option(25.0, "--max-latency-growth", "the median latency may "
+                                       "grow this many percent (and must also exceed the "
+                                       "noise, see --latency-noise-k)", metavar="PCT",
+                                       kind="float")
+    latency_noise_k: float = option(3.0, "--latency-noise-k", "a latency rise counts only "
+                                    "beyond K x the noise (the larger interquartile range of "
+                                    "the two runs' timings, or of the history's medians)",
+                                    metavar="K", kind="float")
+    history_runs: int = option(5, "--history-runs", "--history: the baseline is the median "
+                               "of the last N passing runs of the same model, target, device "
+                               "and CPU class", metavar="N", kind="int")
+
+    def __post_init__(self) -> None:
+        for name, v in (("--max-acc-drop", self.max_acc_drop),
+                        ("--max-size-growth", self.max_size_growth),
+                        ("--max-latency-growth", self.max_latency_growth),
+                        ("--latency-noise-k", self.latency_noise_k)):
+            _finite_at_least(name, v, 0.0)
+        if self.history_runs < 1:
+            raise ValueError(f"--history-runs must be >= 1, got {self.history_runs}")
+
+
 def flags(cls: type) -> list[tuple[Field[Any], Flag]]:
     """The fields of `cls` that are command-line flags, in declaration order."""
     return [(f, f.metadata["flag"]) for f in fields(cls) if "flag" in f.metadata]

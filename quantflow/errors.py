@@ -85,6 +85,26 @@ class BudgetExceededError(QuantflowError):
     exit_code = 10
 
 
+class RegressionError(QuantflowError):
+    """`quantflow gate`: the run is worse than its baseline (quantflow/regress.py). One code
+    per metric so CI can tell them apart; when several regress, the first of accuracy, size,
+    latency sets the code and the message names them all."""
+
+    exit_code = 11
+
+
+class SizeRegressionError(RegressionError):
+    """`quantflow gate`: the quantized artifact grew beyond --max-size-growth."""
+
+    exit_code = 12
+
+
+class LatencyRegressionError(RegressionError):
+    """`quantflow gate`: the median latency grew beyond --max-latency-growth and the noise."""
+
+    exit_code = 13
+
+
 EXIT_CODES = {
     "ok": 0,
     "internal error (bug)": 1,
@@ -100,6 +120,12 @@ EXIT_CODES = {
         ResourceError.exit_code,
     "budget exceeded (accuracy drop over --max-drop, size or latency over budget)":
         BudgetExceededError.exit_code,
+    "gate: accuracy regressed against the baseline (over --max-acc-drop)":
+        RegressionError.exit_code,
+    "gate: size regressed against the baseline (over --max-size-growth)":
+        SizeRegressionError.exit_code,
+    "gate: latency regressed against the baseline (over --max-latency-growth and the noise)":
+        LatencyRegressionError.exit_code,
     "interrupted (Ctrl-C)": 130,
     "terminated (SIGTERM)": 143,
 }

@@ -42,7 +42,9 @@ Schema "quantflow.report/2" (all sizes in bytes, latencies in ms, accuracies in 
               Quality = {samples, accuracy, agreement, sqnr_db, kl}
   latency     {fp32: Latency, quantized: Latency, speedup} | {unavailable: why}
               Latency = {median_ms, p90_ms, mean_ms, runs, warmup, threads, batch, device
-                         (CPU description), per_layer_ms: {fx node: ms} | null}
+                         (CPU description), per_layer_ms: {fx node: ms} | null, iqr_ms,
+                         mad_ms (spread of the same timed runs: interquartile range, median
+                         absolute deviation; what `quantflow gate` weighs latency noise by)}
   size        {fp32_bytes, quantized_bytes, ratio, weights_fp32_bytes,
               weights_quantized_bytes}
   layers      [{name, op, plan, weight_bits, runs_integer, params}]

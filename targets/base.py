@@ -63,6 +63,10 @@ class Latency:
     batch: int
     device: str
     per_layer_ms: dict[str, float] | None = None
+    # the spread of the same timed runs, so a later comparison (`quantflow gate`) can tell a
+    # slower artifact from a noisy machine: interquartile range and median absolute deviation
+    iqr_ms: float | None = None
+    mad_ms: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,6 +87,16 @@ def device_description() -> str:
     return f"{cpu} ({os.cpu_count()} logical cores, {platform.system()} {platform.machine()})"
 
 
+def spread_ms(times: Sequence[float]) -> dict[str, float]:
+    """`iqr_ms` (75th - 25th percentile, inclusive method) and `mad_ms` (median absolute
+    deviation from the median) of timed runs; both 0.0 for a single run."""
+    if len(times) < 2:
+        return {"iqr_ms": 0.0, "mad_ms": 0.0}
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    med = statistics.median(times)
+    return {"iqr_ms": q3 - q1, "mad_ms": statistics.median(abs(t - med) for t in times)}
+
+
 def time_runs(fn: Callable[[], object], *, warmup: int, runs: int, threads: int, batch: int,
               device: str | None = None, min_seconds: float = 0.0) -> Latency:
     """Time `fn` after `warmup` calls: `runs` timed calls (more if `min_seconds` not reached)."""
@@ -100,7 +114,8 @@ def time_runs(fn: Callable[[], object], *, warmup: int, runs: int, threads: int,
     p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
     return Latency(median_ms=statistics.median(times), p90_ms=p90,
                    mean_ms=statistics.fmean(times), runs=len(times), warmup=warmup,
-                   threads=threads, batch=batch, device=device or device_description())
+                   threads=threads, batch=batch, device=device or device_description(),
+                   **spread_ms(times))
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from quantflow.errors import TargetUnavailableError
-from quantflow.targets.base import Latency
+from quantflow.targets.base import Latency, spread_ms
 
 
 def tensorrt_unavailable_reason() -> str | None:
@@ -107,4 +107,5 @@ def engine_latency(eng: Engine, feed: dict[str, np.ndarray], *, warmup: int, run
                    p90_ms=times[min(len(times) - 1, round(0.9 * (len(times) - 1)))],
                    mean_ms=statistics.fmean(times), runs=runs, warmup=warmup, threads=1,
                    batch=batch, device=f"{torch.cuda.get_device_name()} (TensorRT "
-                                       f"{eng.trt.__version__}, GPU time, CUDA events)")
+                                       f"{eng.trt.__version__}, GPU time, CUDA events)",
+                   **spread_ms(times))
