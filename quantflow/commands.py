@@ -12,8 +12,14 @@ import numpy as np
 import torch
 
 from quantflow import outdir, resources, validate
-from quantflow.config import (DATASETS, ZOO_DATASETS, CompileConfig, DataOptions,
-                              GateThresholds, flags)
+from quantflow.config import (
+    DATASETS,
+    ZOO_DATASETS,
+    CompileConfig,
+    DataOptions,
+    GateThresholds,
+    flags,
+)
 from quantflow.dataset import Dataset
 from quantflow.errors import BudgetExceededError, InputError, PassError, UsageError
 from quantflow.pipeline import compile

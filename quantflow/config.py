@@ -238,13 +238,14 @@ class GateThresholds:
                                  "points below the baseline", metavar="POINTS", kind="float")
     max_size_growth: float = option(5.0, "--max-size-growth", "the quantized artifact may "
                                     "grow this many percent", metavar="PCT", kind="float")
-    max_latency_growth: float = option(25.0, "--max-latency-growth", "the median latency may "
+    max_latency_growth: float = option(30.0, "--max-latency-growth", "the median latency may "
                                        "grow this many percent (and must also exceed the "
                                        "noise, see --latency-noise-k)", metavar="PCT",
                                        kind="float")
     latency_noise_k: float = option(3.0, "--latency-noise-k", "a latency rise counts only "
-                                    "beyond K x the noise (the larger interquartile range of "
-                                    "the two runs' timings, or of the history's medians)",
+                                    "beyond K x the noise (the standard error of the two "
+                                    "medians, from their timings' MAD; with --history at "
+                                    "least the spread of the recorded medians)",
                                     metavar="K", kind="float")
     history_runs: int = option(5, "--history-runs", "--history: the baseline is the median "
                                "of the last N passing runs of the same model, target, device "

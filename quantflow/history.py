@@ -46,7 +46,7 @@ def record_of(report: dict[str, Any], metrics: Metrics, *, passed: bool,
     """The history record of one gated run."""
     host = report.get("host", {})
     return {"schema": SCHEMA,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "commit": commit(), "model": metrics.model, "target": metrics.target,
             "device": metrics.device,
             "host": {k: host.get(k) for k in ("machine", "model", "cores", "isa_class")},

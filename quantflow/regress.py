@@ -12,14 +12,18 @@ Rules (candidate c, baseline b; thresholds from config.GateThresholds):
             `--metric cosine`) with FP32, in percent; both runs must use the same measure.
   size      fail iff quantized_bytes c > b · (1 + --max-size-growth/100).
   latency   fail iff median c > b · (1 + --max-latency-growth/100) AND c − b > K · noise,
-            noise = the largest IQR of: the baseline's timed runs, the candidate's timed
-            runs, and (from history) the baseline runs' medians. A loaded machine slows every
-            run a little and scatters them: the growth bound absorbs the first, the noise bound
-            the second. Compared only on the same CPU class (host.isa_class).
+            noise = √(se_b² + se_c²), se = 1.858 · MAD / √runs (the standard error of a
+            median of normal timings: 1.2533 · 1.4826 · MAD / √n); a history baseline's se is
+            at least the IQR of its runs' medians (their spread from run to run). The noise
+            bound keeps scattered timings (few runs, a busy machine) from failing; the growth
+            bound absorbs what the noise cannot see, a machine uniformly slower than when the
+            baseline ran, so it must exceed that drift (history's medians widen the noise
+            bound by it). Compared only on the same CPU class (host.isa_class).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -106,14 +110,21 @@ class Baseline:
     quality: float | None
     quantized_bytes: float
     latency_ms: float | None
-    noise_ms: float | None  # IQR of the baseline's timings (history: and of its medians)
+    noise_ms: float | None  # standard error of the baseline median (see the module doc)
     runs: int  # how many runs it summarises
 
 
 def baseline_of(m: Metrics, source: str) -> Baseline:
     return Baseline(source=source, measure=m.measure, isa_class=m.isa_class, quality=m.quality,
                     quantized_bytes=m.quantized_bytes, latency_ms=m.latency_ms,
-                    noise_ms=m.iqr_ms, runs=1)
+                    noise_ms=median_se(m), runs=1)
+
+
+def median_se(m: Metrics) -> float:
+    """Standard error of a run's median latency from its timings' MAD (0 when unknown)."""
+    if not m.mad_ms or not m.runs:
+        return 0.0
+    return 1.2533 * 1.4826 * m.mad_ms / math.sqrt(m.runs)
 
 
 def _iqr(values: Sequence[float]) -> float:
@@ -137,7 +148,7 @@ def baseline_from_history(records: Sequence[dict[str, Any]], cand: Metrics,
     if not runs:
         return None
     medians = [m.latency_ms for m in runs if m.latency_ms is not None]
-    noise = max([_iqr(medians), *(m.iqr_ms for m in runs if m.iqr_ms is not None)])
+    noise = max([_iqr(medians), *(median_se(m) for m in runs)])
     return Baseline(source=f"history: median of the last {len(runs)} passing run(s)",
                     measure=cand.measure, isa_class=cand.isa_class,
                     quality=_median([m.quality for m in runs]),
@@ -165,8 +176,8 @@ class Check:
 def latency_rule(t: GateThresholds) -> str:
     return (f"regression iff candidate median > baseline median x (1 + "
             f"{t.max_latency_growth:g}%) and candidate - baseline > {t.latency_noise_k:g} x "
-            "noise (noise: the largest IQR of the baseline's and the candidate's timed runs "
-            "and of the history's medians)")
+            "noise (noise = sqrt(se_b^2 + se_c^2), se = 1.858 x MAD / sqrt(runs), the standard "
+            "error of a median; from history se_b >= the IQR of the runs' medians)")
 
 
 def _accuracy(c: Metrics, b: Baseline, t: GateThresholds) -> Check:
@@ -203,7 +214,7 @@ def _latency(c: Metrics, b: Baseline, t: GateThresholds) -> Check:
         return Check("latency", "skip", b.latency_ms, c.latency_ms, "-", rule,
                      f"latency: measured on different CPU classes ({c.isa_class} vs baseline "
                      f"{b.isa_class}), not comparable")
-    noise = max(b.noise_ms or 0.0, c.iqr_ms or 0.0)
+    noise = math.hypot(b.noise_ms or 0.0, median_se(c))
     limit = max(b.latency_ms * (1 + t.max_latency_growth / 100),
                 b.latency_ms + t.latency_noise_k * noise)
     bad = c.latency_ms > limit

@@ -19,10 +19,24 @@ from typing import Any
 
 from quantflow import history, junit
 from quantflow.config import GateThresholds
-from quantflow.errors import (InputError, LatencyRegressionError, RegressionError,
-                              SizeRegressionError, UsageError)
-from quantflow.regress import (Baseline, Check, Metrics, baseline_from_history, baseline_of,
-                               check_comparable, compare, latency_rule, metrics_of)
+from quantflow.errors import (
+    InputError,
+    LatencyRegressionError,
+    RegressionError,
+    SizeRegressionError,
+    UsageError,
+)
+from quantflow.regress import (
+    Baseline,
+    Check,
+    Metrics,
+    baseline_from_history,
+    baseline_of,
+    check_comparable,
+    compare,
+    latency_rule,
+    metrics_of,
+)
 
 log = logging.getLogger(__name__)
 _ERRORS: dict[str, type[RegressionError]] = {

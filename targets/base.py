@@ -87,14 +87,14 @@ def device_description() -> str:
     return f"{cpu} ({os.cpu_count()} logical cores, {platform.system()} {platform.machine()})"
 
 
-def spread_ms(times: Sequence[float]) -> dict[str, float]:
-    """`iqr_ms` (75th - 25th percentile, inclusive method) and `mad_ms` (median absolute
-    deviation from the median) of timed runs; both 0.0 for a single run."""
+def spread_ms(times: Sequence[float]) -> tuple[float, float]:
+    """(IQR, MAD) of timed runs: 75th - 25th percentile (inclusive method) and the median
+    absolute deviation from the median; both 0.0 for a single run."""
     if len(times) < 2:
-        return {"iqr_ms": 0.0, "mad_ms": 0.0}
+        return 0.0, 0.0
     q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
     med = statistics.median(times)
-    return {"iqr_ms": q3 - q1, "mad_ms": statistics.median(abs(t - med) for t in times)}
+    return q3 - q1, statistics.median(abs(t - med) for t in times)
 
 
 def time_runs(fn: Callable[[], object], *, warmup: int, runs: int, threads: int, batch: int,
@@ -111,11 +111,12 @@ def time_runs(fn: Callable[[], object], *, warmup: int, runs: int, threads: int,
         if len(times) >= 20 * runs:
             break
     times.sort()
+    iqr, mad = spread_ms(times)
     p90 = times[min(len(times) - 1, round(0.9 * (len(times) - 1)))]
     return Latency(median_ms=statistics.median(times), p90_ms=p90,
                    mean_ms=statistics.fmean(times), runs=len(times), warmup=warmup,
                    threads=threads, batch=batch, device=device or device_description(),
-                   **spread_ms(times))
+                   iqr_ms=iqr, mad_ms=mad)
 
 
 @dataclass(frozen=True)

@@ -103,9 +103,10 @@ def engine_latency(eng: Engine, feed: dict[str, np.ndarray], *, warmup: int, run
         end.synchronize()
         times.append(float(start.elapsed_time(end)))
     times.sort()
+    iqr, mad = spread_ms(times)
     return Latency(median_ms=statistics.median(times),
                    p90_ms=times[min(len(times) - 1, round(0.9 * (len(times) - 1)))],
                    mean_ms=statistics.fmean(times), runs=runs, warmup=warmup, threads=1,
                    batch=batch, device=f"{torch.cuda.get_device_name()} (TensorRT "
                                        f"{eng.trt.__version__}, GPU time, CUDA events)",
-                   **spread_ms(times))
+                   iqr_ms=iqr, mad_ms=mad)
