@@ -12,8 +12,10 @@ Not the in-compile gate (quantflow/gate.py, `compile --max-drop`, exit 10).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -91,18 +93,30 @@ def run(args: argparse.Namespace, t: GateThresholds) -> int:
     for c in checks:
         print(f"  {c.status.upper():4s} {c.metric:8s} {c.message}")
     print(f"  latency rule: {latency_rule(t)}")
-    if args.junit:
-        junit.write(Path(args.junit), checks, name=cand.model, baseline=source)
     failed = [c for c in checks if c.status == "fail"]
+    if args.junit:
+        with _writing(args.junit, "--junit"):
+            junit.write(Path(args.junit), checks, name=cand.model, baseline=source)
     if args.record:
         rec = history.record_of(report, cand, passed=not failed,
                                 report_path=str(report_path))
-        path = history.append(Path(args.history), rec)
+        with _writing(args.history, "--history"):
+            path = history.append(Path(args.history), rec)
         print(f"  recorded in {path}")
         _redraw_html(report_path.parent, [*records, rec])
     if failed:
         raise _ERRORS[failed[0].metric](_summary(failed))
     return 0
+
+
+@contextlib.contextmanager
+def _writing(path: str, flag: str) -> Iterator[None]:
+    """An unwritable output is a usage error naming the flag, not a crash."""
+    try:
+        yield
+    except OSError as exc:
+        raise UsageError(f"{flag} {path}: cannot write ({exc.strerror or exc}); fix: pass a "
+                         "writable location") from None
 
 
 def _summary(failed: list[Check]) -> str:

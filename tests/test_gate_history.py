@@ -175,4 +175,7 @@ def test_gate_input_errors(runs: dict[str, Path], capsys: pytest.CaptureFixture[
     assert main(["gate", str(runs["same"])]) == 2
     assert main(["gate", str(runs["same"]), "--baseline", str(path), "--record"]) == 2
     assert main(["gate", str(runs["tmp"] / "narrow.npy"), "--baseline", str(path)]) == 3
+    assert main(["gate", str(runs["same"]), "--baseline", str(runs["base"]), "--junit",
+                 str(runs["tmp"] / "narrow.npy" / "gate.xml")]) == 2  # under a file
+    assert "--junit" in capsys.readouterr().err
     assert spread_ms([1.0, 2.0, 3.0, 4.0, 100.0]) == (2.0, 1.0)  # IQR 4 - 2, MAD of 2,1,0,1,97
