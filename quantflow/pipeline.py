@@ -63,7 +63,8 @@ class StageClock:
     def run(self, name: str, fn: Callable[..., T], *args: Any) -> T:
         assert name in STAGES, name
         log.info("stage: %s", name)
-        line = progress.StageLine(STAGES.index(name) + 1, len(STAGES), name)
+        line = progress.StageLine(STAGES.index(name) + 1, len(STAGES), name,
+                                  inline=not log.isEnabledFor(logging.INFO))
         t0 = time.perf_counter()
         try:
             with in_stage(name):

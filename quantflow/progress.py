@@ -114,14 +114,15 @@ def bar(iterable_or_total: Iterable[Any] | int, desc: str, unit: str = "it", *,
 class StageLine:
     """`[3/12] plan ... 4.1 s`: where a multi-stage run is. On a terminal the line is written
     when the stage starts (bars inside it draw over it and clear themselves) and completed
-    with its time when it ends; forced onto a non-terminal, a start and an end line."""
+    with its time when it ends; forced onto a non-terminal, or with `inline=False` (log lines
+    will interleave, e.g. under -v), a start and an end line."""
 
     def __init__(self, index: int, total: int, name: str,
-                 stream: IO[str] | None = None) -> None:
+                 stream: IO[str] | None = None, inline: bool = True) -> None:
         self.stream = stream or sys.stderr
         self.text = f"[{index}/{total}] {name} ..."
         self.on = enabled(self.stream)
-        self.tty = _is_tty(self.stream)
+        self.tty = inline and _is_tty(self.stream)
         if self.on:
             self.stream.write(self.text if self.tty else self.text + "\n")
             self.stream.flush()

@@ -161,3 +161,22 @@ def test_in_stage_names_the_innermost_stage_once_and_keeps_the_class() -> None:
     assert info.value.stage == "search" and info.value.exit_code == 2
     with pytest.raises(ValueError, match="^plain$"), in_stage("plan"):
         raise ValueError("plain")  # not a user error: a bug keeps its own message
+
+
+def test_tvm_tuning_bar_counts_this_runs_database_records(tmp_path: Path) -> None:
+    """MetaSchedule appends one JSON line per measured candidate; lines already there (an
+    earlier, smaller tuning) are not this run's trials."""
+    from quantflow.targets.tvm_tune import RECORDS, TrialWatch
+
+    progress.force(True)
+    db = tmp_path / RECORDS
+    db.write_text("{}\n" * 3)
+    watch = TrialWatch(tmp_path, total=8)
+    with watch:
+        with db.open("a") as f:
+            f.write("{}\n" * 5)
+        deadline = time.monotonic() + 10
+        while watch.bar.n < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert watch.bar.n == 5 and watch.bar.total == 8
+    assert not watch.thread.is_alive()
