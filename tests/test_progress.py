@@ -180,3 +180,14 @@ def test_tvm_tuning_bar_counts_this_runs_database_records(tmp_path: Path) -> Non
             time.sleep(0.1)
         assert watch.bar.n == 5 and watch.bar.total == 8
     assert not watch.thread.is_alive()
+
+
+@pytest.mark.parametrize("argv", [["compile", "m.pt2", "-o", "o"], ["optimize", "m.pt2", "-o", "o"],
+                                  ["profile", "model.onnx"], ["zoo"]])
+def test_every_subcommand_takes_q_and_v(argv: list[str]) -> None:
+    from quantflow.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args([*argv, "-q"]).quiet is True
+    assert parser.parse_args([*argv, "--quiet", "-vv"]).verbose == 2
+    assert parser.parse_args(argv).quiet is False
