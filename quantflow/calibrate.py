@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 from torch import fx
-from tqdm import tqdm
 
 from quantflow.batch import rebatch
 from quantflow.errors import InputError
+from quantflow.progress import bar
 
 aten = torch.ops.aten
 
@@ -184,8 +184,7 @@ def collect_stats(
             obs = _Observer(gm, watch, stats, histograms=hist)
             desc = "calibrate: histograms" if hist else "calibrate: ranges"
             start = 0
-            for i, b in enumerate(tqdm(batch_list, desc=desc, disable=not progress,
-                                       leave=False)):
+            for i, b in enumerate(bar(batch_list, desc, "batch", disable=not progress)):
                 size = int(b[0].shape[0]) if b and b[0].dim() else 1
                 obs.batch = f"calibration batch {i} (samples {start}..{start + size - 1})"
                 start += size

@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from quantflow import progress
 from quantflow.config import TARGETS, CompileConfig, DataOptions, Flag, GateThresholds, flags
 from quantflow.errors import EXIT_CODES, InputError, QuantflowError, ResourceError
 
@@ -66,6 +67,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "unpickled)")
     p.add_argument("--input-shape", type=_shape, metavar="N,C,H,W",
                    help="example input shape incl. batch (default: from the model or data)")
+    _add_common_args(p)
+
+
+def _add_common_args(p: argparse.ArgumentParser) -> None:
+    """-q and -v: every subcommand takes them (call this for a new one)."""
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars or stage lines on stderr (results and errors still "
+                   "print; also QUANTFLOW_QUIET=1)")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="-v: stage log, -vv: debug (pass decisions and skip reasons)")
 
@@ -151,9 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--per-layer", action="store_true",
                    help="per-layer times (ORT profiler; TVM: per kernel, named after fx layers)")
+    _add_common_args(p)
 
     _add_gate(sub)
-    sub.add_parser("zoo", help="list the built-in models")
+    _add_common_args(sub.add_parser("zoo", help="list the built-in models"))
     return parser
 
 
@@ -175,7 +185,7 @@ def _add_gate(sub: Any) -> None:
     g.add_argument("--record", action="store_true", help="append this run to --history DIR "
                    "(with its verdict; only passing runs become baselines) and redraw "
                    "report.html beside the report with the history")
-    g.add_argument("-v", "--verbose", action="count", default=0)
+    _add_common_args(g)
 
 
 class Terminated(KeyboardInterrupt):
@@ -204,11 +214,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     with _sigterm_unwinds():
-        return _run(args)
+        try:
+            return _run(args)
+        finally:  # -q is this command's: a later call in the same process decides afresh
+            progress.set_quiet(None)
 
 
 def _run(args: argparse.Namespace) -> int:
     level = {0: logging.WARNING, 1: logging.INFO}.get(getattr(args, "verbose", 0), logging.DEBUG)
+    # without -q the environment (QUANTFLOW_QUIET) decides, as for library calls
+    progress.set_quiet(True if getattr(args, "quiet", False) else None)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if level > logging.DEBUG:  # torch's deprecation chatter is not the user's business
         warnings.filterwarnings("ignore", category=FutureWarning)

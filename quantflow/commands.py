@@ -21,7 +21,7 @@ from quantflow.config import (
     flags,
 )
 from quantflow.dataset import Dataset
-from quantflow.errors import BudgetExceededError, InputError, PassError, UsageError
+from quantflow.errors import BudgetExceededError, InputError, PassError, UsageError, in_stage
 from quantflow.pipeline import compile
 from quantflow.targets import ARTIFACT_FILES, ARTIFACT_SUFFIXES
 
@@ -48,7 +48,7 @@ def resolve_data(model: str, calib: str | None, eval_data: str | None, preproces
     if calib is None and model.startswith("zoo:"):
         calib = _zoo_dataset(model[4:])
     if calib is None:
-        raise InputError("no calibration data: pass --calib DATA (a .npy/.pt/.npz file, a "
+        raise InputError("no calibration data; fix: pass --calib DATA (a .npy/.pt/.npz file, a "
                          f"folder, or a built-in set: {', '.join(DATASETS)})")
     if calib in DATASETS:
         c_name, e_name = DATASETS[calib]
@@ -87,7 +87,7 @@ def _options(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from quantflow.load import load_model, resolve_example_inputs
+    from quantflow.load import load_model
 
     size_kind, size = args.max_size or (None, None)
     # options first: a contradiction is reported before minutes of loading and calibrating
@@ -100,28 +100,37 @@ def cmd_compile(args: argparse.Namespace) -> int:
     # everything is written beside -o and moved into place when complete; a budget failure
     # (exit 10) still publishes the artifacts and report, which the user needs to see why
     with outdir.staging(args.out, "compile", publish_on=(BudgetExceededError,)) as stage:
-        loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
-                            input_shape=args.input_shape)
-        validate.single_input(loaded)
+        with in_stage("load"):  # the pipeline's own stages name themselves
+            loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
+                                input_shape=args.input_shape)
+            validate.single_input(loaded)
         if config.metric == "auto" and args.model.startswith("zoo:"):
             config = replace(config, metric=_zoo_metric(args.model[4:]))
-        if args.calib == "distilled":
-            calib, evaluation, example = _distilled(loaded, args)
-        else:
-            calib, evaluation = resolve_data(args.model, args.calib, args.eval_data,
-                                             args.preprocess, args.calib_samples,
-                                             args.eval_samples)
-            example = resolve_example_inputs(loaded, args.input_shape, calib.x)
-            validate.data_matches_input(calib.x, example[0],
-                                        f"--calib {args.calib or '(the built-in data)'}")
-            if evaluation is not None:
-                validate.data_matches_input(
-                    evaluation.x, example[0], f"--eval {args.eval_data or '(the built-in data)'}")
+        with in_stage("data"):
+            calib, evaluation, example = _data(loaded, args)
         report = compile(loaded.module, example, calib, evaluation, stage.tmp, config,
                          name=loaded.name, source=loaded.source)
     report.data = stage.relocate(report.data)
     print(report.render())
     return 0
+
+
+def _data(loaded: Any, args: argparse.Namespace
+          ) -> tuple[Dataset, Dataset | None, tuple[torch.Tensor, ...]]:
+    """Calibration set, evaluation set and example inputs from the flags, checked."""
+    from quantflow.load import resolve_example_inputs
+
+    if args.calib == "distilled":
+        return _distilled(loaded, args)
+    calib, evaluation = resolve_data(args.model, args.calib, args.eval_data, args.preprocess,
+                                     args.calib_samples, args.eval_samples)
+    example = resolve_example_inputs(loaded, args.input_shape, calib.x)
+    validate.data_matches_input(calib.x, example[0],
+                                f"--calib {args.calib or '(the built-in data)'}")
+    if evaluation is not None:
+        validate.data_matches_input(evaluation.x, example[0],
+                                    f"--eval {args.eval_data or '(the built-in data)'}")
+    return calib, evaluation, example
 
 
 def _plan(path: str) -> None:
@@ -172,25 +181,30 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from quantflow.testing import max_rel_err
 
     with outdir.staging(args.out, "optimize") as stage:
-        loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
-                            input_shape=args.input_shape)
-        validate.single_input(loaded)
-        example = resolve_example_inputs(loaded, args.input_shape, None)
-        gm = capture(loaded.module, example)
-        batch = int(example[0].shape[0]) if example[0].dim() else 1
-        resources.check_graph(gm, batch, f"{loaded.path}: running the model on its example "
-                              f"input {list(example[0].shape)}", "pass a smaller --input-shape")
-        with torch.no_grad():
-            before = gm(*example)
-        report = optimize(gm)
-        with torch.no_grad():
-            after = gm(*example)
-        b = before[0] if isinstance(before, (tuple, list)) else before
-        a = after[0] if isinstance(after, (tuple, list)) else after
-        _check_finite_outputs(b, a, loaded.path)
-        err = max_rel_err(a, b)
-        torch.export.save(export_program(gm, example), stage.tmp / "model.pt2")
-        export_onnx(gm, example, stage.tmp / "model.onnx")
+        with in_stage("load"):
+            loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
+                                input_shape=args.input_shape)
+            validate.single_input(loaded)
+            example = resolve_example_inputs(loaded, args.input_shape, None)
+        with in_stage("capture"):
+            gm = capture(loaded.module, example)
+            batch = int(example[0].shape[0]) if example[0].dim() else 1
+            resources.check_graph(gm, batch, f"{loaded.path}: running the model on its "
+                                  f"example input {list(example[0].shape)}",
+                                  "pass a smaller --input-shape")
+            with torch.no_grad():
+                before = gm(*example)
+        with in_stage("passes"):
+            report = optimize(gm)
+            with torch.no_grad():
+                after = gm(*example)
+            b = before[0] if isinstance(before, (tuple, list)) else before
+            a = after[0] if isinstance(after, (tuple, list)) else after
+            _check_finite_outputs(b, a, loaded.path)
+            err = max_rel_err(a, b)
+        with in_stage("export"):
+            torch.export.save(export_program(gm, example), stage.tmp / "model.pt2")
+            export_onnx(gm, example, stage.tmp / "model.onnx")
     out = stage.out
     print(report.summary())
     print(f"passes fired: {report.fired}")
@@ -224,7 +238,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     validate.count("--threads", args.threads)
     path = Path(args.artifact)
     if not path.exists():
-        raise InputError(f"artifact {path} does not exist")
+        raise InputError(f"artifact {path} does not exist; fix: pass model.onnx, a TVM model.so "
+                         "or manifest.json, or the directory `quantflow compile` wrote")
     kind, file = _runtime_of(path)
     if args.target is not None and args.target != kind and \
             file.suffix not in ARTIFACT_SUFFIXES[args.target]:
@@ -232,7 +247,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
                          f"--target {args.target}; fix: drop --target (it is detected)")
     target = get_target(args.target or kind,
                         **({"threads": args.threads} if args.threads else {}))
-    art = target.load_artifact(file)
+    with in_stage("load"):
+        art = target.load_artifact(file)
     warning = target.artifact_warning(art)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
@@ -249,7 +265,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     elif args.per_layer:
         print(f"warning: --target {target.name} does not profile per layer; timing the whole "
               "model", file=sys.stderr)
-    lat = target.profile(art, inputs, **kw)
+    with in_stage("profile"):
+        lat = target.profile(art, inputs, **kw)
     print(f"{art.path} ({target.name}, {art.precision}): median {lat.median_ms:.3f} ms, "
           f"p90 {lat.p90_ms:.3f} ms over {lat.runs} runs (warm-up {lat.warmup}), "
           f"{lat.threads} threads, batch {lat.batch}")

@@ -224,7 +224,7 @@ class DataOptions:
         for name, v in (("--calib-samples", self.calib_samples),
                         ("--eval-samples", self.eval_samples)):
             if v is not None and v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
+                raise ValueError(f"{name} must be >= 1, got {v}; fix: pass {name} 1 or more")
 
 
 @dataclass(frozen=True)

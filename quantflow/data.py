@@ -297,7 +297,8 @@ def load_tensor_data(
         raise ValueError(f"limit must be >= 1, got {limit}")
     p = Path(path)
     if not p.exists():
-        raise DataError(f"data path {p} does not exist")
+        raise DataError(f"data path {p} does not exist; fix: check the path, or name a "
+                        "built-in set (see --calib in `quantflow compile --help`)")
     if p.is_file():
         if p.suffix.lower() in _IMAGE_SUFFIXES:
             return _load_image_file(p, preprocessing).unsqueeze(0), None

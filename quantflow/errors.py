@@ -6,11 +6,16 @@ class to its exit code, so scripts and CI can tell a bad input from an accuracy 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class QuantflowError(Exception):
     """Base class: a problem the user can act on (not a bug in quantflow)."""
 
     exit_code = 3
+    #: the stage it was raised in (`in_stage`), also the prefix of its message
+    stage: str | None = None
 
 
 class UsageError(QuantflowError):
@@ -103,6 +108,21 @@ class LatencyRegressionError(RegressionError):
     """`quantflow gate`: the median latency grew beyond --max-latency-growth and the noise."""
 
     exit_code = 13
+
+
+@contextlib.contextmanager
+def in_stage(name: str) -> Iterator[None]:
+    """Prefix a user error raised inside stage `name` with `stage NAME: `, so that the one
+    line the CLI prints says where in the run it happened. Once: the innermost stage names
+    it. The class (hence the exit code) and the traceback stay as they were."""
+    try:
+        yield
+    except QuantflowError as exc:
+        if exc.stage is None:
+            exc.stage = name
+            first = str(exc.args[0]) if exc.args else ""
+            exc.args = (f"stage {name}: {first}", *exc.args[1:])
+        raise
 
 
 EXIT_CODES = {

@@ -17,6 +17,7 @@ import torch
 
 from quantflow.batch import chunks, pad_rows
 from quantflow.errors import CaptureError
+from quantflow.progress import bar
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,9 @@ PREDICT_BATCH = 100
 
 
 def predict(fn: Callable[[torch.Tensor], Any], x: torch.Tensor,
-            batch_size: int = PREDICT_BATCH) -> torch.Tensor:
+            batch_size: int = PREDICT_BATCH, desc: str | None = None) -> torch.Tensor:
     """Run `fn` over `x` in batches and concatenate the (first) outputs, one row per sample.
+    With `desc`, a progress bar of that name counts the batches (quantflow.progress).
 
     A graph with a static batch runs in chunks of it (`quantflow.batch.chunks`). An output
     that does not have one row per input sample cannot be compared sample by sample: that is
@@ -99,7 +101,7 @@ def predict(fn: Callable[[torch.Tensor], Any], x: torch.Tensor,
     """
     outs = []
     with torch.no_grad():
-        for xb in chunks(fn, x, batch_size):
+        for xb in bar(chunks(fn, x, batch_size), desc or "", "batch", disable=desc is None):
             y = fn(xb)
             y = y[0] if isinstance(y, (tuple, list)) else y
             if not isinstance(y, torch.Tensor) or y.dim() == 0 or y.shape[0] != xb.shape[0]:
@@ -126,10 +128,11 @@ def _output_name(fn: object) -> str:
 
 
 def predict_runtime(run: Callable[[Sequence[np.ndarray]], list[np.ndarray]], x: torch.Tensor,
-                    batch: int) -> torch.Tensor:
-    """Run a compiled artifact (fixed batch size `batch`) over `x`, padding the last batch."""
+                    batch: int, desc: str | None = None) -> torch.Tensor:
+    """Run a compiled artifact (fixed batch size `batch`) over `x`, padding the last batch;
+    with `desc`, under a progress bar of that name."""
     outs = []
-    for i in range(0, x.shape[0], batch):
+    for i in bar(range(0, x.shape[0], batch), desc or "", "batch", disable=desc is None):
         xb = x[i:i + batch]
         n = xb.shape[0]
         xb = pad_rows(xb, batch)

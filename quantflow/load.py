@@ -117,7 +117,7 @@ def _zip_kind(path: Path) -> str | None:
         return "torch-save"
     raise InputError(
         f"{path}: a zip archive but not a PyTorch file (entries: {', '.join(names[:4]) or 'none'}"
-        "); expected an ExportedProgram (.pt2), TorchScript, a torch.save'd state dict or .onnx"
+        "); fix: pass an ExportedProgram (.pt2), TorchScript, a torch.save'd state dict or .onnx"
     )
 
 
@@ -143,7 +143,7 @@ def _load(
         return _load_zoo(path[len("zoo:") :], path, input_shape)
     p = Path(path)
     if not p.exists():
-        raise InputError(f"model file {p} does not exist; check the path (or use zoo:NAME)")
+        raise InputError(f"model file {p} does not exist; fix: check the path (or use zoo:NAME)")
     if p.is_dir():
         raise InputError(
             f"{p} is a directory; pass the model file inside it (.pt2, .pt/.pth, .onnx)"
@@ -164,7 +164,7 @@ def _load(
     if kind is None and not _is_legacy_torch_save(p):
         raise InputError(
             f"{p}: not a PyTorch file (neither a zip archive nor torch.save's legacy format); "
-            "it is corrupt or truncated, or not a model; expected an ExportedProgram (.pt2), "
+            "it is corrupt or truncated, or not a model; fix: pass an ExportedProgram (.pt2), "
             "TorchScript, a torch.save'd state dict or .onnx"
         )
     return load_torch_save(p, arch, trust_pickle, input_shape)

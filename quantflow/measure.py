@@ -19,6 +19,7 @@ from torch import fx
 from quantflow import evaluate as ev
 from quantflow.dataset import Dataset
 from quantflow.errors import TargetUnavailableError
+from quantflow.progress import bar
 from quantflow.quantize import model_size_bytes
 from quantflow.spec import QuantPlan
 
@@ -36,11 +37,13 @@ def evaluate(gm: fx.GraphModule, qgm: fx.GraphModule, target: Any, art_fp32: Any
     artifact against it (runtime-vs-simulation SQNR), and fake-quant in torch is the slowest
     part of an evaluation (Fashion-MNIST test set: ~60 s of 10k vs ~6 s for the ORT artifact).
     """
-    ref = ev.predict(gm, data.x)
+    ref = ev.predict(gm, data.x, desc="evaluate: FP32 reference (torch)")
     n_sim = min(SIM_SAMPLES, int(data.x.shape[0]))
-    sim = ev.predict(qgm, data.x[:n_sim])
-    rt_f = ev.predict_runtime(lambda xs: target.run(art_fp32, xs), data.x, batch)
-    rt_q = ev.predict_runtime(lambda xs: target.run(art_q, xs), data.x, batch)
+    sim = ev.predict(qgm, data.x[:n_sim], desc="evaluate: simulation (torch)")
+    rt_f = ev.predict_runtime(lambda xs: target.run(art_fp32, xs), data.x, batch,
+                              desc=f"evaluate: FP32 artifact ({target.name})")
+    rt_q = ev.predict_runtime(lambda xs: target.run(art_q, xs), data.x, batch,
+                              desc=f"evaluate: quantized artifact ({target.name})")
     q_fp32 = ev.quality(rt_f, data.y, ref)
     q_quant = ev.quality(rt_q, data.y, rt_f)
     q_sim = ev.quality(sim, None if data.y is None else data.y[:n_sim], ref[:n_sim])
@@ -71,14 +74,19 @@ def profile(target: Any, art_fp32: Any, art_q: Any, example_inputs: Sequence[tor
     declares it can (a separate, profiled pass: they never enter the wall-clock numbers)."""
     x0 = [t.numpy() for t in example_inputs]
     kw: dict[str, Any] = {"warmup": warmup, "runs": runs}
+    # the runs happen inside each target's own timing loop: the bar counts the artifacts
+    shown = bar(2, f"profile: {runs} runs per artifact ({target.name})", "artifact")
     try:
         lat_f = target.profile(art_fp32, x0, **kw)
+        shown.update(1)
         if target.caps.per_layer_profile:
             kw["per_layer"] = True
         lat_q = target.profile(art_q, x0, **kw)
     except TargetUnavailableError as exc:  # e.g. TensorRT: latency only on the device
         log.warning("latency not measured: %s", exc)
         return Timing({"unavailable": str(exc)})
+    finally:
+        shown.close()
     return Timing({"fp32": lat_f.to_dict(), "quantized": lat_q.to_dict(),
                    "speedup": round(lat_f.median_ms / max(lat_q.median_ms, 1e-9), 3)})
 

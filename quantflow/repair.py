@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 from torch import fx
-from tqdm import tqdm
 
 from quantflow import evaluate as ev
+from quantflow.progress import bar
 from quantflow.quantize import QuantInfo, float_source
 
 log = logging.getLogger("quantflow.repair")
@@ -188,8 +188,8 @@ class _Scorer:
 def rank(scorer: _Scorer, progress: bool = True) -> list[tuple[str, float]]:
     """Every tensor group's measured contribution (dB gained if it were exact), largest first."""
     out = []
-    for g in tqdm(sorted(scorer.pairs), desc="repair: ranking tensors", unit="tensor",
-                  disable=not progress, leave=False):
+    for g in bar(sorted(scorer.pairs), "repair: ranking tensors", "tensor",
+                 disable=not progress):
         out.append((g, scorer.sqnr(g, None) - scorer.base))
     return sorted(out, key=lambda t: -t[1])
 

@@ -45,11 +45,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx
-from tqdm import tqdm
 
 from quantflow import rounding_blocks as rb
 from quantflow.ir import CONV_OPS, WEIGHTED_OPS, ConvArgs, get_tensor, is_const
 from quantflow.pair_limit import pair_index, violations
+from quantflow.progress import bar
 from quantflow.qmath import along_axis
 from quantflow.rounding_blocks import Block, BlockRunner, LearnUnits, StepBudget, UnitCache
 from quantflow.spec import QSpec
@@ -348,9 +348,9 @@ def learn_rounding(gm: fx.GraphModule, qgm: fx.GraphModule, x: torch.Tensor,
     share = sum(macs[u.name] for u in todo) / max(sum(macs.values()), 1e-9)
     budget = StepBudget(t0 + opts.seconds * share, {u.name: per_mac * macs[u.name] for u in todo},
                         opts)
-    with tqdm(total=sum(len(u.layers) for u in todo), desc="learned rounding", unit="layer",
-              disable=not progress, leave=False) as bar, torch.no_grad():
-        learner = LearnUnits(qgm, units, layers, data, cached, budget, store, _learn_unit, bar)
+    with bar(sum(len(u.layers) for u in todo), "learned rounding", "layer",
+             disable=not progress) as shown, torch.no_grad():
+        learner = LearnUnits(qgm, units, layers, data, cached, budget, store, _learn_unit, shown)
         learner.run(x)
     return RoundingResult(learner.codes, learner.errors, time.perf_counter() - t0,
                           {u.name: list(u.layers) for u in units if u.residual}, resumed)

@@ -58,7 +58,8 @@ def number(flag: str, value: float | None, *, low: float | None = None,
 def count(flag: str, value: int | None, *, low: int = 1) -> None:
     """An integer flag (sample counts, runs, threads) is at least `low`."""
     if value is not None and value < low:
-        raise UsageError(f"{flag} {value}: must be at least {low}")
+        raise UsageError(f"{flag} {value}: must be at least {low}; fix: pass {flag} {low} or "
+                         "more")
 
 
 # ---------------------------------------------------------------- tensors

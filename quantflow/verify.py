@@ -25,6 +25,7 @@ from torch import fx
 
 from quantflow.errors import ParityError
 from quantflow.parity import BOUND_STEPS, TensorParity, layer_parity, quantized_tensors
+from quantflow.progress import bar
 from quantflow.spec import KernelRules
 
 log = logging.getLogger("quantflow")
@@ -72,7 +73,7 @@ def check(qgm: fx.GraphModule, artifact: Any, target: Any, x: torch.Tensor, batc
     names = quantized_tensors(qgm)
     result = ParityCheck(list(isas), sum(int(r[0].shape[0]) for r in runs))
     feeds = [[t.numpy() for t in r] for r in runs]
-    for isa in isas:
+    for isa in bar(isas, f"verify: per-layer parity ({len(runs)} runs per CPU)", "CPU"):
         codes = target.tensor_codes(artifact, names, feeds, isa=isa)
         result.tensors[isa] = layer_parity(qgm, runs, codes)
     return result

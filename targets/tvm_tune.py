@@ -33,6 +33,7 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 import types
 from pathlib import Path
@@ -41,11 +42,14 @@ from typing import Any
 import numpy as np
 
 from quantflow.cache import cache_dir
+from quantflow.progress import bar
 
 log = logging.getLogger("quantflow.targets.tvm")
 
 DEFAULT_CACHE = cache_dir("tvm_tuning")
 DONE = "done.json"
+#: MetaSchedule's JSON database of measured candidates, one line each (in the work_dir)
+RECORDS = "database_tuning_record.json"
 
 
 def skip_gpu_intrinsics() -> None:
@@ -244,22 +248,61 @@ def tune(mod: Any, target: Any, trials_per_task: int, cache_dir: Path | None) ->
     n_tasks = len(tasks)
     t0 = time.perf_counter()
     cores = int(target.attrs.get("num-cores", 1))
-    ms.relax_integration.tune_relax(
-        mod, {}, target, str(work_dir),
-        max_trials_global=trials_per_task * max(n_tasks, 1),
-        max_trials_per_task=trials_per_task,
-        num_trials_per_iter=min(trials_per_task, 64),
-        builder=ms.builder.LocalBuilder(max_workers=cores, timeout_sec=120.0,
-                                        initializer=skip_gpu_intrinsics),
-        runner=ms.runner.LocalRunner(timeout_sec=60.0),
-        strategy=search_strategy(trials_per_task),
-        seed=0,
-    )
+    with TrialWatch(work_dir, trials_per_task * max(n_tasks, 1)):
+        ms.relax_integration.tune_relax(
+            mod, {}, target, str(work_dir),
+            max_trials_global=trials_per_task * max(n_tasks, 1),
+            max_trials_per_task=trials_per_task,
+            num_trials_per_iter=min(trials_per_task, 64),
+            builder=ms.builder.LocalBuilder(max_workers=cores, timeout_sec=120.0,
+                                            initializer=skip_gpu_intrinsics),
+            runner=ms.runner.LocalRunner(timeout_sec=60.0),
+            strategy=search_strategy(trials_per_task),
+            seed=0,
+        )
     elapsed = time.perf_counter() - t0
     (work_dir / DONE).write_text(json.dumps(
         {"trials_per_task": trials_per_task, "tasks": n_tasks, "tuning_s": elapsed}) + "\n")
     info.update(cache_hit=False, tuning_s=elapsed, tasks=n_tasks)
     return info
+
+
+class TrialWatch:
+    """A progress bar of MetaSchedule's measured trials against the total (quantflow.progress):
+    tune_relax blocks and has no progress hook that keeps its default callbacks, so a thread
+    counts the records the JSON database appends, one line per measured candidate."""
+
+    def __init__(self, work_dir: Path, total: int) -> None:
+        self.path = work_dir / RECORDS
+        self.total = total
+        # a retune appends to the database: lines already there are not this run's trials
+        self.start = _lines(self.path)
+        self.stop = threading.Event()
+        self.bar = bar(total, f"tvm: MetaSchedule tuning ({total} trials)", "trial")
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self.stop.wait(1.0):
+            done = min(self.total, max(0, _lines(self.path) - self.start))
+            self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> None:
+        if not self.bar.disable:
+            self.thread.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+        self.bar.close()
+
+
+def _lines(path: Path) -> int:
+    try:
+        with path.open("rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not created yet
+        return 0
 
 
 def search_strategy(trials_per_task: int) -> Any:

@@ -46,9 +46,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx
-from tqdm import tqdm
 
 from quantflow.ir import WEIGHTED_OPS, is_op
+from quantflow.progress import bar as progress_bar
 from quantflow.qmath import fake_quant_weight, qparams_from_range
 from quantflow.search.options import TraceOptions
 from quantflow.spec import LayerPlan, QSpec
@@ -228,7 +228,7 @@ def hutchinson_traces(gm: fx.GraphModule, batches: Sequence[Sequence[torch.Tenso
     history: list[dict[str, float]] = []
     converged = False
     it = 0
-    bar = tqdm(total=max_iter, desc="hawq: Hutchinson draws", disable=not progress, leave=False)
+    bar = progress_bar(max_iter, "hawq: Hutchinson draws", "draw", disable=not progress)
     start = time.perf_counter()
     worst = math.inf
     for it in range(1, max_iter + 1):

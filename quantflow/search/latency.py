@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import fx
-from tqdm import tqdm
 
 from quantflow.cache import cache_dir
 from quantflow.errors import QuantflowError, TargetRuntimeError
 from quantflow.ir import WEIGHTED_OPS, is_op
+from quantflow.progress import bar
 from quantflow.search.options import LatencyOptions
 from quantflow.search.space import OPTION_BITS
 
@@ -177,8 +177,8 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
 
         if per_layer:
             method = "per_layer_profile"
-            for k, opt in enumerate(tqdm(options, desc=f"latency table ({target.name})",
-                                         disable=not progress, leave=False)):
+            for k, opt in enumerate(bar(options, f"latency table ({target.name})", "variant",
+                                        disable=not progress)):
                 lat = profile({n: opt for n in layers} if opt != "FP32" else {}, f"o{k}", True)
                 per = lat.per_layer_ms or {}
                 attributed = 0.0
@@ -193,15 +193,14 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
         else:
             method = "differential"
             base = profile({}, "fp32", False).median_ms
-            bar = tqdm(total=len(layers) * len(options), disable=not progress, leave=False,
-                       desc=f"latency table ({target.name}, per layer)")
-            for k, opt in enumerate(options):
-                for i, n in enumerate(layers):
-                    bar.update(1)
-                    if opt == "FP32":
-                        continue
-                    ms[i, k] = profile({n: opt}, f"o{k}_{i}", False).median_ms - base
-            bar.close()
+            with bar(len(layers) * len(options), f"latency table ({target.name}, per layer)",
+                     "variant", disable=not progress) as shown:
+                for k, opt in enumerate(options):
+                    for i, n in enumerate(layers):
+                        shown.update(1)
+                        if opt == "FP32":
+                            continue
+                        ms[i, k] = profile({n: opt}, f"o{k}_{i}", False).median_ms - base
             rest = [base] * len(options)
     table = LatencyTable(tuple(layers), tuple(options), ms, tuple(rest), device, target.name,
                          method)

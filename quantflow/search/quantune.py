@@ -30,8 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-from tqdm import tqdm
 
+from quantflow.progress import bar as progress_bar
 from quantflow.search.allocate import InfeasibleBudgetError, solve_milp
 from quantflow.search.costmodel import CostModel
 from quantflow.search.options import LoopOptions
@@ -301,8 +301,8 @@ def run_search(space: SearchSpace, pool: Sequence[Candidate],
     trials: list[Trial] = []
     queue = [c.key() for c in first]
     by_key = {c.key(): i for i, c in enumerate(cands)}
-    bar = tqdm(total=min(opt.max_evals, len(cands)), desc=f"search ({opt.strategy})",
-               disable=not progress, leave=False)
+    bar = progress_bar(min(opt.max_evals, len(cands)), f"search ({opt.strategy})", "trial",
+                       disable=not progress)
     while len(trials) < opt.max_evals:
         remaining = [i for i in order if cands[i].key() not in done]
         if not remaining:

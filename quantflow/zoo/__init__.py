@@ -180,7 +180,8 @@ def _entry(name: str) -> ZooEntry:
         return MODELS[name]
     except KeyError:
         raise KeyError(
-            f"unknown zoo model {name!r}; known models: {', '.join(list_models())}"
+            f"unknown zoo model {name!r}; known models: {', '.join(list_models())}; fix: "
+            "use one of them (`quantflow zoo` lists them)"
         ) from None
 
 
