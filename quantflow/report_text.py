@@ -106,7 +106,7 @@ def render(d: dict[str, Any]) -> str:
     s = d.get("size")
     if s:
         lines.append(f"  size        {s['fp32_bytes'] / 1e6:8.3f} MB {s['quantized_bytes'] / 1e6:8.3f}"
-                     f" MB   x{s['ratio']:.2f} smaller")
+                     f" MB   {times(s['ratio'], 'smaller', 'larger')}")
     lat = d.get("latency")
     if lat and "unavailable" in lat:
         lines.append(f"  latency     not measured here: {lat['unavailable']}")
@@ -114,7 +114,7 @@ def render(d: dict[str, Any]) -> str:
         f, qz = lat["fp32"], lat["quantized"]
         lines.append(f"  latency     {f['median_ms']:8.3f} ms {qz['median_ms']:8.3f} ms   "
                      f"(median; p90 {f['p90_ms']:.3f} / {qz['p90_ms']:.3f}) "
-                     f"x{lat['speedup']:.2f} faster, {qz['threads']} threads")
+                     f"{times(lat['speedup'], 'faster', 'slower')}, {qz['threads']} threads")
         isa = (d.get("host") or {}).get("isa_class")
         lines.append(f"  host        {qz['device']}{f' [{isa}]' if isa else ''}")
         per = qz.get("per_layer_ms") or {}
@@ -151,3 +151,13 @@ def render(d: dict[str, Any]) -> str:
     if "artifacts" in d:
         lines.append("  artifacts   " + "  ".join(f"{k}={v}" for k, v in d["artifacts"].items()))
     return "\n".join(lines)
+
+
+def times(ratio: float, better: str, worse: str) -> str:
+    """`ratio` = FP32 / quantized as words that stay true when the quantized artifact is the
+    worse one: 4.0 -> "4.00x smaller", 0.64 -> "1.56x larger" (never "x0.64 smaller")."""
+    if ratio >= 1.0:
+        return f"{ratio:.2f}x {better}"
+    if ratio <= 0.0:
+        return f"? ({worse})"
+    return f"{1.0 / ratio:.2f}x {worse}"
