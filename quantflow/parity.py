@@ -52,7 +52,7 @@ def quantized_tensors(qgm: fx.GraphModule) -> list[str]:
     return [n.name for n in qgm.graph.nodes if n.target == qd.quantize_per_tensor.default]
 
 
-def _layer_of(q: fx.Node) -> tuple[str, str]:
+def layer_of(q: fx.Node) -> tuple[str, str]:
     """(layer name, op) that computes the tensor quantize node `q` reads."""
     src = q.args[0]
     assert isinstance(src, fx.Node)
@@ -67,7 +67,7 @@ def _layer_of(q: fx.Node) -> tuple[str, str]:
     return src.name, name.split(".")[-2] if name.count(".") >= 2 else name
 
 
-class _Replay(fx.Interpreter):
+class Replay(fx.Interpreter):
     """The simulation, with each tapped quantize node's output replaced by the runtime's."""
 
     def __init__(self, gm: fx.GraphModule, runtime: Mapping[str, np.ndarray]) -> None:
@@ -97,7 +97,7 @@ def layer_parity(qgm: fx.GraphModule, inputs: Sequence[Sequence[torch.Tensor]],
     worst: dict[str, list[int]] = {}
     with torch.no_grad():
         for xs, rt in zip(inputs, runtime):
-            replay = _Replay(qgm, rt)
+            replay = Replay(qgm, rt)
             replay.run(*xs)
             for name, (mx, off, n) in replay.diff.items():
                 w = worst.setdefault(name, [0, 0, 0])
@@ -106,7 +106,7 @@ def layer_parity(qgm: fx.GraphModule, inputs: Sequence[Sequence[torch.Tensor]],
     out = []
     for name in quantized_tensors(qgm):
         if name in worst:
-            layer, op = _layer_of(nodes[name])
+            layer, op = layer_of(nodes[name])
             mx, off, n = worst[name]
             out.append(TensorParity(name, layer, op, mx, off, n))
     return out
