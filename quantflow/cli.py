@@ -112,7 +112,9 @@ def _add_option(p: argparse.ArgumentParser, dest: str, default: Any, spec: Flag)
     kw: dict[str, Any] = {"dest": dest, "default": default, "help": spec.help}
     if spec.metavar:
         kw["metavar"] = spec.metavar
-    if spec.kind == "list":
+    if spec.kind == "append":  # repeatable: --keep-float a --keep-float b
+        kw.update(action="append", default=None if default == () else default)
+    elif spec.kind == "list":
         assert spec.choices is not None
         kw["type"] = _choice_list(spec.choices)
         kw["help"] += f" (comma-separated: {', '.join(spec.choices)})"
