@@ -54,8 +54,8 @@ def _size(s: str) -> tuple[str, float]:
                                          "uniform INT8 (0.75x)") from None
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model file: .pt2 (torch.export), TorchScript, a state_dict "
+def _add_model_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("model", nargs="?" if optional else None, help="model file: .pt2 (torch.export), TorchScript, a state_dict "
                    "with --arch, a pickled module with --trust-pickle, or zoo:NAME "
                    "(see `quantflow zoo`)")
     p.add_argument("--arch", metavar="MODULE:FACTORY",
@@ -135,14 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Capture, optimize, calibrate, quantize, lower, evaluate and "
                        "profile a model; write artifacts and report.json to -o.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(c)
+    _add_model_args(c, optional=True)  # it may come from --options (options_file.py)
     for cls in (CompileConfig, DataOptions):  # flags, choices and help: quantflow/config.py
-        for f, spec in flags(cls):
-            _add_option(c, f.name, f.default, spec)
+        for f, spec in flags(cls):  # no default: a flag not given leaves --options' value
+            _add_option(c, f.name, argparse.SUPPRESS, spec)
+    c.add_argument("--options", metavar="FILE", help="read compile options from a TOML or "
+                   "YAML file (default: ./quantflow.toml if it exists); flags override it")
+    c.add_argument("--print-config", action="store_true", help="print the merged options "
+                   "as TOML and exit")
     c.add_argument("--max-size", type=_size, metavar="MB|RATIOx",
                    help="--bits mixed: weight size budget, in MB (e.g. 1.5) or relative to "
                    "uniform INT8 (e.g. 0.75x)")
-    c.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")
+    c.add_argument("-o", "--out", metavar="DIR", help="output directory")
 
     o = sub.add_parser("optimize", help="run only the graph passes; write the float deploy form",
                        description="Run the pass pipeline (BN folding, re-parameterization, "

@@ -55,7 +55,7 @@ def check_patterns(keep_float: Iterable[str], bits_for: Iterable[str]) -> None:
             raise ValueError(f"--keep-float needs a non-empty glob pattern, got {p!r}")
     for text in bits_for:
         if not isinstance(text, str):
-            raise ValueError(f"--bits-for must be PATTERN=OPTION text, got {text!r}")
+            raise ValueError(f"--bits-for must be PATTERN=OPTION text, got {text!r}")  # noqa: TRY004 - a usage error (exit 2)
         split_bits_for(text)
 
 
