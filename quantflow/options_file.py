@@ -23,6 +23,7 @@ from typing import Any
 
 from quantflow.config import CompileConfig, DataOptions, Flag, flags
 from quantflow.errors import UsageError
+from quantflow.overrides import check_patterns
 
 DEFAULT_FILE = "quantflow.toml"
 #: keys that are not options of a dataclass: key -> (args dest, kind)
@@ -159,6 +160,12 @@ def load(path: Path) -> dict[str, Any]:
                              "without dashes, plus model and output)")
         dest, kind, spec = keys[key]
         out[dest] = _coerce(path, key, kind, spec, value)
+        if dest in ("keep_float", "bits_for"):  # their syntax, here to name the file
+            try:
+                check_patterns(out[dest] if dest == "keep_float" else (),
+                               out[dest] if dest == "bits_for" else ())
+            except ValueError as exc:
+                raise UsageError(f"--options {path}: key {key!r}: {exc}") from None
     return out
 
 
