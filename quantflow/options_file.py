@@ -45,7 +45,7 @@ def _keys() -> dict[str, tuple[str, str, Flag | None]]:
             for k in (f.name, flag, flag.replace("-", "_")):
                 out[k] = (f.name, spec.kind, spec)
     for k, (dest, kind) in EXTRA.items():
-        out[k] = (dest, kind, None)
+        out[k] = out[k.replace("_", "-")] = (dest, kind, None)
     for k, kind in UNFLAGGED.items():
         out[k] = (k, kind, None)
     return out
