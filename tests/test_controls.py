@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from nets import SmallCNN
+
 from quantflow.cli import main
 from quantflow.config import CompileConfig
 from quantflow.dataset import Dataset
@@ -185,8 +185,8 @@ def test_options_file_errors_name_file_and_key(tmp_path: Path, content: str, suf
 @pytest.mark.parametrize(("flags", "needle"), [
     (["--bits-for", "conv1=W9"], "unknown option 'W9'; fix: use one of W8A8, W8A16"),
     (["--bits-for", "conv1"], "write PATTERN=OPTION"),
-    (["--keep-float", "nohead.*"], "--keep-float 'nohead.*' matches no quantizable layer; "
-                                   "fix: use a glob over the layer names (conv2d, conv2d_1"),
+    (["--keep-float", "nohead.*"], ("--keep-float 'nohead.*' matches no quantizable layer; "
+                                   "fix: use a glob over the layer names (conv2d, conv2d_1")),
     (["--bits-for", "avgpool=W4A8"], "matches no weighted layer"),
     (["--keep-float", "layer1.*", "--bits-for", "layer1.0.conv1=W4A8"],
      "layer conv2d_1 is chosen by both --keep-float layer1.* and --bits-for"),
