@@ -55,9 +55,10 @@ def _size(s: str) -> tuple[str, float]:
 
 
 def _add_model_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
-    p.add_argument("model", nargs="?" if optional else None, help="model file: .pt2 (torch.export), TorchScript, a state_dict "
-                   "with --arch, a pickled module with --trust-pickle, or zoo:NAME "
-                   "(see `quantflow zoo`)")
+    p.add_argument("model", nargs="?" if optional else None,
+                   help="model file: .pt2 (torch.export), TorchScript, a state_dict with "
+                   "--arch, a pickled module with --trust-pickle, or zoo:NAME (see `quantflow "
+                   "zoo`)")
     p.add_argument("--arch", metavar="MODULE:FACTORY",
                    help="architecture for a state_dict file, e.g. mypkg.models:resnet18")
     p.add_argument("--trust-pickle", action="store_true",
