@@ -201,3 +201,19 @@ def test_control_errors_are_usage_errors(tmp_path: Path, flags: list[str], needl
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_keep_float_holds_in_the_tvm_artifact(tmp_path: Path) -> None:
+    """The same controls on TVM: kept layers are float kernels, the rest integer."""
+    pytest.importorskip("tvm")
+    out = tmp_path / "tvm"
+    assert main(["compile", ZOO, "--target", "tvm", "--calibrator", "minmax", "--equalize",
+                 "off", "--calib-samples", "64", "--eval-samples", "64", "--profile-runs", "3",
+                 "--keep-float", "layer2.0.conv1", "--keep-float", "fc", "--bits-for",
+                 "layer3.0.*=W4A8", "-q", "-o", str(out)]) == 0
+    r = json.loads((out / "report.json").read_text())
+    assert set(r["runtime"]["float_layers"]) == KEPT
+    convs = {row["name"] for row in r["layers"] if row["op"] == "conv2d"}
+    assert set(r["runtime"]["int_layers"]) == convs - KEPT
+    assert {row["name"] for row in r["layers"] if row["weight_bits"] == 4} == W4
