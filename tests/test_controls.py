@@ -45,6 +45,7 @@ def _float_weighted(model: Path) -> set[str]:
     return out
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_keep_float_and_bits_for_from_an_options_file(tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]
                                                       ) -> None:
@@ -121,6 +122,7 @@ def _small(tmp: Path, out: str, **kw: object) -> tuple[dict, Path]:
     return json.loads((tmp / out / "report.json").read_text()), tmp / out
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_mixed_search_keeps_fixed_layers_and_a_seed_reproduces_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
