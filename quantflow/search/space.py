@@ -29,8 +29,9 @@ OPTIONS = ("W8A8", "W8A16", "W4A8", "FP32")
 OPTION_BITS = {"W8A8": (8, 8), "W8A16": (8, 16), "W4A8": (4, 8), "FP32": (32, 32)}
 
 #: what the options mean (`layer_plan`); part of every database key, so evaluations stored by
-#: an older meaning are never reused. 2: A16 always takes min-max ranges.
-SPACE_VERSION = 2
+#: an older meaning are never reused. 2: A16 always takes min-max ranges. 3: an FP32 layer
+#: reads the float tensor, not a sibling's dequantized copy (quantize.py).
+SPACE_VERSION = 3
 
 
 @dataclass(frozen=True)
