@@ -54,10 +54,11 @@ def _size(s: str) -> tuple[str, float]:
                                          "uniform INT8 (0.75x)") from None
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model file: .pt2 (torch.export), TorchScript, a state_dict "
-                   "with --arch, a pickled module with --trust-pickle, or zoo:NAME "
-                   "(see `quantflow zoo`)")
+def _add_model_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("model", nargs="?" if optional else None,
+                   help="model file: .pt2 (torch.export), TorchScript, a state_dict with "
+                   "--arch, a pickled module with --trust-pickle, or zoo:NAME (see `quantflow "
+                   "zoo`)")
     p.add_argument("--arch", metavar="MODULE:FACTORY",
                    help="architecture for a state_dict file, e.g. mypkg.models:resnet18")
     p.add_argument("--trust-pickle", action="store_true",
@@ -112,7 +113,9 @@ def _add_option(p: argparse.ArgumentParser, dest: str, default: Any, spec: Flag)
     kw: dict[str, Any] = {"dest": dest, "default": default, "help": spec.help}
     if spec.metavar:
         kw["metavar"] = spec.metavar
-    if spec.kind == "list":
+    if spec.kind == "append":  # repeatable: --keep-float a --keep-float b
+        kw.update(action="append", default=None if default == () else default)
+    elif spec.kind == "list":
         assert spec.choices is not None
         kw["type"] = _choice_list(spec.choices)
         kw["help"] += f" (comma-separated: {', '.join(spec.choices)})"
@@ -133,14 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Capture, optimize, calibrate, quantize, lower, evaluate and "
                        "profile a model; write artifacts and report.json to -o.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_model_args(c)
+    _add_model_args(c, optional=True)  # it may come from --options (options_file.py)
     for cls in (CompileConfig, DataOptions):  # flags, choices and help: quantflow/config.py
-        for f, spec in flags(cls):
-            _add_option(c, f.name, f.default, spec)
+        for f, spec in flags(cls):  # no default: a flag not given leaves --options' value
+            _add_option(c, f.name, argparse.SUPPRESS, spec)
+    c.add_argument("--options", metavar="FILE", help="read compile options from a TOML or "
+                   "YAML file (default: ./quantflow.toml if it exists); flags override it")
+    c.add_argument("--print-config", action="store_true", help="print the merged options "
+                   "as TOML and exit")
     c.add_argument("--max-size", type=_size, metavar="MB|RATIOx",
                    help="--bits mixed: weight size budget, in MB (e.g. 1.5) or relative to "
                    "uniform INT8 (e.g. 0.75x)")
-    c.add_argument("-o", "--out", required=True, metavar="DIR", help="output directory")
+    c.add_argument("-o", "--out", metavar="DIR", help="output directory")
 
     o = sub.add_parser("optimize", help="run only the graph passes; write the float deploy form",
                        description="Run the pass pipeline (BN folding, re-parameterization, "

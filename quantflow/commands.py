@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from quantflow import outdir, resources, validate
+from quantflow import options_file, outdir, resources, validate
 from quantflow.config import (
     DATASETS,
     ZOO_DATASETS,
@@ -89,12 +89,15 @@ def _options(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
 def cmd_compile(args: argparse.Namespace) -> int:
     from quantflow.load import load_model
 
-    size_kind, size = args.max_size or (None, None)
     # options first: a contradiction is reported before minutes of loading and calibrating
-    config: CompileConfig = _options(CompileConfig, args,
-                                     max_size_mb=size if size_kind == "mb" else None,
-                                     max_size_ratio=size if size_kind == "ratio" else None)
-    _options(DataOptions, args)
+    config: CompileConfig = _options(CompileConfig, args, **options_file.merge(args))
+    data: DataOptions = _options(DataOptions, args)
+    if args.print_config:
+        print(options_file.render(args, config, data), end="")
+        return 0
+    if not args.model or not args.out:
+        raise UsageError(f"compile needs {'a model' if not args.model else '-o DIR'}; fix: "
+                         "pass it (or set model / output in the --options file)")
     if config.plan_path:
         _plan(config.plan_path)
     # everything is written beside -o and moved into place when complete; a budget failure
@@ -161,7 +164,7 @@ def _distilled(loaded: object, args: argparse.Namespace
     resources.check_graph(gm, 2 * n, f"distilling {n} calibration samples of shape "
                           f"{list(example[0].shape[1:])}", "pass fewer --calib-samples or a "
                           "smaller --input-shape")
-    result = distill(gm, tuple(example[0].shape[1:]), n=n)
+    result = distill(gm, tuple(example[0].shape[1:]), n=n, seed=args.seed or 0)
     calib = Dataset(result.inputs.detach(), None, f"distilled (ZeroQ, {n} samples)")
     evaluation = None
     if args.eval_data:

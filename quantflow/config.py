@@ -46,7 +46,8 @@ class Flag:
     help: str
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
-    kind: str = "value"  # value | int | float | duration (5m, 300s) | list (comma-separated)
+    #: value | int | float | duration (5m, 300s) | list (comma-separated) | append (repeatable)
+    kind: str = "value"
 
 
 def option(default: Any, name: str, help: str, *, choices: tuple[str, ...] | None = None,
@@ -121,8 +122,27 @@ class CompileConfig:
         (), "--verify-on", "--target ort: also check the artifact layer by layer on these "
         "CPUs, by emulation; the host is always checked", choices=EMULATED_ISAS,
         metavar="ISA[,ISA]", kind="list")
+    keep_float: tuple[str, ...] = option(
+        (), "--keep-float", "keep the layers matching this glob in FP32 (repeatable; matched "
+        "against fx node names and module paths, e.g. 'head.*' or fc); --bits mixed never "
+        "assigns them bits", metavar="PATTERN", kind="append")
+    bits_for: tuple[str, ...] = option(
+        (), "--bits-for", "give the weighted layers matching PATTERN this precision: W8A8, "
+        "W8A16, W4A8 or FP32 (repeatable; --bits mixed keeps them fixed and counts them in "
+        "the budgets)", metavar="PATTERN=OPTION", kind="append")
+    seed: int | None = option(None, "--seed", "seed of every random choice (calibration "
+                              "subsets, search, Hessian draws, rounding); default 0: the same "
+                              "options give the same plan and artifact", metavar="N",
+                              kind="int")
 
     def __post_init__(self) -> None:
+        for name in ("keep_float", "bits_for", "verify_isas"):  # lists (a file, the API) too
+            value = getattr(self, name)
+            object.__setattr__(self, name, (value,) if isinstance(value, str)
+                               else tuple(value or ()))
+        from quantflow.overrides import check_patterns
+
+        check_patterns(self.keep_float, self.bits_for)
         for f in fields(self):
             spec = f.metadata.get("flag")
             value = getattr(self, f.name)
@@ -155,11 +175,13 @@ class CompileConfig:
         for name in ("max_size_mb", "max_size_ratio", "max_latency_ms"):
             _finite_at_least(name, getattr(self, name), 0, strict=True)
         for name, low in (("calib_batch", 1), ("profile_runs", 1), ("profile_warmup", 0),
-                          ("tune_trials", 0), ("threads", 1)):
+                          ("tune_trials", 0), ("threads", 1), ("seed", 0)):
             v = getattr(self, name)
             if v is not None and not v >= low:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= {low}, "
                                  f"got {v}")
+        if self.seed is not None and not self.seed < 2**32:  # numpy's seed range
+            raise ValueError(f"--seed must be < 2**32, got {self.seed}")
 
     @property
     def placement(self) -> str:
@@ -183,6 +205,11 @@ class CompileConfig:
 
         limit = ort_isa.pair_limit(self.resolved_device) if self.target == "ort" else None
         return KernelRules(placement=self.placement, pair_limit=limit)
+
+    @property
+    def resolved_seed(self) -> int:
+        """The seed every random choice uses (--seed; 0 when not given)."""
+        return 0 if self.seed is None else self.seed
 
     def target_options(self) -> dict[str, object]:
         """Keyword options for `targets.get_target`."""

@@ -69,7 +69,7 @@ def round_stage(planned: PlanResult, calib: Dataset, config: CompileConfig) -> P
     # must find the same key to resume
     share = 1 - REPAIR_SHARE - (MIXED_ROUNDING_SHARE if config.bits == "mixed" else 0.0)
     n = int(calib.x.shape[0])
-    opts = RoundingOptions(seconds=share * config.optimize_seconds)
+    opts = RoundingOptions(seconds=share * config.optimize_seconds, seed=config.resolved_seed)
     opts = replace(opts, samples=learn_samples(n, opts.samples))
     rules = config.kernel_rules
     q = planned.quantize(rules)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +32,7 @@ import torch
 from torch import fx, nn
 
 from quantflow import evaluate as ev
-from quantflow import hostcpu, lowering, measure, progress, validate
+from quantflow import hostcpu, lowering, measure, overrides, progress, seeding, validate
 from quantflow.batch import describe as describe_batch
 from quantflow.config import CompileConfig
 from quantflow.dataset import Dataset
@@ -87,12 +88,17 @@ def capture_stage(model: nn.Module, example_inputs: Sequence[torch.Tensor], cali
 
 def plan_stage(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
                config: CompileConfig, out: Path) -> PlanResult:
-    """Which plan ships: the mixed-precision search, or uniform INT8 / a saved plan."""
+    """Which plan ships: the mixed-precision search, or uniform INT8 / a saved plan; the
+    layers --keep-float / --bits-for fix keep their option in either (quantflow/overrides.py)."""
+    fixed = overrides.resolve(gm, config.keep_float, config.bits_for, config.placement)
     if config.bits == "mixed":
         from quantflow.search.compile import mixed_plan  # lazy: xgboost and the search
 
-        return mixed_plan(gm, calib, evaluation, config, out)
-    return choose_uniform(gm, calib, config)
+        res = mixed_plan(gm, calib, evaluation, config, out, dict(fixed.options))
+    else:
+        res = choose_uniform(gm, calib, config)
+        res = replace(res, plan=overrides.apply(res.plan, fixed))
+    return replace(res, overrides=fixed.to_dict()) if fixed else res
 
 
 def compile(
@@ -112,6 +118,8 @@ def compile(
     Raises BudgetExceededError (after writing everything) when the gate fails.
     """
     config = config or CompileConfig()
+    # the seed used is recorded (report.config.seed) even when none was given
+    config = replace(config, seed=seeding.seed_everything(config.seed))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if calib.x.shape[1:] != example_inputs[0].shape[1:]:
@@ -144,7 +152,8 @@ def compile(
     def write_report() -> Report:
         planned.plan.save(out / "plan.json", compiled={
             "device": config.resolved_device, "kernel_rules": lowered.rules.to_dict(),
-            "portability": lowered.qgm.meta["quantflow"].portability})
+            "portability": lowered.qgm.meta["quantflow"].portability,
+            "overrides": planned.overrides or {}})
         report = assemble(Sections(
             model={"name": name, "source": source, "input_shape": list(example_inputs[0].shape),
                    "batch": batch_info},

@@ -51,6 +51,8 @@ class PlanResult:
     #: (scale, zero point) per repaired activation tensor (quantflow.repair), None: calibrated
     act_qparams: dict[str, tuple[float, int]] | None = None
     repair_summary: dict[str, Any] | None = None  # report.json's `repair`
+    #: layers fixed by --keep-float / --bits-for: {node: {option, by}} (plan.json, report)
+    overrides: dict[str, Any] | None = None
 
     def quantize(self, rules: KernelRules) -> fx.GraphModule:
         """The torch simulation of this plan: learned codes and repaired scales included."""

@@ -110,9 +110,13 @@ def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],
         if (n.name in info.tensors and is_op(n, VALUE_PRESERVING) and isinstance(src, fx.Node)
                 and src.name in info.tensors and info.tensors[src.name][0] == specs[n.name]):
             info.tensors[n.name] = info.tensors[src.name]
+    # a layer the plan keeps float reads the float tensor, not its dequantized copy: fed by a
+    # DequantizeLinear, onnxruntime (>= 1.20, WeightBiasQuantization) quantizes a float
+    # Conv/Gemm's weights itself and runs it as an integer kernel the simulation never saw
+    float_readers = {k for k, lp in plan.layers.items() if lp.is_float}
     for src_name, (spec, scale, zp) in info.tensors.items():
         src = nodes[src_name]
-        _insert_qdq(qgm, src, spec, scale, zp)
+        _insert_qdq(qgm, src, spec, scale, zp, float_readers)
     for n in list(qgm.graph.nodes):
         if is_op(n, WEIGHTED_OPS) and is_const(n.args[1]):
             lp = plan.for_node(n.name)
@@ -136,8 +140,11 @@ def quantize(gm: fx.GraphModule, plan: QuantPlan, stats: dict[str, TensorStats],
     return qgm
 
 
-def _insert_qdq(gm: fx.GraphModule, src: fx.Node, spec: QSpec, scale: float, zp: int) -> None:
-    users = list(src.users)
+def _insert_qdq(gm: fx.GraphModule, src: fx.Node, spec: QSpec, scale: float, zp: int,
+                float_readers: set[str] | frozenset[str] = frozenset()) -> None:
+    users = [u for u in src.users if u.name not in float_readers]
+    if not users:
+        return
     qargs = (scale, zp, spec.qmin, spec.qmax, dtype_of(spec))
     with gm.graph.inserting_after(src):
         q = gm.graph.create_node("call_function", qd.quantize_per_tensor.default,

@@ -66,8 +66,10 @@ def search_budget(config: CompileConfig, *, measured: bool) -> Budget:
 
 
 def mixed_plan(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
-               config: CompileConfig, out: Path) -> PlanResult:
-    """The plan for `--bits mixed`, with the search's summary for the report."""
+               config: CompileConfig, out: Path, fixed: dict[str, str] | None = None
+               ) -> PlanResult:
+    """The plan for `--bits mixed`, with the search's summary for the report. `fixed`: node
+    -> option the search keeps (quantflow/overrides.py)."""
     from quantflow.evaluate import cosine, predict
     from quantflow.targets import get_target
 
@@ -117,13 +119,14 @@ def mixed_plan(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
     # TensorRT: symmetric int8 activations only; onnxruntime runs int8 (symmetric)
     # activations through float kernels: measured 0.85-1.33x FP32 vs 0.5-0.7x for uint8
     # (benchmarks.md), so it gets uint8 only
-    search = SearchOptions(options=options,
+    search = SearchOptions(options=options, seed=config.resolved_seed,
                            schemes=(True,) if config.placement == "trt" else (False,))
     learned = None
     if config.optimize_seconds:  # price and evaluate 4-bit layers with learned rounding
         glob = GlobalConfig(int8_calibrator or "minmax", config.placement == "trt", "channel")
         learned = w4_rounding(gm, int8.stats, x, glob, list(layer_weights(gm)), config.kernel_rules,
-                              MIXED_ROUNDING_SHARE * config.optimize_seconds)
+                              MIXED_ROUNDING_SHARE * config.optimize_seconds,
+                              seed=config.resolved_seed)
     hawq = HawqOptions()
     size = run_size(gm, config.calib_batch)
     if size < config.calib_batch:  # as many Hessian samples as with calibration batches
@@ -134,7 +137,7 @@ def mixed_plan(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
                        search=search, hawq=hawq, latency=LatencyOptions(mode=latency),
                        placement=config.kernel_rules,
                        data_key=f"{calib.name}|cle={int8.plan.equalize}",
-                       baseline_calibrator=int8_calibrator, learned=learned)
+                       baseline_calibrator=int8_calibrator, learned=learned, fixed=fixed)
     res.save(out)
     summary = {k: v for k, v in res.to_dict().items() if k not in ("trials", "hessian")}
     summary["files"] = {"search": str(out / "search.json"),

@@ -81,7 +81,7 @@ class LearnedW4:
 
 def w4_rounding(gm: fx.GraphModule, stats: dict[str, TensorStats], x: torch.Tensor,
                 glob: GlobalConfig, layers: list[str], rules: KernelRules,
-                seconds: float) -> LearnedW4:
+                seconds: float, seed: int = 0) -> LearnedW4:
     """Learn every layer's rounding with the whole model at W4A8 (the search's 4-bit option
     under `glob`): the codes the search uses on its 4-bit layers."""
     from quantflow.rounding import RoundingOptions, learn_rounding
@@ -89,6 +89,6 @@ def w4_rounding(gm: fx.GraphModule, stats: dict[str, TensorStats], x: torch.Tens
     plan = QuantPlan(default=layer_plan("W8A8", glob),
                      layers={n: layer_plan("W4A8", glob) for n in layers})
     q = quantize(gm, plan, stats, rules)
-    res = learn_rounding(gm, q, x, RoundingOptions(seconds=seconds))
+    res = learn_rounding(gm, q, x, RoundingOptions(seconds=seconds, seed=seed))
     ratio = {n: (a / b if b > 0 else 1.0) for n, (b, a) in res.errors.items()}
     return LearnedW4(res.codes, ratio, res.seconds)

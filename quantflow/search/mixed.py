@@ -58,6 +58,7 @@ from quantflow.search.learned import LearnedW4
 from quantflow.search.options import HawqOptions, LatencyOptions, SearchOptions
 from quantflow.search.space import (
     OPTION_BITS,
+    OPTIONS,
     SPACE_VERSION,
     Candidate,
     SearchSpace,
@@ -167,15 +168,20 @@ def search_mixed(
     baseline_calibrator: str | None = None,
     learned: LearnedW4 | None = None,
     progress: bool = True,
+    fixed: dict[str, str] | None = None,
 ) -> SearchResult:
     """Choose per-layer precisions under `budget` (contract: module docstring). `learned`:
-    learned 4-bit rounding (search/learned.py) to price and evaluate 4-bit layers with."""
+    learned 4-bit rounding (search/learned.py) to price and evaluate 4-bit layers with.
+    `fixed`: node -> option the search must keep (--keep-float, --bits-for); its option
+    may lie outside `search.options`, which then bind the other layers only."""
     t0 = time.perf_counter()
     budget = (budget or qt.Budget()).effective()
     opts = search or SearchOptions()
     hq = hawq or HawqOptions()
     lat_opts = latency or LatencyOptions()
-    options = opts.options
+    fixed = dict(fixed or {})
+    free = opts.options
+    options = free + tuple(o for o in OPTIONS if o in fixed.values() and o not in free)
     batches = [tuple(b) for b in calib_batches]
     example = batches[0]
     # latency is measured at batch 1 (what the report and deployments time); the tables and
@@ -193,7 +199,8 @@ def search_mixed(
     m_hash = model_hash(gm)
     d_hash = tensor_hash([t for b in batches for t in b],
                          f"{data_key}|{KernelRules.of(placement).key()}|space={SPACE_VERSION}"
-                         + (f"|{learned.key()}" if learned else ""))
+                         + (f"|{learned.key()}" if learned else "")
+                         + (f"|fixed={sorted(fixed.items())}" if fixed else ""))
     globs = global_configs(opts.calibrators, opts.schemes, opts.granularities)
     layers = [n for n in layer_weights(gm) if n in traces.weight]
 
@@ -223,6 +230,8 @@ def search_mixed(
                         None if table.method == "bops_proxy" else table)
     if learned is not None:
         learned.reprice(space)
+    if fixed or options != free:
+        space.fix(fixed, free)
 
     database = db if isinstance(db, EvalDB) else EvalDB(db)
     reused = 0

@@ -181,7 +181,7 @@ def seeds(space: SearchSpace, budget: Budget, sweep: int = 6) -> list[Candidate]
             except InfeasibleBudgetError:
                 continue
             idx = a.choice if a is not None else list(np.argmin(sens, axis=1))
-            opts = tuple(space.options[k] for k in idx)
+            opts = space.pin(tuple(space.options[k] for k in idx))
             if opts not in choices:
                 choices.append(opts)
         by_scheme[key] = choices
@@ -201,7 +201,7 @@ def mutate(space: SearchSpace, c: Candidate, rng: np.random.Generator, n_changes
     opts = list(c.options)
     for i in rng.choice(len(opts), size=min(n_changes, len(opts)), replace=False):
         opts[int(i)] = space.options[int(rng.integers(len(space.options)))]
-    return Candidate(c.glob, tuple(opts))
+    return Candidate(c.glob, space.pin(tuple(opts)))
 
 
 def random_feasible(space: SearchSpace, budget: Budget, rng: np.random.Generator,
@@ -238,7 +238,7 @@ def random_feasible(space: SearchSpace, budget: Budget, rng: np.random.Generator
                 (spent + remaining) / lim)), i]))
             choice[i] = k
             spent = spent + cost[:, i, k]
-        c = Candidate(g, tuple(space.options[k] for k in choice))
+        c = Candidate(g, space.pin(tuple(space.options[k] for k in choice)))
         # the same test the pool and `satisfies` apply (limits with the latency rest, their
         # own tolerance), so a draw never disagrees with them at the edge of the budget
         if (spent <= lim).all() and space.feasible(c, budget.size_limit(space),
@@ -374,4 +374,4 @@ def hawq_prior(space: SearchSpace, budget: Budget) -> Callable[[Candidate], floa
 
 
 def uniform(space: SearchSpace, option: str, glob: GlobalConfig | None = None) -> Candidate:
-    return Candidate(glob or space.globs[0], (option,) * len(space.layers))
+    return Candidate(glob or space.globs[0], space.pin((option,) * len(space.layers)))

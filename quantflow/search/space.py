@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -29,8 +29,9 @@ OPTIONS = ("W8A8", "W8A16", "W4A8", "FP32")
 OPTION_BITS = {"W8A8": (8, 8), "W8A16": (8, 16), "W4A8": (4, 8), "FP32": (32, 32)}
 
 #: what the options mean (`layer_plan`); part of every database key, so evaluations stored by
-#: an older meaning are never reused. 2: A16 always takes min-max ranges.
-SPACE_VERSION = 2
+#: an older meaning are never reused. 2: A16 always takes min-max ranges. 3: an FP32 layer
+#: reads the float tensor, not a sibling's dequantized copy (quantize.py).
+SPACE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,46 @@ class SearchSpace:
     size: np.ndarray
     latency: np.ndarray | None = None
     latency_rest: float = 0.0
+    #: layer (or any node) -> option the user fixed (quantflow/overrides.py), see `fix`
+    fixed: dict[str, str] = field(default_factory=dict)
+    #: [L, K]: the option index a candidate's choice k for layer l stands for (`pin`)
+    remap: np.ndarray | None = None
+    #: uniform INT8's weight bytes before `fix` (what --max-size RATIOx is relative to)
+    int8_bytes: float | None = None
+
+    def fix(self, fixed: dict[str, str], free: tuple[str, ...] | None = None) -> None:
+        """Fix layers to options and keep the others to `free` (default: all options), in place.
+
+        Every choice of a fixed layer stands for its fixed option, and a free layer's
+        disallowed option for W8A8 (or its first allowed one): their table columns are copied
+        from the option they stand for, so the ILP seeds, random draws and budgets price a
+        candidate exactly as `pin` later rewrites it, and the search never changes them."""
+        self.int8_bytes = self.int8_size()
+        self.fixed = dict(fixed)
+        free = free or self.options
+        fallback = self.options.index("W8A8") if "W8A8" in free else self.options.index(free[0])
+        remap = np.tile(np.arange(len(self.options)), (len(self.layers), 1))
+        for i, name in enumerate(self.layers):
+            if name in fixed:
+                remap[i, :] = self.options.index(fixed[name])
+            else:
+                for k, o in enumerate(self.options):
+                    if o not in free:
+                        remap[i, k] = fallback
+        rows = np.arange(len(self.layers))[:, None]
+        for key in self.sens:
+            self.sens[key] = self.sens[key][rows, remap]
+        self.size = self.size[rows, remap]
+        if self.latency is not None:
+            self.latency = self.latency[rows, remap]
+        self.remap = remap
+
+    def pin(self, options: tuple[str, ...]) -> tuple[str, ...]:
+        """A candidate's options with the fixed and disallowed choices rewritten (`fix`)."""
+        if self.remap is None:
+            return options
+        pos = {o: k for k, o in enumerate(self.options)}
+        return tuple(self.options[int(self.remap[i, pos[o]])] for i, o in enumerate(options))
 
     def index(self, c: Candidate) -> np.ndarray:
         pos = {o: i for i, o in enumerate(self.options)}
@@ -130,8 +171,9 @@ class SearchSpace:
     def plan(self, c: Candidate) -> QuantPlan:
         """The QuantPlan: weighted layers per option; other quantized ops (add, pools) W8A8."""
         default = layer_plan("W8A8", c.glob)
-        return QuantPlan(default=default, layers={n: layer_plan(o, c.glob)
-                                                  for n, o in zip(self.layers, c.options)})
+        layers = {n: layer_plan(o, c.glob) for n, o in self.fixed.items()}  # adds, pools too
+        layers.update((n, layer_plan(o, c.glob)) for n, o in zip(self.layers, c.options))
+        return QuantPlan(default=default, layers=layers)
 
     def _sum(self, table: np.ndarray, c: Candidate) -> float:
         return float(table[np.arange(len(self.layers)), self.index(c)].sum())
@@ -140,6 +182,8 @@ class SearchSpace:
         return self._sum(self.size, c)
 
     def int8_size(self) -> float:
+        if self.int8_bytes is not None:
+            return self.int8_bytes
         return float(self.size[:, self.options.index("W8A8")].sum()) \
             if "W8A8" in self.options else float(self.size.min(axis=1).sum())
 
