@@ -96,7 +96,7 @@ def write_html(out_dir: Path, *, history: list[dict[str, Any]] | None = None) ->
     """Render OUT/report.json (and the history records, quantflow/history.py, when given) to
     OUT/report.html, atomically (a reader never sees half a page); return its path."""
     out_dir = Path(out_dir)
-    page = render(read(out_dir), history)
+    page = render(_with_trials(read(out_dir), out_dir), history)
     path = out_dir / FILE
     fd, tmp = tempfile.mkstemp(prefix=".report.html.", dir=out_dir)
     try:
@@ -108,6 +108,21 @@ def write_html(out_dir: Path, *, history: list[dict[str, Any]] | None = None) ->
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _with_trials(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """The report with every search trial for the Pareto plot: report.json keeps only the
+    front, OUT/search.json (written by the mixed search) has them all."""
+    search = report.get("search")
+    if not isinstance(search, dict) or search.get("trials"):
+        return report
+    try:
+        trials = json.loads((out_dir / "search.json").read_text()).get("trials")
+    except (OSError, ValueError, AttributeError):
+        return report  # no trials to add: the front alone is plotted
+    if not isinstance(trials, list):
+        return report
+    return {**report, "search": {**search, "trials": trials}}
 
 
 def render(report: dict[str, Any], history: list[dict[str, Any]] | None = None) -> str:

@@ -192,7 +192,7 @@ def scatter(points: Sequence[tuple[float, float, str, str]], *, title: str, xlab
     ypad = (max(ys) - min(ys)) * 0.05 or 0.5
     ax = _Axes(min(xs), max(xs), min(ys) - ypad, max(ys) + ypad)
     parts = [ax.draw(xlabel, ylabel)]
-    front = sorted((p for p in points if p[3] == "front"), key=lambda p: p[0])
+    front = sorted((p for p in points if p[3] == "front"), key=lambda p: (p[0], p[1]))
     if len(front) > 1:
         d = " ".join(f"{ax.x(p[0]):.1f},{ax.y(p[1]):.1f}" for p in front)
         parts.append(f'<polyline class="ln front" points="{d}"/>')
