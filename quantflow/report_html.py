@@ -63,8 +63,8 @@ figcaption{font-size:.82em;color:var(--mut)}
 svg text{font:11px system-ui,sans-serif;fill:var(--fg)}svg .tick{fill:var(--mut)}
 svg .ax{stroke:#6b7480;stroke-width:1}svg .grid{stroke:#e6e9ee;stroke-width:1}
 svg .bar{fill:#4c8bf5}svg .bar.hi{fill:var(--bad)}svg .bar.float{fill:#f0a030}
-svg .ln{fill:none;stroke-width:2}svg .s0{stroke:#2a6fdb;fill:#2a6fdb}
-svg .s1{stroke:#8e44ad;fill:#8e44ad}svg .ln.front{stroke:#2a6fdb}
+svg .ln{fill:none;stroke-width:2}svg .ln.s0,svg .ln.front{stroke:#2a6fdb}
+svg .ln.s1{stroke:#8e44ad}svg circle.s0{fill:#2a6fdb}svg circle.s1{fill:#8e44ad}
 svg circle.pt{fill:#9aa5b1}svg circle.front{fill:#2a6fdb}
 svg circle.chosen{fill:none;stroke:var(--bad);stroke-width:3}
 svg .fail{stroke:var(--bad);stroke-width:2.5;fill:none}
@@ -214,8 +214,8 @@ def _facts(r: dict[str, Any]) -> list[tuple[str, str]]:
     if gate.get("max_latency_ms") is not None:
         limits.append(f"--max-latency {gate['max_latency_ms']} ms")
     cls = "ok" if gate.get("passed") else "bad"
-    return [("model", f'<span class="mono">{esc(m.get("name", "?"))}</span> '
-             f'({esc(m.get("source", "?"))}, input {esc(m.get("input_shape", "?"))})'),
+    return [("model", (f'<span class="mono">{esc(m.get("name", "?"))}</span> '
+             f'({esc(m.get("source", "?"))}, input {esc(m.get("input_shape", "?"))})')),
             ("target", esc(f"{r.get('target', '?')}, bits {r.get('bits', '?')}")),
             ("device", esc(f"{dev.get('resolved', '?')} (requested {dev.get('requested', '?')})"
                            + (f"; exact on {', '.join(dev['exact_on'])}"
@@ -309,7 +309,8 @@ def stages_section(r: dict[str, Any]) -> str:
 def history_section(records: list[dict[str, Any]]) -> str:
     """quality, quantized_bytes and latency_ms of each gated run, oldest first; failing runs
     marked (red crosses) so a regression stands out."""
-    labels = [str(rec.get("date", "?"))[:10] for rec in records]
+    # month-day hour:minute: runs of one day stay apart, the year is in the table
+    labels = [str(rec.get("date", "?"))[5:16].replace("T", " ") for rec in records]
     mets = [rec.get("metrics") or {} for rec in records]
     failed = [i for i, rec in enumerate(records) if not rec.get("passed")]
     measure = next((m.get("measure") for m in reversed(mets) if m.get("measure")), "quality")

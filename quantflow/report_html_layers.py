@@ -134,9 +134,9 @@ def ranges_section(report: dict[str, Any]) -> str:
                                               "analysis"))
     worst = [n for n in a.get("worst") or [] if n in hists]
     order = worst + [n for n in hists if n not in worst]
-    parts = ["<p>Weight and activation value histograms of the worst layers, with the "
+    parts = [("<p>Weight and activation value histograms of the worst layers, with the "
              "quantization range (lo, hi) of the activation marked; values outside it clip."
-             "</p>"]
+             "</p>")]
     for name in order:
         h = hists[name]
         rng = h.get("range") or []

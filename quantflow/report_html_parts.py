@@ -13,7 +13,7 @@ from typing import Any
 
 from quantflow.svg_plots import esc
 
-__all__ = ["esc", "na", "num", "pct", "mb", "table", "section", "kv", "card"]
+__all__ = ["card", "esc", "kv", "mb", "na", "num", "pct", "section", "table"]
 
 
 def na(why: str = "not available") -> str:

@@ -39,7 +39,8 @@ def fmt(v: float) -> str:
 
 
 def ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """About n 'nice' tick values (1, 2, 5 x 10^k steps) covering [lo, hi]."""
+    """About n 'nice' tick values (1, 2, 5 x 10^k steps) from at or below lo to at or above
+    hi (the axes then span whole steps)."""
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return [0.0]
     if hi <= lo:
@@ -47,9 +48,9 @@ def ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     raw = (hi - lo) / max(n, 1)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    start = math.floor(lo / step) * step
+    start, end = math.floor(lo / step) * step, math.ceil(hi / step) * step
     out, v = [], start
-    while v <= hi + step * 1e-9:
+    while v <= end + step * 1e-9:
         out.append(round(v, 12))
         v += step
     return out
@@ -74,10 +75,10 @@ class _Axes:
         return self.h - PAD_B - (v - self.ylo) / span * (self.h - PAD_T - PAD_B)
 
     def draw(self, xlabel: str, ylabel: str, *, xticks: bool = True) -> str:
-        parts = [f'<line class="ax" x1="{PAD_L}" y1="{self.h - PAD_B}" x2="{self.w - PAD_R}" '
-                 f'y2="{self.h - PAD_B}"/>',
-                 f'<line class="ax" x1="{PAD_L}" y1="{PAD_T}" x2="{PAD_L}" '
-                 f'y2="{self.h - PAD_B}"/>']
+        parts = [(f'<line class="ax" x1="{PAD_L}" y1="{self.h - PAD_B}" x2="{self.w - PAD_R}" '
+                 f'y2="{self.h - PAD_B}"/>'),
+                 (f'<line class="ax" x1="{PAD_L}" y1="{PAD_T}" x2="{PAD_L}" '
+                 f'y2="{self.h - PAD_B}"/>')]
         for t in self.yt:
             y = self.y(t)
             parts.append(f'<line class="grid" x1="{PAD_L}" y1="{y:.1f}" x2="{self.w - PAD_R}" '

@@ -10,6 +10,7 @@ search takes minutes, the debugger lands in a parallel branch.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
@@ -248,7 +249,7 @@ def test_render_failure_does_not_fail_compile(tmp_path: Path, monkeypatch: pytes
 def test_svg_plots_scale_and_escape() -> None:
     t = svg_plots.ticks(0.0, 37.0)
     assert t[0] <= 0.0 and t[-1] >= 37.0 and 3 <= len(t) <= 8
-    assert all(abs((b - a) - (t[1] - t[0])) < 1e-9 for a, b in zip(t, t[1:], strict=False))
+    assert all(abs((b - a) - (t[1] - t[0])) < 1e-9 for a, b in itertools.pairwise(t))
     fig = svg_plots.bar(["a<b", "c"], [1.0, None], title="t&", unit="ms")
     assert "a&lt;b" in fig and "t&amp;" in fig and "n/a" in fig and "a<b" not in fig
     assert "no data" in svg_plots.histogram([0, 1], [1, 2], title="h", xlabel="x")
