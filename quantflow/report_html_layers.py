@@ -12,6 +12,7 @@ Each part that is missing renders "not available" rather than failing the page.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from quantflow import svg_plots
@@ -50,6 +51,9 @@ def _rows(report: dict[str, Any], a: dict[str, Any] | None) -> list[dict[str, An
     rows: dict[str, dict[str, Any]] = {}
     for r in report.get("layers") or []:
         rows[r["name"]] = dict(r)
+        m = re.fullmatch(r"W(\d+)A(\d+)", str(r.get("plan") or ""))
+        if m:  # uniform plans name the activation bits only in the option label
+            rows[r["name"]]["act_bits"] = int(m.group(2))
     for r in (report.get("search") or {}).get("layers") or []:
         if isinstance(r, dict) and "layer" in r:
             rows.setdefault(r["layer"], {"name": r["layer"]})["act_bits"] = r.get("act_bits")
