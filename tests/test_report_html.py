@@ -146,7 +146,6 @@ def test_compile_writes_html(compiled: Path) -> None:
     page = compiled / "report.html"
     text = page.read_text()
     assert page.stat().st_size < MAX_BYTES
-    print(f"\nreport.html of zoo:resnet_fmnist: {page.stat().st_size} bytes")
     _self_contained(text)
     found = _sections(text)
     assert list(found) == ["summary", "layers", "ranges", "debug", "passes", "stages"]
@@ -191,13 +190,23 @@ def test_rich_report_sections_and_escaping(rich: Path) -> None:
     assert "3 run(s), 1 failing" in found["history"]["text"]
 
 
+def test_failed_analysis_says_so(compiled: Path) -> None:
+    report = json.loads((compiled / "report.json").read_text())
+    report["analysis"] = {"error": "runtime <crashed>"}
+    found = _sections(report_html.render(report))
+    for sid in ("ranges", "debug"):
+        assert "not available: the analysis failed (runtime <crashed>)" in found[sid]["text"]
+    assert "<crashed>" not in report_html.render(report)  # escaped
+
+
 def html_escaped(s: str) -> str:
     return svg_plots.esc(s)
 
 
 @needs_chromium
 @pytest.mark.parametrize("which", ["compiled", "rich"])
-def test_chromium_renders(which: str, request: pytest.FixtureRequest) -> None:
+def test_chromium_renders(which: str, request: pytest.FixtureRequest,
+                          capsys: pytest.CaptureFixture[str]) -> None:
     out: Path = request.getfixturevalue(which)
     page = out / "report.html"
     loaded = shot.load(page)
@@ -212,7 +221,8 @@ def test_chromium_renders(which: str, request: pytest.FixtureRequest) -> None:
     phone = shot.screenshot(page, ARTIFACTS / f"report_{which}_phone.png", width=390,
                             height=1600)
     assert png.stat().st_size > 20_000 and phone.stat().st_size > 10_000  # not blank
-    print(f"\nscreenshots: {png} {phone}")
+    with capsys.disabled():  # in the test output even when pytest captures it
+        print(f"\n  report.html ({page.stat().st_size} bytes) screenshots: {png} {phone}")
 
 
 def _phone_overflow(page: Path) -> int:
@@ -261,16 +271,17 @@ def test_svg_plots_scale_and_escape() -> None:
 
 @pytest.mark.slow
 @needs_chromium
-def test_mobilenet_v2_imagenet_report(tmp_path: Path) -> None:
+def test_mobilenet_v2_imagenet_report(tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "mnv2"
     assert main(["compile", "zoo:mobilenet_v2_imagenet", "--calib-samples", "32",
                  "--eval-samples", "32", "--profile-runs", "5", "-q", "-o", str(out)]) == 0
     page = out / "report.html"
     size = page.stat().st_size
-    print(f"\nreport.html of zoo:mobilenet_v2_imagenet: {size} bytes")
     assert size < MAX_BYTES
     loaded = shot.load(page)
     assert loaded.console == [], loaded.console
     assert {"summary", "layers", "passes", "stages"} <= set(_sections(loaded.dom))
     png = shot.screenshot(page, ARTIFACTS / "report_mobilenet_v2_imagenet.png")
-    print(f"screenshot: {png}")
+    with capsys.disabled():
+        print(f"\n  report.html of zoo:mobilenet_v2_imagenet: {size} bytes; screenshot: {png}")
