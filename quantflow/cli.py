@@ -170,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_args(p)
 
     _add_gate(sub)
+    r = sub.add_parser("report", help="rebuild report.html from a compile's report.json",
+                       description="Render OUT/report.json as OUT/report.html (one "
+                       "self-contained page: tables and SVG plots, no network, no script).")
+    r.add_argument("out", metavar="OUT", help="the directory `quantflow compile -o` wrote "
+                   "(or its report.json)")
+    r.add_argument("--history", metavar="DIR", help="also plot the runs in DIR/history.jsonl "
+                   "(`quantflow gate --record`) of the same model, target, device and CPU")
+    _add_common_args(r)
     _add_common_args(sub.add_parser("zoo", help="list the built-in models"))
     return parser
 

@@ -308,6 +308,13 @@ def cmd_gate(args: argparse.Namespace) -> int:
     return run(args, _options(GateThresholds, args))
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rebuild OUT/report.html; its body is quantflow/report_cmd.py."""
+    from quantflow.report_cmd import run
+
+    return run(args)
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     from quantflow.zoo import MODELS
 

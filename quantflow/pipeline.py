@@ -14,6 +14,7 @@ The stages, in the order `compile` runs them; each is one call into the module n
   profile   latency of both artifacts on this machine                      measure.py
   gate      --max-drop / --max-latency on the measured numbers             gate.py
   report    report.json (schema-checked), plan.json, the text summary      report.py
+            + report.html (report_html.py)
 
 Each stage is timed under its name (`report.stages`). The CLI (cli.py, commands.py) is a thin
 layer over this function and publishes `out_dir` atomically (outdir.py).
@@ -178,9 +179,22 @@ def compile(
 
     report = clock.run("report", write_report)
     report.save(out / "report.json")  # again, now with the report stage's own time
+    _write_html(out)
     if not verdict.passed:
         raise BudgetExceededError(f"{verdict.reason} (report: {out / 'report.json'})")
     return report
+
+
+def _write_html(out: Path) -> None:
+    """report.html beside report.json; the compile already succeeded, so a page that cannot
+    be drawn is a warning, not a failed compile (`quantflow report OUT/` retries it)."""
+    try:
+        from quantflow.report_html import write_html
+
+        write_html(out)
+    except Exception as exc:  # noqa: BLE001 - any rendering bug must not lose the artifacts
+        log.warning("could not write %s (%s: %s); the compile is fine, rebuild the page with "
+                    "`quantflow report %s`", out / "report.html", type(exc).__name__, exc, out)
 
 
 def _jsonable(v: object) -> bool:

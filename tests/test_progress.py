@@ -183,7 +183,7 @@ def test_tvm_tuning_bar_counts_this_runs_database_records(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("argv", [["compile", "m.pt2", "-o", "o"], ["optimize", "m.pt2", "-o", "o"],
-                                  ["profile", "model.onnx"], ["zoo"]])
+                                  ["profile", "model.onnx"], ["zoo"], ["report", "out"]])
 def test_every_subcommand_takes_q_and_v(argv: list[str]) -> None:
     from quantflow.cli import build_parser
 
