@@ -3,7 +3,8 @@
 Exit codes (also in `quantflow --help`, table in errors.EXIT_CODES): 0 ok; 1 internal error;
 2 bad arguments (flags, --config, -o); 3 bad model or data file (incl. code refused without
 --trust-pickle); 4 capture error / unsupported op; 5 a pass broke equivalence; 6 target runtime
-unavailable; 7 parity; 8 not enough memory; 10 budget exceeded (accuracy drop over --max-drop)
+unavailable; 7 parity; 8 not enough memory; 9 `quantflow debug --fail-on-divergence`: a layer
+diverged; 10 budget exceeded (accuracy drop over --max-drop)
 — for CI gates; 11/12/13 `quantflow gate`: accuracy/size/latency regressed against the
 baseline; 130 Ctrl-C; 143 SIGTERM. A user error prints one line (`-v` adds the traceback);
 only a bug (exit 1) prints a traceback unasked.
@@ -24,6 +25,7 @@ from typing import Any
 
 from quantflow import progress
 from quantflow.config import TARGETS, CompileConfig, DataOptions, Flag, GateThresholds, flags
+from quantflow.devices import EMULATED_ISAS
 from quantflow.errors import EXIT_CODES, InputError, QuantflowError, ResourceError
 
 EPILOG = "exit codes:\n" + "\n".join(f"  {code:>3}  {what}" for what, code in EXIT_CODES.items())
@@ -170,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_args(p)
 
     _add_gate(sub)
+    _add_debug(sub)
     r = sub.add_parser("report", help="rebuild report.html from a compile's report.json",
                        description="Render OUT/report.json as OUT/report.html (one "
                        "self-contained page: tables and SVG plots, no network, no script).")
@@ -180,6 +183,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_args(r)
     _add_common_args(sub.add_parser("zoo", help="list the built-in models"))
     return parser
+
+
+def _add_debug(sub: Any) -> None:
+    """`quantflow debug`: per-layer parity FP32 / simulation / runtime (quantflow/debug_cmd.py)."""
+    d = sub.add_parser("debug", help="find the layer where quantization goes wrong",
+                       description="Quantize and lower the model as `compile` would, then "
+                       "compare every layer's output between FP32, the torch simulation and "
+                       "the runtime artifact on real samples: the first layer that diverges "
+                       "beyond its bound, the worst layers, and a fix for each.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(d, optional=True)
+    for cls in (CompileConfig, DataOptions):  # the compile's options: the same artifact
+        for f, spec in flags(cls):
+            _add_option(d, f.name, argparse.SUPPRESS, spec)
+    d.add_argument("--options", metavar="FILE", help="compile options from a TOML or YAML "
+                   "file, as for compile (default: ./quantflow.toml if it exists)")
+    d.add_argument("--max-size", type=_size, metavar="MB|RATIOx", help="--bits mixed: weight "
+                   "size budget, as for compile")
+    d.add_argument("--samples", type=int, default=32, help="evaluation samples compared "
+                   "(default 32)")
+    d.add_argument("--runtime-isa", default="host", choices=("host", *EMULATED_ISAS),
+                   help="CPU the runtime's tensors are computed on: this one, or an emulated "
+                   "CPU class (--target ort; e.g. x86-avx2 shows the int16 saturation)")
+    d.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    d.add_argument("--fail-on-divergence", action="store_true", help="exit 9 when a layer "
+                   "diverged (for CI)")
+    d.add_argument("-o", "--out", metavar="DIR", help="also write DIR/debug.json and keep the "
+                   "artifacts there")
 
 
 def _add_gate(sub: Any) -> None:

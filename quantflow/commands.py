@@ -301,6 +301,33 @@ def _runtime_of(path: Path) -> tuple[str, Path]:
                      "or manifest.json, or the directory `quantflow compile` wrote")
 
 
+def cmd_debug(args: argparse.Namespace) -> int:
+    """Per-layer parity; its body is quantflow/debug_cmd.py (options and data as compile)."""
+    from quantflow.debug_cmd import run
+    from quantflow.load import load_model
+
+    out = args.out  # only -o: an options file's `output` is the compile's folder, not ours
+    config: CompileConfig = _options(CompileConfig, args, **options_file.merge(args))
+    args.out = out
+    _options(DataOptions, args)
+    validate.count("--samples", args.samples)
+    if not args.model:
+        raise UsageError("debug needs a model; fix: pass it (or set model in the --options "
+                         "file)")
+    if args.runtime_isa != "host" and config.target != "ort":
+        raise UsageError(f"--runtime-isa applies to --target ort only (the {config.target} "
+                         "target is compared on this CPU); fix: drop --runtime-isa")
+    with in_stage("load"):
+        loaded = load_model(args.model, arch=args.arch, trust_pickle=args.trust_pickle,
+                            input_shape=args.input_shape)
+        validate.single_input(loaded)
+    if config.metric == "auto" and args.model.startswith("zoo:"):
+        config = replace(config, metric=_zoo_metric(args.model[4:]))
+    with in_stage("data"):
+        calib, evaluation, example = _data(loaded, args)
+    return run(args, loaded, config, calib, evaluation, example)
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     """The CI regression gate; its body is quantflow/regression_gate.py."""
     from quantflow.regression_gate import run

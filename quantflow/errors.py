@@ -84,6 +84,13 @@ class ResourceError(QuantflowError):
     exit_code = 8
 
 
+class DivergenceError(QuantflowError):
+    """`quantflow debug --fail-on-divergence`: a layer diverged beyond its bound (the message
+    names the first one, its cause and fix)."""
+
+    exit_code = 9
+
+
 class BudgetExceededError(QuantflowError):
     """The compiled model violates the user's budget (--max-drop and friends). For CI gates."""
 
@@ -138,6 +145,7 @@ EXIT_CODES = {
         ParityError.exit_code,
     "not enough memory for the declared shapes / batch (checked before allocating)":
         ResourceError.exit_code,
+    "debug --fail-on-divergence: a layer diverged beyond its bound": DivergenceError.exit_code,
     "budget exceeded (accuracy drop over --max-drop, size or latency over budget)":
         BudgetExceededError.exit_code,
     "gate: accuracy regressed against the baseline (over --max-acc-drop)":

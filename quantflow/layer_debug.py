@@ -8,7 +8,8 @@ stage of every compile (report.json "analysis") and `quantflow debug`.
   bounds, cause, fix   quantflow/layer_fix.py
 
 The result (schema of report.json "analysis"):
-  {samples, runtime: target | null, runtime_skipped: why | null, first_divergent: layer |
+  {samples, runtime: target | null, isa: CPU class the runtime ran as, device: what the
+   artifact is for (--device), runtime_skipped: why | null, first_divergent: layer |
    null, worst: [5 layers, lowest local SQNR first], seconds,
    layers: [{name, op, bits, sqnr_sim_db, local_sqnr_db, bound_db, sqnr_runtime_db,
              runtime_steps, hessian_trace (Tr(H)/n of the weights), diverged, cause, fix,
@@ -148,6 +149,7 @@ def analyze(fp_gm: fx.GraphModule, qgm: fx.GraphModule, x: torch.Tensor, *,
     worst = [r["name"] for r in sorted(rows, key=lambda r: r["local_sqnr_db"])][:WORST]
     return {"samples": sum(int(r[0].shape[0]) for r in runs),
             "runtime": target.name if runtime is not None else None,
+            "isa": isa_class, "device": device,
             "runtime_skipped": skipped, "first_divergent": diverged[0] if diverged else None,
             "worst": worst, "seconds": round(time.perf_counter() - t0, 3), "layers": rows,
             "histograms": _histograms(stats, worst)}
@@ -166,12 +168,19 @@ def estimate_hessian(gm: fx.GraphModule, x: torch.Tensor, seconds: float = 1.0
     """A cheap Hutchinson estimate of Tr(H)/n per layer (a few draws on one small batch,
     at most `seconds`), for compiles without a search. Noisy: a ranking, not a measurement."""
     from quantflow.search.hawq import hutchinson_traces
+    from quantflow.search.hawq import log as search_log
     from quantflow.search.options import TraceOptions
 
+    level = search_log.level
+    # 3 draws never meet the search's convergence target, and a ranking does not need it:
+    # its "did not converge" warning would only alarm the user on every compile
+    search_log.setLevel(logging.ERROR)
     try:
         traces = hutchinson_traces(gm, [[x[:4]]], options=TraceOptions(
             min_iter=2, max_iter=3, activations=False, max_seconds=seconds))
     except Exception as exc:  # noqa: BLE001 - an optional column; the analysis goes on
         log.info("analysis: no Hessian estimate (%s)", exc)
         return {}
+    finally:
+        search_log.setLevel(level)
     return {k: v.mean_diag for k, v in traces.weight.items()}

@@ -62,24 +62,25 @@ def diagnose(row: dict[str, Any], *, isa_class: str, device: str | None
     wbits, abits = bits_of(label)
     if runtime_diverged(row):
         if isa_class in SATURATING_ISAS and device not in ("portable", f"{isa_class}"):
-            return (f"the runtime is {row['runtime_steps']:.0f} steps off: this CPU's "
+            return ((f"the runtime is {row['runtime_steps']:.0f} steps off: this CPU's "
                     f"({isa_class}) int8 kernels add weight pairs in a saturating int16 "
-                    f"and the artifact was made for {device}",
+                    f"and the artifact was made for {device}"),
                     "--device portable (the default: exact on every CPU)")
-        return (f"the runtime computes this layer {row['runtime_steps']:.0f} steps away from "
-                "the simulation", f"--keep-float {name} (and please report it)")
+        return ((f"the runtime computes this layer {row['runtime_steps']:.0f} steps away from "
+                "the simulation"), f"--keep-float {name} (and please report it)")
     codes = row.get("codes_used")
     if codes is not None and codes < MIN_CODES:
-        return (f"the input range is far wider than the data: it spans {codes:g} of "
-                f"{2 ** abits} codes (a wrong scale)",
+        return ((f"the input range is far wider than the data: it spans {codes:g} of "
+                f"{2 ** abits} codes (a wrong scale)"),
                 "--calibrator mse (or percentile): recalibrate the range")
     if row.get("clipped", 0.0) > MAX_CLIPPED:
         return (f"{100 * row['clipped']:.1f}% of the input is clipped by its range",
                 "--calibrator minmax: a range that covers the data")
     w_db, a_db = row.get("weight_only_db"), row.get("act_only_db")
+    alone = ", ".join(f"{what} alone: {db:.1f} dB" for what, db in
+                      (("weights", w_db), ("input", a_db)) if db is not None)
     if w_db is not None and a_db is not None and w_db < a_db:
-        cause = f"weight quantization (weights alone: {w_db:.1f} dB)"
-        return (cause, f"--bits-for {name}=W8A8" if wbits < 8 else f"--keep-float {name}")
-    cause = f"activation quantization (input alone: {a_db:.1f} dB" + (
-        f", the input spans {codes:g} steps: outliers)" if codes else ")")
-    return (cause, f"--bits-for {name}=W8A16" if abits < 16 else f"--keep-float {name}")
+        return (f"weight quantization ({alone})",
+                f"--bits-for {name}=W8A8" if wbits < 8 else f"--keep-float {name}")
+    return (f"activation quantization ({alone})",
+            f"--bits-for {name}=W8A16" if abits < 16 else f"--keep-float {name}")

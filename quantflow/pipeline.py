@@ -12,6 +12,7 @@ The stages, in the order `compile` runs them; each is one call into the module n
   verify    per-layer parity with the simulation (ORT), repair, re-lower  lowering.py, verify.py
   evaluate  quality of the artifacts (and the simulation) vs FP32          measure.py
   profile   latency of both artifacts on this machine                      measure.py
+  analyze   per-layer parity FP32 / simulation / runtime, cause and fix      layer_debug.py
   gate      --max-drop / --max-latency on the measured numbers             gate.py
   report    report.json (schema-checked), plan.json, the text summary      report.py
             + report.html (report_html.py)
@@ -33,7 +34,16 @@ import torch
 from torch import fx, nn
 
 from quantflow import evaluate as ev
-from quantflow import hostcpu, lowering, measure, overrides, progress, seeding, validate
+from quantflow import (
+    hostcpu,
+    layer_debug,
+    lowering,
+    measure,
+    overrides,
+    progress,
+    seeding,
+    validate,
+)
 from quantflow.batch import describe as describe_batch
 from quantflow.config import CompileConfig
 from quantflow.dataset import Dataset
@@ -49,8 +59,10 @@ from quantflow.versions import installed_versions
 log = logging.getLogger("quantflow")
 
 STAGES = ("capture", "passes", "plan", "repair", "round", "quantize", "lower", "verify", "evaluate",
-          "profile", "gate", "report")
+          "profile", "analyze", "gate", "report")
 T = TypeVar("T")
+#: evaluation samples the per-layer analysis of every compile runs (`quantflow debug` takes more)
+ANALYSIS_SAMPLES = 8
 
 
 class StageClock:
@@ -147,6 +159,8 @@ def compile(
     timing = clock.run("profile", measure.profile, lowered.target, lowered.fp32,
                        lowered.quantized, example_inputs, config.profile_runs,
                        config.profile_warmup)
+    analysis = clock.run("analyze", analyze_stage, planned, lowered, evaluation or calib,
+                         int(example_inputs[0].shape[0]), config)
     verdict = clock.run("gate", gate, quality, config.max_drop, timing.quantized_ms,
                         config.max_latency_ms, config.metric)
 
@@ -172,6 +186,7 @@ def compile(
             quality=quality, latency=timing.section,
             size=measure.sizes(planned.gm, lowered.qgm, lowered.fp32, lowered.quantized),
             layers=measure.layer_rows(lowered.qgm, planned.plan, lowered.quantized.meta),
+            analysis=analysis,
             gate=verdict.to_dict(), stages=clock.seconds,
             compile_seconds=round(time.perf_counter() - clock.t0, 2)))
         report.save(out / "report.json")
@@ -183,6 +198,55 @@ def compile(
     if not verdict.passed:
         raise BudgetExceededError(f"{verdict.reason} (report: {out / 'report.json'})")
     return report
+
+
+def debug(model: nn.Module, example_inputs: Sequence[torch.Tensor], calib: Dataset,
+          evaluation: Dataset | None, out_dir: str | Path, config: CompileConfig, *,
+          samples: int, isa: str = "host") -> dict[str, Any]:
+    """`quantflow debug`: the compile's stages up to the artifact (no parity repair,
+    evaluation or timing), then the analysis on `samples` inputs; errors propagate."""
+    config = replace(config, seed=seeding.seed_everything(config.seed))
+    out = Path(out_dir)
+    clock = StageClock()
+    gm = clock.run("capture", capture_stage, model, example_inputs, calib, evaluation, config)
+    clock.run("passes", run_pipeline, gm, DEFAULT_PIPELINE)
+    planned = clock.run("plan", plan_stage, gm, calib, evaluation, config, out)
+    planned = clock.run("repair", repair_stage, planned, calib, config)
+    planned = clock.run("round", round_stage, planned, calib, config)
+    qgm = clock.run("quantize", planned.quantize, config.kernel_rules)
+    lowered = clock.run("lower", lowering.lower, planned, qgm, config.kernel_rules,
+                        example_inputs, config, out)
+    data = evaluation or calib
+    hessian = layer_debug.hessian_of(planned.search) or layer_debug.estimate_hessian(
+        planned.gm, data.x)
+    isa_class = hostcpu.host_cpu().isa_class if isa == "host" else isa
+
+    def analyze() -> dict[str, Any]:
+        return layer_debug.analyze(
+            planned.gm, lowered.qgm, data.x, target=lowered.target,
+            artifact=lowered.quantized, batch=int(example_inputs[0].shape[0]),
+            samples=samples, isa=isa, isa_class=isa_class, device=config.resolved_device,
+            hessian=hessian)
+
+    return clock.run("analyze", analyze)
+
+
+def analyze_stage(planned: PlanResult, lowered: lowering.Lowered, data: Dataset, batch: int,
+                  config: CompileConfig) -> dict[str, Any]:
+    """The parity debugger's analysis for the report (quantflow/layer_debug.py). It explains
+    an artifact that already passed or failed on its own numbers, so a failure here is
+    recorded (`{"error": ...}`) and the compile goes on."""
+    try:
+        hessian = layer_debug.hessian_of(planned.search) or layer_debug.estimate_hessian(
+            planned.gm, data.x)
+        return layer_debug.analyze(
+            planned.gm, lowered.qgm, data.x, target=lowered.target, artifact=lowered.quantized,
+            batch=batch, samples=ANALYSIS_SAMPLES, isa_class=hostcpu.host_cpu().isa_class,
+            device=config.resolved_device, hessian=hessian)
+    except Exception as exc:  # noqa: BLE001 - a diagnostic must not fail the compile
+        log.warning("per-layer analysis failed (%s: %s); the report has no analysis section",
+                    type(exc).__name__, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def _write_html(out: Path) -> None:
@@ -201,4 +265,4 @@ def _jsonable(v: object) -> bool:
     return isinstance(v, (int, float, str, bool, list, dict, type(None)))
 
 
-__all__ = ["STAGES", "CompileConfig", "Dataset", "compile", "plan_stage"]
+__all__ = ["STAGES", "CompileConfig", "Dataset", "compile", "debug", "plan_stage"]

@@ -48,6 +48,8 @@ Schema "quantflow.report/2" (all sizes in bytes, latencies in ms, accuracies in 
   size        {fp32_bytes, quantized_bytes, ratio, weights_fp32_bytes,
               weights_quantized_bytes}
   layers      [{name, op, plan, weight_bits, runs_integer, params}]
+  analysis    per-layer parity of FP32, simulation and runtime (quantflow/layer_debug.py,
+              whose docstring has the fields) | {error: why it could not run}
   gate        {max_drop, passed, reason[, measure, value][, max_latency_ms, latency_ms]}
   stages      {stage: seconds} (pipeline.STAGES);  compile_seconds  total wall time
 """
@@ -119,6 +121,7 @@ class Sections:
     gate: dict[str, Any]
     stages: dict[str, float]
     compile_seconds: float
+    analysis: dict[str, Any] | None = None
 
 
 def assemble(s: Sections) -> Report:
@@ -145,8 +148,10 @@ def assemble(s: Sections) -> Report:
     if s.parity is not None:
         data["parity"] = s.parity
     data.update(portability=s.portability, artifacts=s.artifacts, runtime=s.runtime,
-                quality=s.quality, latency=s.latency, size=s.size, layers=s.layers,
-                gate=s.gate, stages=s.stages, compile_seconds=s.compile_seconds)
+                quality=s.quality, latency=s.latency, size=s.size, layers=s.layers)
+    if s.analysis is not None:
+        data["analysis"] = s.analysis
+    data.update(gate=s.gate, stages=s.stages, compile_seconds=s.compile_seconds)
     return Report(data)
 
 

@@ -59,6 +59,11 @@ def test_compile_writes_checked_artifacts_and_report(files: dict[str, Path],
     assert r["schema"] == "quantflow.report/2"
     validate_report(r)  # report.schema.json
     assert list(r["stages"]) == list(STAGES)  # every stage, timed under its own name
+    # the parity debugger's analysis: every quantized layer, the runtime tapped, none diverged
+    a = r["analysis"]
+    assert a["runtime"] == "ort" and a["first_divergent"] is None
+    assert {row["name"] for row in a["layers"]} == {row["name"] for row in r["layers"]}
+    assert all(row["runtime_steps"] <= 1 for row in a["layers"])
     assert r["passes"]["before"]["batch_norm"] == 1 and r["passes"]["after"]["batch_norm"] == 0
     assert r["quality"]["fp32"]["accuracy"] == pytest.approx(100.0)
     assert r["quality"]["accuracy_drop"] <= 10 and r["gate"]["passed"]
@@ -162,6 +167,8 @@ def test_compile_other_targets(files: dict[str, Path], tmp_path: Path, target: s
     r = json.loads((out / "report.json").read_text())
     assert r["target"] == target and r["gate"]["passed"]
     assert r["quality"]["quantized"]["sqnr_db"] > 20
+    # no per-layer taps in TVM's library or the TensorRT bundle: simulation vs FP32 only
+    assert r["analysis"]["runtime"] is None and "taps" in r["analysis"]["runtime_skipped"]
     if target == "tvm":
         assert (out / "model.so").exists() and r["latency"]["quantized"]["median_ms"] > 0
     else:
