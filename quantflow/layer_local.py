@@ -147,13 +147,11 @@ class _Quantized(fx.Interpreter):
         st.weight_only.add(ref, call(x_fp, *rest_q, **n.kwargs))
         st.act_only.add(ref, call(x_q, *rest_f, **fpn.kwargs))
         if quantized_input:
-            _, scale, zp, qmin, qmax, _ = x_node.args[:6]
-            lo, hi = (float(qmin) - float(zp)) * float(scale), (float(qmax) - float(zp)) * float(scale)
+            scale, zp, qmin, qmax = (float(v) for v in x_node.args[1:5])  # type: ignore[arg-type]
+            lo, hi = (qmin - zp) * scale, (qmax - zp) * scale
             st.act_range = (lo, hi)
-            st.clipped += int(((x_fp < lo - 0.5 * float(scale)) |
-                               (x_fp > hi + 0.5 * float(scale))).sum())
-            st.span_steps = max(st.span_steps,
-                                float(x_fp.max() - x_fp.min()) / float(scale))
+            st.clipped += int(((x_fp < lo - 0.5 * scale) | (x_fp > hi + 0.5 * scale)).sum())
+            st.span_steps = max(st.span_steps, float(x_fp.max() - x_fp.min()) / scale)
         st.elements += x_fp.numel()
         if self.keep_hist and st.act_hist is None:
             st.act_hist = _hist(x_fp)

@@ -67,7 +67,7 @@ ANALYSIS_SAMPLES = 8
 
 class StageClock:
     """Runs a stage, logs it, records its wall time under its name and shows where the run is
-    (`[3/12] plan ... 4.1 s` on a terminal, quantflow.progress). A user error raised inside
+    (`[3/13] plan ... 4.1 s` on a terminal, quantflow.progress). A user error raised inside
     names the stage (`stage plan: ...`, errors.in_stage)."""
 
     def __init__(self) -> None:

@@ -112,7 +112,7 @@ def bar(iterable_or_total: Iterable[Any] | int, desc: str, unit: str = "it", *,
 
 
 class StageLine:
-    """`[3/12] plan ... 4.1 s`: where a multi-stage run is. On a terminal the line is written
+    """`[3/13] plan ... 4.1 s`: where a multi-stage run is. On a terminal the line is written
     when the stage starts (bars inside it draw over it and clear themselves) and completed
     with its time when it ends; forced onto a non-terminal, or with `inline=False` (log lines
     will interleave, e.g. under -v), a start and an end line."""

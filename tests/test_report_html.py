@@ -63,7 +63,8 @@ def _enrich(report: dict[str, Any]) -> dict[str, Any]:
         hists[n] = {"weight": {"edges": we.tolist(), "counts": wc.tolist()},
                     "activation": {"edges": ae.tolist(), "counts": ac.tolist()},
                     "range": [0.0, float(np.quantile(a, 0.99))], "clipped": 0.01}
-    r["analysis"] = {"samples": 8, "runtime": "ort", "runtime_skipped": None,
+    r["analysis"] = {"samples": 8, "runtime": "ort", "isa": "x86-avx2", "device": "portable",
+                     "runtime_skipped": None,
                      "first_divergent": worst[0], "worst": worst, "seconds": 1.5,
                      "layers": layers, "histograms": hists}
     params = {row["name"]: row["params"] for row in r["layers"]}
@@ -154,8 +155,13 @@ def test_compile_writes_html(compiled: Path) -> None:
     assert report["host"]["isa_class"] in found["summary"]["text"]
     for row in report["layers"]:  # every layer in the table and in the bits plot
         assert found["layers"]["text"].count(row["name"]) >= 2, row["name"]
-    assert "not available" in found["debug"]["text"]  # no analysis in a plain compile
-    assert found["stages"]["svg"] == 1 and found["layers"]["svg"] == 2  # bits, latency share
+    # every compile's analysis (the analyze stage): healthy, so no divergent layer
+    a = report["analysis"]
+    assert "none: every layer within its bound" in found["debug"]["text"]
+    assert all(n in found["debug"]["text"] for n in a["worst"])
+    assert found["ranges"]["svg"] == 2 * len(a["histograms"]) == 6
+    # bits, sensitivity (Hessian estimate), SQNR sim vs FP32, SQNR runtime vs sim, latency
+    assert found["stages"]["svg"] == 1 and found["layers"]["svg"] == 5
     assert not [p for p in compiled.iterdir() if p.name.startswith(".report.html")]
 
 
