@@ -134,6 +134,13 @@ class CompileConfig:
                               "subsets, search, Hessian draws, rounding); default 0: the same "
                               "options give the same plan and artifact", metavar="N",
                               kind="int")
+    workers: int = option(1, "--workers", "--bits mixed: evaluate search candidates on N "
+                          "local processes (1: in-process); the result is the same for any "
+                          "N", metavar="N", kind="int")
+    ray_address: str | None = option(None, "--ray", "--bits mixed: evaluate search candidates "
+                                     "as tasks on this Ray cluster (host:port, or 'auto'; "
+                                     "default: $RAY_ADDRESS); needs quantflow[ray], see "
+                                     "docs/cluster.md", metavar="ADDRESS")
 
     def __post_init__(self) -> None:
         for name in ("keep_float", "bits_for", "verify_isas"):  # lists (a file, the API) too
@@ -175,7 +182,7 @@ class CompileConfig:
         for name in ("max_size_mb", "max_size_ratio", "max_latency_ms"):
             _finite_at_least(name, getattr(self, name), 0, strict=True)
         for name, low in (("calib_batch", 1), ("profile_runs", 1), ("profile_warmup", 0),
-                          ("tune_trials", 0), ("threads", 1), ("seed", 0)):
+                          ("tune_trials", 0), ("threads", 1), ("seed", 0), ("workers", 1)):
             v = getattr(self, name)
             if v is not None and not v >= low:
                 raise ValueError(f"{name} (--{name.replace('_', '-')}) must be >= {low}, "

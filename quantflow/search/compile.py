@@ -18,10 +18,12 @@ Budget (`search_budget`):
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import fx
 
 from quantflow.batch import chunks, run_size
@@ -35,6 +37,7 @@ from quantflow.search.mixed import search_mixed
 from quantflow.search.options import HawqOptions, LatencyOptions, SearchOptions
 from quantflow.search.quantune import Budget
 from quantflow.search.space import OPTIONS, GlobalConfig
+from quantflow.search.workers import ray_module
 
 log = logging.getLogger("quantflow.search")
 
@@ -65,13 +68,39 @@ def search_budget(config: CompileConfig, *, measured: bool) -> Budget:
     return Budget(max_size_ratio=1.0)  # best quality at the size of uniform INT8
 
 
+@dataclass(frozen=True)
+class Fidelity:
+    """The search's quality of a quantized graph on the calibration data: accuracy with
+    labels, else agreement (or cosine) with the float logits. A class, not a closure, so
+    search workers (other processes, Ray) receive it by pickle."""
+
+    x: torch.Tensor
+    y: torch.Tensor | None
+    ref_logits: torch.Tensor
+    metric: str
+
+    def __call__(self, g: fx.GraphModule) -> float:
+        from quantflow.evaluate import cosine, predict
+
+        logits = predict(g, self.x)
+        if self.y is not None:
+            return 100.0 * float((logits.argmax(-1) == self.y).double().mean())
+        if self.metric == "cosine":
+            return 100.0 * cosine(self.ref_logits, logits)
+        return 100.0 * float((logits.argmax(-1) == self.ref_logits.argmax(-1)).double().mean())
+
+
 def mixed_plan(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
                config: CompileConfig, out: Path, fixed: dict[str, str] | None = None
                ) -> PlanResult:
     """The plan for `--bits mixed`, with the search's summary for the report. `fixed`: node
     -> option the search keeps (quantflow/overrides.py)."""
-    from quantflow.evaluate import cosine, predict
+    from quantflow.evaluate import predict
     from quantflow.targets import get_target
+
+    ray_address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if ray_address:
+        ray_module()  # Ray missing: one line now, not after calibration
 
     # start where uniform INT8 would: its calibrator and cross-layer equalization choice
     # (the search space has no equalization axis; MobileNetV2 on ImageNet needs it), and the
@@ -84,13 +113,7 @@ def mixed_plan(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
     x, y = calib.x, calib.y
     ref_logits = predict(gm, x)
 
-    def eval_fn(g: fx.GraphModule) -> float:
-        logits = predict(g, x)
-        if y is not None:
-            return 100.0 * float((logits.argmax(-1) == y).double().mean())
-        if config.metric == "cosine":
-            return 100.0 * cosine(ref_logits, logits)
-        return 100.0 * float((logits.argmax(-1) == ref_logits.argmax(-1)).double().mean())
+    eval_fn = Fidelity(x, y, ref_logits, config.metric)
 
     # a static-batch graph (quantflow.batch) runs chunks of its batch; labels are cut alike
     batches = [(xb,) for xb in chunks(gm, x, config.calib_batch)]
@@ -137,7 +160,8 @@ def mixed_plan(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
                        search=search, hawq=hawq, latency=LatencyOptions(mode=latency),
                        placement=config.kernel_rules,
                        data_key=f"{calib.name}|cle={int8.plan.equalize}",
-                       baseline_calibrator=int8_calibrator, learned=learned, fixed=fixed)
+                       baseline_calibrator=int8_calibrator, learned=learned, fixed=fixed,
+                       workers=config.workers, ray_address=ray_address)
     res.save(out)
     summary = {k: v for k, v in res.to_dict().items() if k not in ("trials", "hessian")}
     summary["files"] = {"search": str(out / "search.json"),

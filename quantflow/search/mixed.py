@@ -67,6 +67,7 @@ from quantflow.search.space import (
     size_table,
 )
 from quantflow.search.validate import LatencyCheck, end_to_end_ms, first_within
+from quantflow.search.workers import EvalContext, Workers, make_workers
 from quantflow.spec import KernelRules, QuantPlan
 
 log = logging.getLogger("quantflow.search")
@@ -169,11 +170,15 @@ def search_mixed(
     learned: LearnedW4 | None = None,
     progress: bool = True,
     fixed: dict[str, str] | None = None,
+    workers: int | Workers = 1,
+    ray_address: str | None = None,
 ) -> SearchResult:
     """Choose per-layer precisions under `budget` (contract: module docstring). `learned`:
     learned 4-bit rounding (search/learned.py) to price and evaluate 4-bit layers with.
     `fixed`: node -> option the search must keep (--keep-float, --bits-for); its option
-    may lie outside `search.options`, which then bind the other layers only."""
+    may lie outside `search.options`, which then bind the other layers only. `workers` /
+    `ray_address`: where candidates are evaluated (search/workers.py; the same result for
+    any count, `eval_fn` must then be picklable)."""
     t0 = time.perf_counter()
     budget = (budget or qt.Budget()).effective()
     opts = search or SearchOptions()
@@ -243,24 +248,30 @@ def search_mixed(
     else:
         ref_q = ref_rec.quality
 
-    def evaluate(c: Candidate) -> qt.Trial:
+    def evaluate_round(cs: list[Candidate]) -> list[qt.Trial]:
+        """The database answers what it holds; the workers evaluate the rest, and their rows
+        are written here, by the driver only, once per candidate, in pick order."""
         nonlocal reused
-        rec = database.get(m_hash, d_hash, c.key())
-        size, lat = space.size_bytes(c), space.latency_ms(c)
-        if rec is not None:
-            reused += 1
-            return qt.Trial(c, rec.quality, ref_q, size, lat, reused=True)
-        t1 = time.perf_counter()
-        plan = space.plan(c)
-        q = float(eval_fn(quantize(gm, plan, stats, placement,
-                                   rounding=learned.for_plan(plan) if learned else None)))
-        database.put(Record(m_hash, d_hash, c.key(), tuple(space.features(c)), q, ref_q, size,
-                            lat, time.perf_counter() - t1))
-        return qt.Trial(c, q, ref_q, size, lat)
+        recs = [database.get(m_hash, d_hash, c.key()) for c in cs]
+        todo = [c for c, r in zip(cs, recs) if r is None]
+        got = dict(zip([c.key() for c in todo], pool.run([space.plan(c) for c in todo])))
+        out = []
+        for c, rec in zip(cs, recs):
+            size, lat = space.size_bytes(c), space.latency_ms(c)
+            reused += rec is not None
+            q, secs = (rec.quality, 0.0) if rec is not None else got[c.key()]
+            if rec is None:
+                database.put(Record(m_hash, d_hash, c.key(), tuple(space.features(c)), q, ref_q,
+                                    size, lat, secs))
+            out.append(qt.Trial(c, q, ref_q, size, lat, reused=rec is not None))
+        return out
+
+    def evaluate(c: Candidate) -> qt.Trial:
+        return evaluate_round([c])[0]
 
     rng = np.random.default_rng(opts.seed)
     start = qt.seeds(space, budget)
-    pool = qt.candidate_pool(space, budget, start, opts.pool_size, rng)
+    cands = qt.candidate_pool(space, budget, start, opts.pool_size, rng)
     cm: CostModel
     if opts.strategy == "xgb":
         xgb_model = XGBCostModel(seed=opts.seed, bootstrap=True)
@@ -273,6 +284,8 @@ def search_mixed(
         cm = xgb_model
     else:
         cm = RandomCostModel(opts.seed)
+    pool = workers if isinstance(workers, Workers) else make_workers(
+        EvalContext(gm, stats, placement, learned, eval_fn), workers, ray_address)
     try:
         # uniform W8A8 with the caller's calibrator (what --bits 8 ships) is evaluated first:
         # the search can then only return something at least as good on its own data
@@ -284,9 +297,9 @@ def search_mixed(
             same = [c for c in start if not base or c.glob == base[0].glob]
             cost = space.size_bytes if mode == "size" else (lambda c: space.latency_ms(c) or 0.0)
             cheapest = [min(same, key=cost)] if same else start[:1]
-        trials = qt.run_search(space, pool, evaluate, budget, opts.loop(), cost_model=cm,
+        trials = qt.run_search(space, cands, evaluate, budget, opts.loop(), cost_model=cm,
                                first=base + cheapest + start[:1], progress=progress,
-                               prior=qt.hawq_prior(space, budget))
+                               prior=qt.hawq_prior(space, budget), evaluate_round=evaluate_round)
         ok = [t for t in trials if qt.satisfies(t, budget, space)]
         best = max(ok or trials, key=lambda t: qt.objective(t, budget, space))
         if not ok:
@@ -301,6 +314,8 @@ def search_mixed(
                                              lat_opts, base[0] if base else None)
             trials = trials + [t for t in [best] if t not in trials]
     finally:
+        if not isinstance(workers, Workers):
+            pool.close()
         if not isinstance(db, EvalDB):
             database.close()
     return SearchResult(

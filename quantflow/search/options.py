@@ -63,7 +63,9 @@ class LoopOptions:
 
     explore: probability of a random pick instead of the cost model's best; grow_pool: add
     mutations of the best trials after each evaluation (xgb only); min_rows: cost-model rows
-    needed before it replaces the HAWQ prior.
+    needed before it replaces the HAWQ prior; round_size: candidates picked with one model
+    and evaluated together (in parallel with workers); fixed, never the worker count, so
+    results do not depend on how many workers evaluate them.
     """
 
     strategy: str = "xgb"
@@ -72,11 +74,13 @@ class LoopOptions:
     grow_pool: bool = True
     seed: int = 0
     min_rows: int = 4
+    round_size: int = 4
 
     def __post_init__(self) -> None:
         _strategy(self)
         _at_least(self, "max_evals", 1)
         _at_least(self, "min_rows", 0)
+        _at_least(self, "round_size", 1)
         if not 0.0 <= self.explore <= 1.0:
             raise ValueError(f"LoopOptions.explore is a probability, got {self.explore!r}")
 

@@ -274,7 +274,8 @@ def run_search(space: SearchSpace, pool: Sequence[Candidate],
                evaluate: Callable[[Candidate], Trial], budget: Budget,
                loop: LoopOptions | None = None, *, cost_model: CostModel | None = None,
                first: Sequence[Candidate] = (), prior: Callable[[Candidate], float] | None = None,
-               progress: bool = True, on_trial: Callable[[Trial], None] | None = None
+               progress: bool = True, on_trial: Callable[[Trial], None] | None = None,
+               evaluate_round: Callable[[list[Candidate]], list[Trial]] | None = None
                ) -> list[Trial]:
     """Evaluate up to `loop.max_evals` candidates chosen by `loop.strategy` ("xgb", "random",
     "grid"; `LoopOptions` has the rest of how the loop runs).
@@ -282,6 +283,8 @@ def run_search(space: SearchSpace, pool: Sequence[Candidate],
     `first` are evaluated before anything else (the ILP seed). With strategy "xgb",
     `cost_model` must be given (it may already hold warm-start rows); while it holds fewer
     than `loop.min_rows` rows, `prior` (higher is better, e.g. −Σ Ω) ranks the candidates.
+    `evaluate_round` (optional): evaluates a round of `loop.round_size` picks at once, in
+    order (search/workers.py runs them in parallel); without it `evaluate` runs each.
     """
     opt = loop or LoopOptions()
     if opt.strategy == "xgb" and cost_model is None:
@@ -303,53 +306,71 @@ def run_search(space: SearchSpace, pool: Sequence[Candidate],
     by_key = {c.key(): i for i, c in enumerate(cands)}
     bar = progress_bar(min(opt.max_evals, len(cands)), f"search ({opt.strategy})", "trial",
                        disable=not progress)
+    run_round = evaluate_round or (lambda cs: [evaluate(c) for c in cs])
     while len(trials) < opt.max_evals:
-        remaining = [i for i in order if cands[i].key() not in done]
-        if not remaining:
+        # a round of picks made with the same model, evaluated together (in parallel when
+        # the caller has workers) and learned from in pick order: its size never depends
+        # on the worker count, so every worker count gives the same search
+        picks: list[int] = []
+        for _ in range(min(opt.round_size, opt.max_evals - len(trials))):
+            pick = _pick(opt, cands, feats, order, done, picks, queue, by_key, trials,
+                         cost_model, prior, rng, space, budget)
+            if pick is None:
+                break
+            picks.append(pick)
+        if not picks:
             break
-        pick: int | None = None
-        while queue and pick is None:
-            k = queue.pop(0)
-            if k not in done:
-                pick = by_key[k]
-        if pick is None:
-            n_rows = int(getattr(cost_model, "n_rows", len(trials)))
-            if opt.strategy != "xgb":
-                pick = remaining[0]
-            elif rng.random() < opt.explore or not trials:
-                pick = int(rng.choice(remaining))
-            elif n_rows < opt.min_rows and prior is not None:
-                # too little data to fit trees: trust the analytic (HAWQ) ranking meanwhile
-                pick = remaining[int(np.argmax([prior(cands[i]) for i in remaining]))]
-            else:
-                assert cost_model is not None
-                pred_drop = -cost_model.predict(np.asarray([feats[i] for i in remaining]))
-                ref = trials[0].reference_quality
-                scores = [objective(Trial(cands[i], ref - d, ref, space.size_bytes(cands[i]),
-                                          space.latency_ms(cands[i])), budget, space)
-                          for i, d in zip(remaining, pred_drop)]
-                pick = remaining[int(np.argmax(scores))]
-        c = cands[pick]
-        t = evaluate(c)
-        done.add(c.key())
-        trials.append(t)
-        bar.update(1)
-        bar.set_postfix(best=f"{max(objective(x, budget, space) for x in trials):.3g}")
-        if on_trial is not None:
-            on_trial(t)
-        if cost_model is not None:
-            cost_model.update(feats[pick][None], np.asarray([-t.drop]))
-        if opt.grow_pool and opt.strategy == "xgb":
-            best = sorted(trials, key=lambda x: -objective(x, budget, space))[:3]
-            for new in candidate_pool(space, budget, [b.candidate for b in best], 8, rng):
-                if new.key() not in keys:
-                    keys.add(new.key())
-                    by_key[new.key()] = len(cands)
-                    cands.append(new)
-                    feats.append(space.features(new))
-                    order.append(len(cands) - 1)
+        for pick, t in zip(picks, run_round([cands[i] for i in picks])):
+            done.add(cands[pick].key())
+            trials.append(t)
+            bar.update(1)
+            bar.set_postfix(best=f"{max(objective(x, budget, space) for x in trials):.3g}")
+            if on_trial is not None:
+                on_trial(t)
+            if cost_model is not None:
+                cost_model.update(feats[pick][None], np.asarray([-t.drop]))
+            if opt.grow_pool and opt.strategy == "xgb":
+                best = sorted(trials, key=lambda x: -objective(x, budget, space))[:3]
+                for new in candidate_pool(space, budget, [b.candidate for b in best], 8, rng):
+                    if new.key() not in keys:
+                        keys.add(new.key())
+                        by_key[new.key()] = len(cands)
+                        cands.append(new)
+                        feats.append(space.features(new))
+                        order.append(len(cands) - 1)
     bar.close()
     return trials
+
+
+def _pick(opt: LoopOptions, cands: list[Candidate], feats: list, order: list[int],
+          done: set[str], picks: list[int], queue: list[str], by_key: dict[str, int],
+          trials: list[Trial], cost_model: CostModel | None,
+          prior: Callable[[Candidate], float] | None, rng: np.random.Generator,
+          space: SearchSpace, budget: Budget) -> int | None:
+    """The next candidate of a round (not evaluated, not already picked), or None."""
+    taken = done | {cands[i].key() for i in picks}
+    remaining = [i for i in order if cands[i].key() not in taken]
+    if not remaining:
+        return None
+    while queue:
+        k = queue.pop(0)
+        if k not in taken:
+            return by_key[k]
+    n_rows = int(getattr(cost_model, "n_rows", len(trials)))
+    if opt.strategy != "xgb":
+        return remaining[0]
+    if rng.random() < opt.explore or not trials:
+        return int(rng.choice(remaining))
+    if n_rows < opt.min_rows and prior is not None:
+        # too little data to fit trees: trust the analytic (HAWQ) ranking meanwhile
+        return remaining[int(np.argmax([prior(cands[i]) for i in remaining]))]
+    assert cost_model is not None
+    pred_drop = -cost_model.predict(np.asarray([feats[i] for i in remaining]))
+    ref = trials[0].reference_quality
+    scores = [objective(Trial(cands[i], ref - d, ref, space.size_bytes(cands[i]),
+                              space.latency_ms(cands[i])), budget, space)
+              for i, d in zip(remaining, pred_drop)]
+    return remaining[int(np.argmax(scores))]
 
 
 def pareto_front(trials: Sequence[Trial]) -> list[Trial]:

@@ -1,0 +1,224 @@
+"""Where the search's candidate evaluations run: in-process, local worker processes, or Ray.
+
+One interface, `Workers.run(plans) -> [(quality, seconds)]` in the order given: the search
+loop (quantune.run_search) picks a round of candidates, the driver answers what the
+evaluation database already holds, and the rest run here. Only the driver writes the
+database, so resume-after-kill and "every candidate once" do not depend on the workers.
+
+The evaluation context (fx graph, calibration stats, kernel placement, learned rounding, the
+picklable quality function) crosses the process boundary ONCE: a process initializer for
+local workers, the Ray object store for Ray; each task carries only its QuantPlan (a few KB).
+Rebuilding the graph in every task from (plan, stats) is what the worker does anyway
+(`quantize`), so shipping the float graph once is the cheaper of the two designs.
+
+Lost work is retried, never lost or counted twice: Ray re-runs a task whose worker or node
+died (`max_retries`); a local pool whose process died (BrokenProcessPool) is rebuilt and the
+unanswered plans resubmitted. A retried evaluation is deterministic (same plan, same data),
+and the driver writes each candidate's row once, keyed by the candidate.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import pickle
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any, Self
+
+from quantflow.errors import QuantflowError
+
+log = logging.getLogger("quantflow.search")
+
+RETRIES = 3  # per task: a node lost three times over is not a transient failure
+
+
+class WorkersError(QuantflowError):
+    """Ray missing or unreachable, or workers that keep dying."""
+
+    exit_code = 2
+
+
+@dataclass
+class EvalContext:
+    """What every evaluation needs besides its plan (sent to each worker once)."""
+
+    gm: Any  # torch.fx.GraphModule (float, after equalization)
+    stats: dict[str, Any]
+    placement: Any
+    learned: Any
+    eval_fn: Callable[[Any], float]  # must be picklable for workers > 1 (a module-level class)
+
+
+def evaluate_plan(ctx: EvalContext, plan: Any) -> tuple[float, float]:
+    """Quantize with `plan` and measure its quality: (quality, seconds)."""
+    from quantflow.quantize import quantize
+
+    t0 = time.perf_counter()
+    q = quantize(ctx.gm, plan, ctx.stats, ctx.placement,
+                 rounding=ctx.learned.for_plan(plan) if ctx.learned else None)
+    return float(ctx.eval_fn(q)), time.perf_counter() - t0
+
+
+class Workers:
+    """In-process evaluation (`--workers 1`, the default)."""
+
+    kind = "in-process"
+
+    def __init__(self, ctx: EvalContext) -> None:
+        self.ctx = ctx
+
+    def run(self, plans: Sequence[Any]) -> list[tuple[float, float]]:
+        return [evaluate_plan(self.ctx, p) for p in plans]
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- local processes
+
+_CTX: EvalContext | None = None  # the worker process's context, set by its initializer
+
+
+def _init_worker(blob: bytes) -> None:
+    global _CTX
+    import torch
+
+    torch.set_num_threads(1)  # N workers on N cores: one thread each, no oversubscription
+    _CTX = pickle.loads(blob)
+
+
+def _run_one(plan: Any) -> tuple[float, float, int]:
+    assert _CTX is not None, "worker initializer did not run"
+    q, s = evaluate_plan(_CTX, plan)
+    return q, s, os.getpid()
+
+
+class ProcessWorkers(Workers):
+    """N local processes (spawn: torch is unsafe to fork once its threads exist)."""
+
+    kind = "processes"
+
+    def __init__(self, ctx: EvalContext, n: int) -> None:
+        super().__init__(ctx)
+        self.n = n
+        self.blob = pickle.dumps(ctx)
+        self.pool = self._new_pool()
+        self.pids: set[int] = set()  # the processes that answered (tests kill one of them)
+        self.retried = 0
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.n, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(self.blob,))
+
+    def run(self, plans: Sequence[Any]) -> list[tuple[float, float]]:
+        out: dict[int, tuple[float, float]] = {}
+        for attempt in range(RETRIES + 1):
+            todo = [i for i in range(len(plans)) if i not in out]
+            if not todo:
+                break
+            futures = {i: self.pool.submit(_run_one, plans[i]) for i in todo}
+            broken = False
+            for i, f in futures.items():
+                try:
+                    q, s, pid = f.result()
+                    out[i] = (q, s)
+                    self.pids.add(pid)
+                except BrokenProcessPool:
+                    broken = True
+            if broken:  # a worker died: its (and its pool's) unanswered plans run again
+                if attempt == RETRIES:
+                    raise WorkersError(f"search workers died {RETRIES + 1} times in a row; "
+                                       "fix: check memory (dmesg) or run with --workers 1")
+                log.warning("search: a worker process died; resubmitting %d evaluation(s)",
+                            len(plans) - len(out))
+                self.retried += len(plans) - len(out)
+                self.pool.shutdown(wait=False, cancel_futures=True)
+                self.pool = self._new_pool()
+        return [out[i] for i in range(len(plans))]
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def ray_module() -> Any:
+    """Ray, or a one-line usage error naming the fix."""
+    try:
+        import ray
+    except ImportError:
+        raise WorkersError("--ray needs Ray, which is not installed; fix: pip install "
+                           "'quantflow[ray]' (or run without --ray: --workers N uses local "
+                           "processes)") from None
+    return ray
+
+
+def connect(address: str) -> Any:
+    """ray.init on an existing cluster (never starts one), or a one-line error."""
+    ray = ray_module()
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
+                     include_dashboard=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise WorkersError(f"cannot reach the Ray cluster at {address!r} ({exc}); fix: "
+                               "start it (`ray start --head`, docs/cluster.md) or correct "
+                               "--ray / RAY_ADDRESS") from None
+    return ray
+
+
+def _ray_eval(ctx: EvalContext, plan: Any) -> tuple[float, float, str]:
+    import torch
+
+    torch.set_num_threads(1)
+    q, s = evaluate_plan(ctx, plan)
+    return q, s, ray_module().get_runtime_context().get_node_id()
+
+
+class RayWorkers(Workers):
+    """Tasks on a Ray cluster: one CPU each, retried on a lost worker or node."""
+
+    kind = "ray"
+
+    def __init__(self, ctx: EvalContext, address: str) -> None:
+        super().__init__(ctx)
+        self.ray = connect(address)
+        self.ref = self.ray.put(ctx)
+        self.remote = self.ray.remote(num_cpus=1, max_retries=RETRIES,
+                                      retry_exceptions=False)(_ray_eval)
+        self.nodes: set[str] = set()
+
+    def run(self, plans: Sequence[Any]) -> list[tuple[float, float]]:
+        try:
+            res = self.ray.get([self.remote.remote(self.ref, p) for p in plans])
+        except self.ray.exceptions.RayError as exc:
+            raise WorkersError(f"a search task failed on the Ray cluster after {RETRIES} "
+                               f"retries: {str(exc).splitlines()[0]}; fix: check the cluster "
+                               "(`ray status`) or run with --workers N") from None
+        self.nodes.update(r[2] for r in res)
+        return [(q, s) for q, s, _ in res]
+
+    def close(self) -> None:
+        self.ray.shutdown()
+
+
+def make_workers(ctx: EvalContext, workers: int = 1, ray_address: str | None = None
+                 ) -> Workers:
+    """`--ray ADDRESS` > `--workers N` (> 1: local processes) > in-process."""
+    if ray_address:
+        return RayWorkers(ctx, ray_address)
+    if workers > 1:
+        return ProcessWorkers(ctx, workers)
+    return Workers(ctx)
