@@ -250,16 +250,17 @@ def search_mixed(
 
     def evaluate_round(cs: list[Candidate]) -> list[qt.Trial]:
         """The database answers what it holds; the workers evaluate the rest, and their rows
-        are written here, by the driver only, once per candidate, in pick order."""
+        are written here, by the driver only, once per candidate, in pick order, each as
+        soon as it is known."""
         nonlocal reused
         recs = [database.get(m_hash, d_hash, c.key()) for c in cs]
         todo = [c for c, r in zip(cs, recs) if r is None]
-        got = dict(zip([c.key() for c in todo], pool.run([space.plan(c) for c in todo])))
+        got = pool.run([space.plan(c) for c in todo])
         out = []
         for c, rec in zip(cs, recs):
             size, lat = space.size_bytes(c), space.latency_ms(c)
             reused += rec is not None
-            q, secs = (rec.quality, 0.0) if rec is not None else got[c.key()]
+            q, secs = (rec.quality, 0.0) if rec is not None else next(got)
             if rec is None:
                 database.put(Record(m_hash, d_hash, c.key(), tuple(space.features(c)), q, ref_q,
                                     size, lat, secs))

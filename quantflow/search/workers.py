@@ -1,6 +1,6 @@
 """Where the search's candidate evaluations run: in-process, local worker processes, or Ray.
 
-One interface, `Workers.run(plans) -> [(quality, seconds)]` in the order given: the search
+One interface, `Workers.run(plans) -> iterator of (quality, seconds)` in the order given: the search
 loop (quantune.run_search) picks a round of candidates, the driver answers what the
 evaluation database already holds, and the rest run here. Only the driver writes the
 database, so resume-after-kill and "every candidate once" do not depend on the workers.
@@ -24,7 +24,7 @@ import multiprocessing
 import os
 import pickle
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -72,8 +72,10 @@ class Workers:
     def __init__(self, ctx: EvalContext) -> None:
         self.ctx = ctx
 
-    def run(self, plans: Sequence[Any]) -> list[tuple[float, float]]:
-        return [evaluate_plan(self.ctx, p) for p in plans]
+    def run(self, plans: Sequence[Any]) -> Iterator[tuple[float, float]]:
+        """(quality, seconds) per plan, in the order given, each as soon as it is known (the
+        driver writes its row before the next: an interrupt loses nothing finished)."""
+        return (evaluate_plan(self.ctx, p) for p in plans)
 
     def close(self) -> None:
         pass
@@ -121,31 +123,29 @@ class ProcessWorkers(Workers):
         return ProcessPoolExecutor(self.n, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(self.blob,))
 
-    def run(self, plans: Sequence[Any]) -> list[tuple[float, float]]:
-        out: dict[int, tuple[float, float]] = {}
-        for attempt in range(RETRIES + 1):
-            todo = [i for i in range(len(plans)) if i not in out]
-            if not todo:
-                break
-            futures = {i: self.pool.submit(_run_one, plans[i]) for i in todo}
-            broken = False
-            for i, f in futures.items():
+    def run(self, plans: Sequence[Any]) -> Iterator[tuple[float, float]]:
+        futures = [self.pool.submit(_run_one, p) for p in plans]
+        for i in range(len(plans)):
+            for attempt in range(RETRIES + 1):
                 try:
-                    q, s, pid = f.result()
-                    out[i] = (q, s)
-                    self.pids.add(pid)
-                except BrokenProcessPool:
-                    broken = True
-            if broken:  # a worker died: its (and its pool's) unanswered plans run again
-                if attempt == RETRIES:
-                    raise WorkersError(f"search workers died {RETRIES + 1} times in a row; "
-                                       "fix: check memory (dmesg) or run with --workers 1")
-                log.warning("search: a worker process died; resubmitting %d evaluation(s)",
-                            len(plans) - len(out))
-                self.retried += len(plans) - len(out)
-                self.pool.shutdown(wait=False, cancel_futures=True)
-                self.pool = self._new_pool()
-        return [out[i] for i in range(len(plans))]
+                    q, s, pid = futures[i].result()
+                    break
+                except BrokenProcessPool:  # a worker died: its pool's unanswered plans rerun
+                    if attempt == RETRIES:
+                        raise WorkersError(f"search workers died {RETRIES + 1} times in a row; "
+                                           "fix: check memory (dmesg) or run with --workers 1"
+                                           ) from None
+                    lost = [j for j in range(i, len(plans)) if not futures[j].done()
+                            or futures[j].exception() is not None]
+                    log.warning("search: a worker process died; resubmitting %d evaluation(s)",
+                                len(lost))
+                    self.retried += len(lost)
+                    self.pool.shutdown(wait=False, cancel_futures=True)
+                    self.pool = self._new_pool()
+                    for j in lost:
+                        futures[j] = self.pool.submit(_run_one, plans[j])
+            self.pids.add(pid)
+            yield q, s
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -200,15 +200,17 @@ class RayWorkers(Workers):
                                       retry_exceptions=False)(_ray_eval)
         self.nodes: set[str] = set()
 
-    def run(self, plans: Sequence[Any]) -> list[tuple[float, float]]:
-        try:
-            res = self.ray.get([self.remote.remote(self.ref, p) for p in plans])
-        except self.ray.exceptions.RayError as exc:
-            raise WorkersError(f"a search task failed on the Ray cluster after {RETRIES} "
-                               f"retries: {str(exc).splitlines()[0]}; fix: check the cluster "
-                               "(`ray status`) or run with --workers N") from None
-        self.nodes.update(r[2] for r in res)
-        return [(q, s) for q, s, _ in res]
+    def run(self, plans: Sequence[Any]) -> Iterator[tuple[float, float]]:
+        refs = [self.remote.remote(self.ref, p) for p in plans]
+        for ref in refs:
+            try:
+                q, s, node = self.ray.get(ref)
+            except self.ray.exceptions.RayError as exc:
+                raise WorkersError(f"a search task failed on the Ray cluster after {RETRIES} "
+                                   f"retries: {str(exc).splitlines()[0]}; fix: check the "
+                                   "cluster (`ray status`) or run with --workers N") from None
+            self.nodes.add(node)
+            yield q, s
 
     def close(self) -> None:
         self.ray.shutdown()
