@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -52,6 +53,76 @@ class EvalContext:
     placement: Any
     learned: Any
     eval_fn: Callable[[Any], float]  # must be picklable for workers > 1 (a module-level class)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "gm": pack_graph(self.gm)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, gm=unpack_graph(state["gm"]))
+
+
+def pack_graph(gm: Any) -> tuple[Any, ...]:
+    """A picklable form of an fx graph module. torch.export's graph modules do not pickle
+    (state-dict hooks that are lambdas) and fx's own __reduce__ re-traces the code, which
+    renames nodes (plans are keyed by node name) and drops node meta: so nodes are kept as
+    they are, with every picklable meta entry, and the modules and tensors they use."""
+    import torch
+    from torch import fx
+
+    def refs(a: Any) -> Any:
+        return fx.node.map_arg(a, lambda n: ("__node__", n.name))
+
+    def picklable(v: Any) -> bool:
+        try:
+            pickle.dumps(v)
+            return True
+        except Exception:  # noqa: BLE001 - anything that does not pickle stays behind
+            return False
+
+    def target(t: Any) -> Any:  # aten operators do not pickle: their qualified name does
+        if isinstance(t, torch._ops.OpOverload):
+            return ("__op__", t.namespace, t._opname, t._overloadname)
+        return t
+
+    nodes = [(n.op, n.name, target(n.target), refs(n.args), refs(n.kwargs),
+              {k: v for k, v in n.meta.items() if picklable(v)}) for n in gm.graph.nodes]
+    root = torch.nn.Module()
+    for name, child in gm.named_children():
+        root.add_module(name, child)
+    for n in gm.graph.nodes:
+        atom = str(n.target).split(".")[0]
+        if n.op == "get_attr" and not hasattr(root, atom):
+            setattr(root, atom, getattr(gm, atom))
+    return nodes, root, {k: v for k, v in gm.meta.items() if picklable(v)}
+
+
+def unpack_graph(packed: tuple[Any, ...]) -> Any:
+    from torch import fx
+
+    nodes, root, meta = packed
+    graph = fx.Graph()
+    env: dict[str, fx.Node] = {}
+
+    def resolve(a: Any) -> Any:
+        if isinstance(a, tuple) and len(a) == 2 and a[0] == "__node__":
+            return env[a[1]]
+        if isinstance(a, (list, tuple)):
+            return type(a)(resolve(x) for x in a)
+        if isinstance(a, dict):
+            return {k: resolve(v) for k, v in a.items()}
+        return a
+
+    import torch
+
+    for op, name, target, args, kwargs, node_meta in nodes:
+        if isinstance(target, tuple) and target[0] == "__op__":
+            target = getattr(getattr(getattr(torch.ops, target[1]), target[2]), target[3])
+        n = graph.create_node(op, target, resolve(args), resolve(kwargs), name=name)
+        n.meta.update(node_meta)
+        env[name] = n
+    gm = fx.GraphModule(root, graph)
+    gm.meta.update(meta)
+    return gm
 
 
 def evaluate_plan(ctx: EvalContext, plan: Any) -> tuple[float, float]:
@@ -169,6 +240,14 @@ def connect(address: str) -> Any:
     """ray.init on an existing cluster (never starts one), or a one-line error."""
     ray = ray_module()
     if not ray.is_initialized():
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        if host and port.isdigit():  # ray.init retries an unreachable head for minutes
+            try:
+                socket.create_connection((host, int(port)), timeout=5).close()
+            except OSError as exc:
+                raise WorkersError(f"cannot reach the Ray cluster at {address!r} ({exc}); "
+                                   "fix: start it (`ray start --head`, docs/cluster.md) or "
+                                   "correct --ray / RAY_ADDRESS") from None
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
                      include_dashboard=False)
