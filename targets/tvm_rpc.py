@@ -1,0 +1,235 @@
+"""TVM RPC: time and tune TVM libraries on a remote device through TVM's own tracker/server.
+
+The standard TVM set-up for boards (docs/tvm_rpc.md): a tracker anywhere
+(`python -m tvm.exec.rpc_tracker --port 9190`), an RPC server on each board registered under a
+key (`python -m tvm.exec.rpc_server --tracker HOST:9190 --key rpi5`), and the compiling host
+asks the tracker for a session with that key. `--rpc-tracker HOST:PORT --rpc-key KEY` make the
+TVM target
+
+- profile through the tracker (`profile`): upload the exported library (`model.so`, built for
+  the board: the host's CPU, or cross-compiled for the aarch64 edge bundle), load it into a
+  Relax VM on the board and time `main` with the runtime's `time_evaluator`, so the clock runs
+  on the board and no network time enters the numbers;
+- tune with MetaSchedule's `RPCRunner` (`tuning_runner`): candidates are built here and
+  measured on the board.
+
+The latency's `device` names the RPC key and the board's CPU (`describe`), so a report, a
+latency table or a tuning database is never mistaken for one measured elsewhere.
+
+Failures are one-line errors with exit code 6: an unreachable tracker or a key no server has
+registered is `TargetUnavailableError` (checked before lowering, `check`); a session or a
+remote run that fails later is `TargetRuntimeError`, which the profile stage does not swallow.
+No torch import: MetaSchedule's popen workers import this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import statistics
+import struct
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quantflow.errors import TargetRuntimeError, TargetUnavailableError
+
+#: how long `check` waits for a server with the key to register (a server started together
+#: with the compile retries its tracker connection every 5 s)
+REGISTER_WAIT_S = 20.0
+#: longest wait for a free server of the key (another client may hold the board)
+REQUEST_TIMEOUT_S = 120.0
+
+
+def parse_tracker(text: str) -> tuple[str, int]:
+    """`HOST:PORT` -> (host, port); ValueError naming the expected form."""
+    host, sep, port = str(text).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--rpc-tracker must be HOST:PORT (e.g. 192.168.1.10:9190), got "
+                         f"{text!r}")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class RPCDevice:
+    """A device behind a TVM RPC tracker: the tracker's address and the server key."""
+
+    tracker: str  # HOST:PORT
+    key: str
+
+    def __post_init__(self) -> None:
+        parse_tracker(self.tracker)
+        if not self.key or any(c.isspace() for c in self.key):
+            raise ValueError(f"--rpc-key must be a non-empty word (the server's --key), got "
+                             f"{self.key!r}")
+
+    @property
+    def host(self) -> str:
+        return parse_tracker(self.tracker)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_tracker(self.tracker)[1]
+
+    def fix(self) -> str:
+        return (f"fix: start a tracker (python -m tvm.exec.rpc_tracker --port {self.port}) and "
+                f"on the board an RPC server (python -m tvm.exec.rpc_server --tracker "
+                f"{self.tracker} --key {self.key}), or pass the right --rpc-tracker/--rpc-key")
+
+
+def check(dev: RPCDevice, wait_s: float = REGISTER_WAIT_S) -> None:
+    """Fail fast (TargetUnavailableError) unless the tracker answers and a server with the key
+    is registered there (waiting up to `wait_s` for one to register)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        keys = _tracker_keys(dev)
+        if dev.key in keys:
+            return
+        if time.monotonic() >= deadline:
+            have = ", ".join(sorted(keys)) or "none"
+            raise TargetUnavailableError(
+                f"tvm RPC: no server with key {dev.key!r} is registered at tracker "
+                f"{dev.tracker} (keys there: {have}); {dev.fix()}")
+        time.sleep(0.5)
+
+
+def _tracker_keys(dev: RPCDevice) -> set[str]:
+    """Keys with at least one registered server; a tracker that does not answer within a few
+    seconds is TargetUnavailableError (TVM's own client would retry for a minute)."""
+    from tvm.rpc import base
+
+    try:
+        with socket.create_connection((dev.host, dev.port), timeout=5.0) as sock:
+            sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+            magic = struct.unpack("<i", base.recvall(sock, 4))[0]
+            if magic != base.RPC_TRACKER_MAGIC:
+                raise OSError("not a TVM RPC tracker")
+            base.sendjson(sock, [base.TrackerCode.SUMMARY])
+            reply = base.recvjson(sock)
+    except (OSError, ValueError) as exc:
+        raise TargetUnavailableError(
+            f"tvm RPC: tracker {dev.tracker} is not reachable ({exc}); {dev.fix()}") from None
+    ok = isinstance(reply, list) and len(reply) == 2 and reply[0] == base.TrackerCode.SUCCESS
+    servers = reply[1].get("server_info", []) if ok else []
+    return {str(s["key"]).split(":", 1)[-1] for s in servers}
+
+
+@contextlib.contextmanager
+def session(dev: RPCDevice, timeout_s: float = REQUEST_TIMEOUT_S) -> Iterator[Any]:
+    """An RPC session on a server with the key, requested from the tracker (bounded wait)."""
+    from tvm import rpc
+
+    check(dev)
+    got: list[Any] = []
+    errors: list[BaseException] = []
+
+    def request() -> None:
+        try:
+            got.append(rpc.connect_tracker(dev.host, dev.port).request(dev.key, max_retry=2))
+        except (RuntimeError, OSError) as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=request, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if not got:
+        why = errors[0] if errors else f"no free server within {timeout_s:.0f} s"
+        raise TargetRuntimeError(f"tvm RPC: no session for key {dev.key!r} at {dev.tracker} "
+                                 f"({why}); fix: check the board's RPC server, or free it")
+    try:
+        yield got[0]
+    finally:
+        del got[:]  # the session closes when its last reference goes
+
+
+def describe(dev: RPCDevice, sess: Any) -> str:
+    """`rpc:KEY @HOST:PORT — <remote CPU> (N logical cores, <arch>)`: the CPU from the
+    board's /proc/cpuinfo where its server lets us read it (TVM's Python server resolves an
+    absolute path as is), else just the key."""
+    head = f"rpc:{dev.key} @{dev.tracker}"
+    try:
+        info = bytes(sess.download("/proc/cpuinfo")).decode(errors="replace")
+    except Exception:  # noqa: BLE001 - a C++ or sandboxed server: the key alone names it
+        return head
+    return f"{head} — {cpu_from_cpuinfo(info)}"
+
+
+def cpu_from_cpuinfo(text: str) -> str:
+    """CPU model and logical core count from /proc/cpuinfo (x86 `model name`; Arm boards
+    often have only `CPU implementer/part`, or a `Hardware`/`Model` line)."""
+    fields: dict[str, str] = {}
+    cores = 0
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        cores += key == "processor"
+        fields.setdefault(key, value.strip())
+    name = (fields.get("model name") or fields.get("Model") or fields.get("Hardware")
+            or (f"Arm CPU implementer {fields['CPU implementer']} part {fields['CPU part']}"
+                if "CPU part" in fields else "unknown CPU"))
+    return f"{name} ({cores} logical cores)"
+
+
+def latency_fields(times_ms: Sequence[float]) -> dict[str, float]:
+    """median/p90/mean/IQR/MAD of timed runs, as `targets.base.time_runs` computes them."""
+    from quantflow.targets.base import spread_ms
+
+    times = sorted(times_ms)
+    iqr, mad = spread_ms(times)
+    return {"median_ms": statistics.median(times),
+            "p90_ms": times[min(len(times) - 1, round(0.9 * (len(times) - 1)))],
+            "mean_ms": statistics.fmean(times), "iqr_ms": iqr, "mad_ms": mad}
+
+
+def time_remote(dev: RPCDevice, lib: Path, inputs: Sequence[np.ndarray], *, warmup: int,
+                runs: int, threads: int | None = None) -> tuple[list[float], int, str]:
+    """Upload `lib` (a Relax VM library built for the board), run `main` on the board and
+    return (per-run times in ms, the board's thread-pool size, device description).
+
+    Each timed run is one call measured by the board's own clock (`time_evaluator`, number=1),
+    after `warmup` untimed calls; the inputs are copied to the board once.
+    """
+    import tvm
+    from tvm import relax
+
+    try:
+        with session(dev) as sess:
+            device = describe(dev, sess)
+            remote_name = f"quantflow_{lib.stem}_{lib.stat().st_mtime_ns}.so"
+            sess.upload(str(lib), remote_name)
+            rdev = sess.cpu()
+            if threads:
+                sess.get_function("runtime.config_threadpool")(1, int(threads))
+            n_threads = int(sess.get_function("runtime.NumThreads")())
+            vm = relax.VirtualMachine(sess.load_module(remote_name), rdev)
+            args = [tvm.runtime.tensor(np.ascontiguousarray(x), device=rdev) for x in inputs]
+            # a saved closure: the timed call does no argument conversion or lookup
+            vm.save_function("main", "quantflow_main", *args)
+            if warmup:
+                vm.time_evaluator("quantflow_main", rdev, number=warmup, repeat=1)()
+            res = vm.time_evaluator("quantflow_main", rdev, number=1, repeat=runs)()
+            times = [float(t) * 1e3 for t in res.results]
+    except (TargetRuntimeError, TargetUnavailableError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the board said, as one line
+        msg = str(exc).strip().splitlines()
+        raise TargetRuntimeError(
+            f"tvm RPC: running {lib.name} on {dev.key} failed: {msg[-1] if msg else exc!r}; "
+            "fix: the board's TVM runtime must match apache-tvm here, and the library must be "
+            "built for its CPU (--device aarch64 for an Arm64 board)") from None
+    return times, n_threads, device
+
+
+def tuning_runner(dev: RPCDevice, timeout_s: float = 60.0) -> Any:
+    """MetaSchedule's RPC runner for the board: candidates built here, measured there."""
+    import tvm.s_tir.meta_schedule as ms
+
+    check(dev)
+    config = ms.runner.RPCConfig(tracker_host=dev.host, tracker_port=dev.port,
+                                 tracker_key=dev.key, session_timeout_sec=int(timeout_s))
+    return ms.runner.RPCRunner(rpc_config=config, max_workers=1)
