@@ -148,11 +148,17 @@ def session(dev: RPCDevice, timeout_s: float = REQUEST_TIMEOUT_S) -> Iterator[An
 
 
 def describe(dev: RPCDevice, sess: Any) -> str:
-    """`rpc:KEY @HOST:PORT — <remote CPU> (N logical cores, <arch>)`: the CPU from the
-    board's /proc/cpuinfo where its server lets us read it (TVM's Python server resolves an
-    absolute path as is), else just the key."""
+    """`rpc:KEY @HOST:PORT — <remote CPU>`: the board's CPU as its LLVM names it (`cpu
+    rocketlake, x86_64-linux-gnu`) where the server has TVM's compiler (the Python server
+    does), else from a /proc/cpuinfo the server can read, else just the key."""
     head = f"rpc:{dev.key} @{dev.tracker}"
     try:
+        cpu = str(sess.get_function("target.llvm_get_system_cpu")())
+        triple = str(sess.get_function("target.llvm_get_system_triple")())
+        return f"{head} — cpu {cpu}, {triple}"
+    except Exception:  # noqa: BLE001, S110 - a runtime-only server: try the next source
+        pass
+    try:  # TVM's Python server resolves an absolute path as is; procfs reads may fail
         info = bytes(sess.download("/proc/cpuinfo")).decode(errors="replace")
     except Exception:  # noqa: BLE001 - a C++ or sandboxed server: the key alone names it
         return head
