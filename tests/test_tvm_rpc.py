@@ -216,3 +216,33 @@ def test_unknown_key_names_the_keys_there(rpc: LocalRPC, tmp_path: Path,
 
     with pytest.raises(TargetUnavailableError, match=f"keys there: {KEY}"):
         check(RPCDevice(rpc.tracker, "no-such-board"), wait_s=0)
+
+
+def test_tuning_measures_on_the_server(rpc: LocalRPC, tmp_path: Path) -> None:
+    """`tune_trials` with RPC: MetaSchedule's RPC runner measures every candidate on the
+    server (its log shows the candidate modules loaded), the records hold real run times, and
+    the database is cached under the RPC key, apart from a local tuning's."""
+    import torch
+
+    from quantflow.ir import capture
+    from quantflow.targets import get_target
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU()).eval()
+    x = torch.randn(1, 3, 12, 12)
+    target = get_target("tvm", tune_trials=2, cache_dir=tmp_path / "cache",
+                        rpc_tracker=rpc.tracker, rpc_key=KEY)
+    before = len(rpc.loads())
+    art = target.lower(capture(net, (x,)), (x,), tmp_path / "out", precision="fp32")
+    tuning = art.meta["tuning"]
+    assert tuning["runner"] == f"rpc:{KEY}" and not tuning["cache_hit"]
+    work_dir = Path(tuning["work_dir"])
+    assert work_dir.name.endswith(f"-rpc-{KEY}") and work_dir.parent == tmp_path / "cache"
+    records = [json.loads(line) for line in (work_dir / "database_tuning_record.json")
+               .read_text().splitlines()]
+    run_secs = [float(s) for r in records for s in r[1][1]]
+    assert records and all(0 < s < 1.0 for s in run_secs), run_secs  # 1e10 marks a failure
+    candidates = [p for p in rpc.loads()[before:] if "tvm_tmp_mod" in p]
+    assert len(candidates) >= len(records), rpc.loads()[before:]
+    for when in ("untuned_latency", "tuned_latency"):  # timed on the server too
+        assert 0 < art.meta[when]["median_ms"] < 1000
+    assert any(".quick_latency" in p for p in rpc.loads()[before:])
