@@ -351,8 +351,10 @@ class TVMTarget:
         times, n_threads, device = time_remote(self.rpc, Path(artifact.files["model"]), inputs,
                                                warmup=warmup, runs=runs, threads=threads)
         batch = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1
-        return Latency(**latency_fields(times), runs=len(times), warmup=warmup,
-                       threads=n_threads, batch=batch, device=device)
+        st = latency_fields(times)
+        return Latency(median_ms=st["median_ms"], p90_ms=st["p90_ms"], mean_ms=st["mean_ms"],
+                       runs=len(times), warmup=warmup, threads=n_threads, batch=batch,
+                       device=device, iqr_ms=st["iqr_ms"], mad_ms=st["mad_ms"])
 
 
 def make_target(*, device: str = "host", tune_trials: int = 0,
