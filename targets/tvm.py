@@ -122,6 +122,7 @@ class TVMTarget:
     rpc_key: str | None = None
     name: str = "tvm"
     _vms: dict[str, Any] = field(default_factory=dict, repr=False)
+    _board: Any = field(default=None, repr=False)  # tvm_rpc.Board, opened on first use
     #: integer convs/linears only for 8-bit activations (tvm_match `_INT_ACT`): a W8A16
     #: layer computes in float between its Q/DQ nodes
     caps: ClassVar[TargetCaps] = TargetCaps(
@@ -152,13 +153,33 @@ class TVMTarget:
 
         return RPCDevice(self.rpc_tracker, self.rpc_key)
 
+    def board(self) -> Any:
+        """The `tvm_rpc.Board` (one held session) for run/profile through RPC."""
+        if self._board is None:
+            from quantflow.targets.tvm_rpc import Board
+
+            self._board = Board(self.rpc)
+        return self._board
+
     # ------------------------------------------------------------------ lower
     def target(self) -> Any:
         if self.device == "aarch64":
             from quantflow.targets.tvm_edge import aarch64_target
 
             return aarch64_target(self.num_cores)
+        if self.rpc is not None:  # the board's CPU, as its LLVM names it
+            return self._board_target()
         return host_target(self.num_cores)
+
+    def _board_target(self) -> Any:
+        """`--device host` through RPC: kernels for the board's CPU (`Board.llvm_target`), or
+        this host's where the board's server has no TVM compiler."""
+        target = self.board().llvm_target(self.num_cores)
+        if target is None:
+            log.warning("tvm RPC: %s does not say its CPU (runtime-only server); compiling "
+                        "for this host's CPU", self.rpc_key)
+            return host_target(self.num_cores)
+        return target
 
     def use_vnni(self, target: Any) -> bool:
         if self.vnni is not None:
@@ -240,13 +261,13 @@ class TVMTarget:
         """Median of a few runs of an in-memory executable (for untuned vs tuned); on the
         board when measuring through RPC."""
         if self.rpc is not None:
-            from quantflow.targets.tvm_rpc import latency_fields, time_remote
+            from quantflow.targets.tvm_rpc import latency_fields
 
             lib = out_dir / ".quick_latency.so"
             self._export(ex, lib)
             try:
-                times, _threads, _device = time_remote(self.rpc, lib, inputs, warmup=2,
-                                                       runs=10, threads=self.threads)
+                times, _threads = self.board().time(lib, inputs, warmup=2, runs=10,
+                                                    threads=self.threads)
             finally:
                 lib.unlink(missing_ok=True)
             stats = latency_fields(times)
@@ -285,6 +306,8 @@ class TVMTarget:
         return self._vms[key]
 
     def run(self, artifact: Artifact, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if self.rpc is not None:  # on the board: its CPU may not run here (and qemu is slow)
+            return self.board().run(Path(artifact.files["model"]), inputs)
         if artifact.meta.get("device") == "aarch64":
             from quantflow.targets.tvm_edge import run_bundle
 
@@ -343,18 +366,19 @@ class TVMTarget:
                         runs: int, threads: int | None, per_layer: bool) -> Latency:
         """`profile` on the board behind the RPC tracker (`tvm_rpc.time_remote`); per-layer
         times need the VM instrument, a Python callback that cannot run remotely."""
-        from quantflow.targets.tvm_rpc import latency_fields, time_remote
+        from quantflow.targets.tvm_rpc import latency_fields
 
         if per_layer:
             log.info("tvm RPC: per-layer times are measured on this host only; timing the "
                      "whole model on %s", self.rpc_key)
-        times, n_threads, device = time_remote(self.rpc, Path(artifact.files["model"]), inputs,
-                                               warmup=warmup, runs=runs, threads=threads)
+        board = self.board()
+        times, n_threads = board.time(Path(artifact.files["model"]), inputs, warmup=warmup,
+                                      runs=runs, threads=threads)
         batch = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1
         st = latency_fields(times)
         return Latency(median_ms=st["median_ms"], p90_ms=st["p90_ms"], mean_ms=st["mean_ms"],
                        runs=len(times), warmup=warmup, threads=n_threads, batch=batch,
-                       device=device, iqr_ms=st["iqr_ms"], mad_ms=st["mad_ms"])
+                       device=board.description, iqr_ms=st["iqr_ms"], mad_ms=st["mad_ms"])
 
 
 def make_target(*, device: str = "host", tune_trials: int = 0,

@@ -30,6 +30,7 @@ import statistics
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,32 +120,155 @@ def _tracker_keys(dev: RPCDevice) -> set[str]:
     return {str(s["key"]).split(":", 1)[-1] for s in servers}
 
 
-@contextlib.contextmanager
-def session(dev: RPCDevice, timeout_s: float = REQUEST_TIMEOUT_S) -> Iterator[Any]:
-    """An RPC session on a server with the key, requested from the tracker (bounded wait)."""
+def request(dev: RPCDevice, timeout_s: float = REQUEST_TIMEOUT_S) -> Any:
+    """An RPC session on a server with the key, from the tracker (bounded wait). The session
+    holds the server until its last reference goes: a tracker hands a busy server to no one
+    else, so one compile keeps one session (`Board`) and drops it before tuning."""
     from tvm import rpc
 
     check(dev)
     got: list[Any] = []
     errors: list[BaseException] = []
 
-    def request() -> None:
+    def ask() -> None:
         try:
             got.append(rpc.connect_tracker(dev.host, dev.port).request(dev.key, max_retry=2))
         except (RuntimeError, OSError) as exc:
             errors.append(exc)
 
-    worker = threading.Thread(target=request, daemon=True)
+    worker = threading.Thread(target=ask, daemon=True)
     worker.start()
     worker.join(timeout_s)
     if not got:
         why = errors[0] if errors else f"no free server within {timeout_s:.0f} s"
         raise TargetRuntimeError(f"tvm RPC: no session for key {dev.key!r} at {dev.tracker} "
                                  f"({why}); fix: check the board's RPC server, or free it")
+    return got.pop()
+
+
+@contextlib.contextmanager
+def remote_errors(dev: RPCDevice, what: str) -> Iterator[None]:
+    """Whatever the board or the connection said, as one TargetRuntimeError line."""
     try:
-        yield got[0]
-    finally:
-        del got[:]  # the session closes when its last reference goes
+        yield
+    except (TargetRuntimeError, TargetUnavailableError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - TVM raises RPCError, RuntimeError, OSError...
+        msg = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        raise TargetRuntimeError(
+            f"tvm RPC: {what} on {dev.key} failed: {msg[-1] if msg else exc!r}; fix: the "
+            "board's TVM runtime must match apache-tvm here, and the library must be built for "
+            "its CPU (--device aarch64 for an Arm64 board)") from None
+
+
+class Board:
+    """The board behind the tracker, with one session held while in use (`session`) and the
+    libraries loaded on it (`vm`); `close` hands the server back."""
+
+    def __init__(self, dev: RPCDevice) -> None:
+        self.dev = dev
+        self._sess: Any = None
+        self._vms: dict[str, tuple[Any, Any]] = {}  # lib key -> (VM, remote device)
+        self.description = f"rpc:{dev.key} @{dev.tracker}"
+
+    def session(self) -> Any:
+        if self._sess is None:
+            release(self.dev)  # another Board here may hold the server (the tracker waits)
+            self._sess = request(self.dev)
+            _OPEN.add(self)
+            with remote_errors(self.dev, "describing the board"):
+                self.description = describe(self.dev, self._sess)
+        return self._sess
+
+    def close(self) -> None:
+        import gc
+
+        self._vms.clear()
+        self._sess = None
+        gc.collect()  # the session closes with its last reference; loaded modules hold it
+
+    def llvm_cpu(self) -> tuple[str, str] | None:
+        """(LLVM cpu, triple) of the board where its server has TVM's compiler, else None."""
+        sess = self.session()
+        try:
+            return (str(sess.get_function("target.llvm_get_system_cpu")()),
+                    str(sess.get_function("target.llvm_get_system_triple")()))
+        except Exception:  # noqa: BLE001 - a runtime-only server
+            return None
+
+    def llvm_target(self, num_cores: int | None) -> Any:
+        """An LLVM target for the board's CPU (`-mcpu` as LLVM on the board detects it;
+        num-cores: its TVM thread pool unless given), or None if the board does not say."""
+        import os
+
+        import tvm
+
+        cpu = self.llvm_cpu()
+        if cpu is None:
+            return None
+        here = os.uname().machine
+        if cpu[1].split("-")[0] != here:
+            raise TargetUnavailableError(
+                f"tvm RPC: the board {self.dev.key} is {cpu[1]}, this host {here}; fix: "
+                "--device aarch64 for an Arm64 board (a cross-compiled library)")
+        return tvm.target.Target({"kind": "llvm", "mcpu": cpu[0],
+                                  "num-cores": int(num_cores or self.threads())})
+
+    def threads(self, threads: int | None = None) -> int:
+        """The board's TVM thread-pool size, after resizing it to `threads` if given."""
+        sess = self.session()
+        with remote_errors(self.dev, "sizing the thread pool"):
+            if threads:
+                sess.get_function("runtime.config_threadpool")(1, int(threads))
+            return int(sess.get_function("runtime.NumThreads")())
+
+    def vm(self, lib: Path) -> tuple[Any, Any]:
+        """(Relax VM, remote CPU device) of `lib` uploaded to and loaded on the board, once
+        per file version."""
+        from tvm import relax
+
+        key = f"{lib.resolve()}:{lib.stat().st_mtime_ns}"
+        if key not in self._vms:
+            sess = self.session()
+            remote_name = f"quantflow_{lib.stem}_{lib.stat().st_mtime_ns}.so"
+            with remote_errors(self.dev, f"loading {lib.name}"):
+                sess.upload(str(lib), remote_name)
+                rdev = sess.cpu()
+                self._vms[key] = (relax.VirtualMachine(sess.load_module(remote_name), rdev),
+                                  rdev)
+        return self._vms[key]
+
+    def run(self, lib: Path, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        import tvm
+
+        vm, rdev = self.vm(lib)
+        with remote_errors(self.dev, f"running {lib.name}"):
+            # the stateful API: a tuple result does not cross RPC as a return value
+            vm.set_input("main", *[tvm.runtime.tensor(np.ascontiguousarray(x), device=rdev)
+                                   for x in inputs])
+            vm.invoke_stateful("main")
+            out = vm.get_outputs("main")
+            return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+    def time(self, lib: Path, inputs: Sequence[np.ndarray], *, warmup: int, runs: int,
+             threads: int | None = None) -> tuple[list[float], int]:
+        """Per-run times (ms) of `lib`'s `main` on the board, and its thread-pool size.
+
+        Each timed run is one call measured by the board's own clock (`time_evaluator`,
+        number=1), after `warmup` untimed calls; the inputs are copied to the board once.
+        """
+        import tvm
+
+        n_threads = self.threads(threads)
+        vm, rdev = self.vm(lib)
+        with remote_errors(self.dev, f"timing {lib.name}"):
+            args = [tvm.runtime.tensor(np.ascontiguousarray(x), device=rdev) for x in inputs]
+            # a saved closure: the timed call does no argument conversion or lookup
+            vm.save_function("main", "quantflow_main", *args)
+            if warmup:
+                vm.time_evaluator("quantflow_main", rdev, number=warmup, repeat=1)()
+            res = vm.time_evaluator("quantflow_main", rdev, number=1, repeat=runs)()
+            return [float(t) * 1e3 for t in res.results], n_threads
 
 
 def describe(dev: RPCDevice, sess: Any) -> str:
@@ -192,43 +316,18 @@ def latency_fields(times_ms: Sequence[float]) -> dict[str, float]:
             "mean_ms": statistics.fmean(times), "iqr_ms": iqr, "mad_ms": mad}
 
 
-def time_remote(dev: RPCDevice, lib: Path, inputs: Sequence[np.ndarray], *, warmup: int,
-                runs: int, threads: int | None = None) -> tuple[list[float], int, str]:
-    """Upload `lib` (a Relax VM library built for the board), run `main` on the board and
-    return (per-run times in ms, the board's thread-pool size, device description).
+#: boards of this process holding a session (`release`)
+_OPEN: weakref.WeakSet[Board] = weakref.WeakSet()
 
-    Each timed run is one call measured by the board's own clock (`time_evaluator`, number=1),
-    after `warmup` untimed calls; the inputs are copied to the board once.
-    """
-    import tvm
-    from tvm import relax
 
-    try:
-        with session(dev) as sess:
-            device = describe(dev, sess)
-            remote_name = f"quantflow_{lib.stem}_{lib.stat().st_mtime_ns}.so"
-            sess.upload(str(lib), remote_name)
-            rdev = sess.cpu()
-            if threads:
-                sess.get_function("runtime.config_threadpool")(1, int(threads))
-            n_threads = int(sess.get_function("runtime.NumThreads")())
-            vm = relax.VirtualMachine(sess.load_module(remote_name), rdev)
-            args = [tvm.runtime.tensor(np.ascontiguousarray(x), device=rdev) for x in inputs]
-            # a saved closure: the timed call does no argument conversion or lookup
-            vm.save_function("main", "quantflow_main", *args)
-            if warmup:
-                vm.time_evaluator("quantflow_main", rdev, number=warmup, repeat=1)()
-            res = vm.time_evaluator("quantflow_main", rdev, number=1, repeat=runs)()
-            times = [float(t) * 1e3 for t in res.results]
-    except (TargetRuntimeError, TargetUnavailableError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever the board said, as one line
-        msg = str(exc).strip().splitlines()
-        raise TargetRuntimeError(
-            f"tvm RPC: running {lib.name} on {dev.key} failed: {msg[-1] if msg else exc!r}; "
-            "fix: the board's TVM runtime must match apache-tvm here, and the library must be "
-            "built for its CPU (--device aarch64 for an Arm64 board)") from None
-    return times, n_threads, device
+def release(dev: RPCDevice) -> None:
+    """Close every session this process holds on `dev`'s servers: the tracker hands a held
+    server to no one, so a new session (or MetaSchedule's runner) would wait for it forever.
+    Used between stages, which each use the board in turn; never concurrently."""
+    for board in list(_OPEN):
+        if board.dev == dev:
+            board.close()
+            _OPEN.discard(board)
 
 
 def tuning_runner(dev: RPCDevice, timeout_s: float = 60.0) -> Any:
@@ -236,6 +335,7 @@ def tuning_runner(dev: RPCDevice, timeout_s: float = 60.0) -> Any:
     import tvm.s_tir.meta_schedule as ms
 
     check(dev)
+    release(dev)
     config = ms.runner.RPCConfig(tracker_host=dev.host, tracker_port=dev.port,
                                  tracker_key=dev.key, session_timeout_sec=int(timeout_s))
     return ms.runner.RPCRunner(rpc_config=config, max_workers=1)

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("tvm")
@@ -39,6 +40,15 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+#: run a module as `python -m` would, after asking Linux to SIGTERM this child when the test
+#: process dies (PR_SET_PDEATHSIG) and making SIGTERM kill the child's whole process group
+#: (the server's and tracker's popen workers too), so a killed pytest leaves nothing behind
+_LAUNCH = ("import ctypes, os, runpy, signal, sys; "
+           "signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL)); "
+           "ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
+           "sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__')")
 
 
 class LocalRPC:
@@ -60,7 +70,7 @@ class LocalRPC:
         env = {**os.environ, "TVM_NUM_THREADS": "1"}
         with log.open("wb") as out:
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", f"tvm.exec.{module}", *args], stdout=out,
+                [sys.executable, "-c", _LAUNCH, f"tvm.exec.{module}", *args], stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True, env=env))
 
     def wait_ready(self) -> None:
@@ -199,7 +209,14 @@ def test_profile_cli_through_rpc(rpc: LocalRPC, tmp_path: Path,
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
                               torch.nn.Linear(8 * 14 * 14, 4)).eval()
     x = torch.randn(1, 3, 16, 16)
-    get_target("tvm").lower(capture(net, (x,)), (x,), tmp_path, precision="fp32")
+    local = get_target("tvm")
+    art = local.lower(capture(net, (x,)), (x,), tmp_path, precision="fp32")
+    before = len(rpc.loads())
+    # run() executes on the board too (the evaluate stage's path): same outputs, bit for bit
+    remote = get_target("tvm", rpc_tracker=rpc.tracker, rpc_key=KEY)
+    (want,), (got,) = local.run(art, [x.numpy()]), remote.run(art, [x.numpy()])
+    assert np.array_equal(got, want) and got.shape == (1, 4)
+    assert len(rpc.loads()) == before + 1
     before = len(rpc.loads())
     assert main(["profile", str(tmp_path / "model_fp32.so"), "--runs", "10",
                  "--rpc-tracker", rpc.tracker, "--rpc-key", KEY]) == 0
