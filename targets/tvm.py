@@ -364,21 +364,20 @@ class TVMTarget:
 
     def _profile_remote(self, artifact: Artifact, inputs: Sequence[np.ndarray], *, warmup: int,
                         runs: int, threads: int | None, per_layer: bool) -> Latency:
-        """`profile` on the board behind the RPC tracker (`tvm_rpc.time_remote`); per-layer
-        times need the VM instrument, a Python callback that cannot run remotely."""
-        from quantflow.targets.tvm_rpc import latency_fields
+        """`profile` on the board behind the RPC tracker (`tvm_rpc.profile`). Per-layer times
+        need the VM instrument, a Python callback that cannot run remotely: where this host
+        runs the library (same CPU), its per-kernel shares are scaled to the board's time."""
+        from quantflow.targets import tvm_rpc
 
-        if per_layer:
-            log.info("tvm RPC: per-layer times are measured on this host only; timing the "
-                     "whole model on %s", self.rpc_key)
-        board = self.board()
-        times, n_threads = board.time(Path(artifact.files["model"]), inputs, warmup=warmup,
-                                      runs=runs, threads=threads)
-        batch = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1
-        st = latency_fields(times)
-        return Latency(median_ms=st["median_ms"], p90_ms=st["p90_ms"], mean_ms=st["mean_ms"],
-                       runs=len(times), warmup=warmup, threads=n_threads, batch=batch,
-                       device=board.description, iqr_ms=st["iqr_ms"], mad_ms=st["mad_ms"])
+        local = None
+        if per_layer and tvm_rpc.runs_here(artifact.meta):
+            def local() -> dict[str, float]:
+                tvm = _import_tvm()
+                args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]
+                return by_layer(per_kernel_ms(self._vm(artifact), args, runs=max(3, runs // 5)),
+                                artifact.meta.get("kernel_layers", {}))
+        return tvm_rpc.profile(self.board(), Path(artifact.files["model"]), inputs,
+                               warmup=warmup, runs=runs, threads=threads, per_layer=local)
 
 
 def make_target(*, device: str = "host", tune_trials: int = 0,

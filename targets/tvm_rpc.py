@@ -25,13 +25,14 @@ No torch import: MetaSchedule's popen workers import this module.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import statistics
 import struct
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ import numpy as np
 
 from quantflow.errors import TargetRuntimeError, TargetUnavailableError
 
+log = logging.getLogger("quantflow.targets.tvm")
 #: how long `check` waits for a server with the key to register (a server started together
 #: with the compile retries its tracker connection every 5 s)
 REGISTER_WAIT_S = 20.0
@@ -314,6 +316,44 @@ def latency_fields(times_ms: Sequence[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(times),
             "p90_ms": times[min(len(times) - 1, round(0.9 * (len(times) - 1)))],
             "mean_ms": statistics.fmean(times), "iqr_ms": iqr, "mad_ms": mad}
+
+
+def profile(board: Board, lib: Path, inputs: Sequence[np.ndarray], *, warmup: int, runs: int,
+            threads: int | None, per_layer: Callable[[], dict[str, float]] | None) -> Any:
+    """A `Latency` of `lib` timed on the board (`Board.time`). With `per_layer` (per-layer
+    times measured on this host), its shares of their sum are scaled to the board's median:
+    an estimate (a layer's share can differ between CPUs), labelled so in the log."""
+    from quantflow.targets.base import Latency
+
+    times, n_threads = board.time(lib, inputs, warmup=warmup, runs=runs, threads=threads)
+    st = latency_fields(times)
+    per = None
+    if per_layer is not None:
+        here = per_layer()
+        total = sum(here.values())
+        scale = st["median_ms"] / total if total > 0 else 0.0
+        per = {k: v * scale for k, v in here.items()}
+        log.info("tvm RPC: per-layer times are this host's shares scaled to %s's median",
+                 board.dev.key)
+    batch = int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1
+    return Latency(median_ms=st["median_ms"], p90_ms=st["p90_ms"], mean_ms=st["mean_ms"],
+                   runs=len(times), warmup=warmup, threads=n_threads, batch=batch,
+                   device=board.description, per_layer_ms=per, iqr_ms=st["iqr_ms"],
+                   mad_ms=st["mad_ms"])
+
+
+def runs_here(meta: dict[str, Any]) -> bool:
+    """Whether a library built for `meta["target"]` runs on this host: an x86 library for
+    this very CPU (an aarch64 one, or one for another `-mcpu`, may not)."""
+    import re
+
+    from tvm.target import codegen
+
+    if meta.get("device") == "aarch64":
+        return False
+    # meta["target"] is the target's export as text (a JSON string of the Map's repr)
+    mcpu = re.search(r'\\?"mcpu\\?": \\?"([\w.+-]+)', str(meta.get("target", "")))
+    return mcpu is not None and mcpu.group(1) == str(codegen.llvm_get_system_cpu())
 
 
 #: boards of this process holding a session (`release`)

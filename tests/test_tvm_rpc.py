@@ -191,6 +191,11 @@ def test_compile_profiles_through_rpc(rpc: LocalRPC, tmp_path: Path,
         assert lat["runs"] == 20 and lat["threads"] == 1
         assert 0 < lat["median_ms"] <= lat["p90_ms"] < 1000
 
+    # per-layer: this host's shares (same CPU here) scaled to the board's median
+    per = latency["quantized"]["per_layer_ms"]
+    assert len(per) >= 15 and all(v >= 0 for v in per.values()), per
+    assert sum(per.values()) == pytest.approx(latency["quantized"]["median_ms"], rel=1e-9)
+
     # the same library timed in this process: the remote clock measures the same work
     assert main(["profile", str(out / "model.so"), "--runs", "20", "--threads", "1"]) == 0
     local = float(re.search(r"median ([\d.]+) ms", capsys.readouterr().out).group(1))  # type: ignore[union-attr]
