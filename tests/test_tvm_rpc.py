@@ -33,7 +33,7 @@ from quantflow.targets.tvm_rpc import RPCDevice, check, cpu_from_cpuinfo, parse_
 
 pytestmark = pytest.mark.tvm
 KEY = "qf-test"
-START_S = 60.0  # a tracker + a registered server: ~10 s here (the server retries every 5 s)
+START_S = 120.0  # a tracker + a registered server: ~10 s here (the server retries every 5 s)
 
 
 def _free_port() -> int:
@@ -47,6 +47,8 @@ def _free_port() -> int:
 #: (the server's and tracker's popen workers too), so a killed pytest leaves nothing behind
 _LAUNCH = ("import ctypes, os, runpy, signal, sys; "
            "signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL)); "
+           # under qemu: what the server spawns its workers with (no binfmt for aarch64 here)
+           "sys.executable = os.environ.get('QF_EXECUTABLE', sys.executable); "
            "ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
            "sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__')")
 
@@ -54,7 +56,9 @@ _LAUNCH = ("import ctypes, os, runpy, signal, sys; "
 class LocalRPC:
     """A tracker and one server with `KEY`, as subprocess groups (the server forks workers)."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, key: str = KEY, python: tuple[str, ...] = (sys.executable,),
+                 env: dict[str, str] | None = None) -> None:
+        self.key = key
         self.port = _free_port()
         self.tracker = f"127.0.0.1:{self.port}"
         self.log = log_dir / "rpc_server.log"
@@ -64,13 +68,15 @@ class LocalRPC:
         server_port = _free_port()
         self._spawn("rpc_server", "--host", "127.0.0.1", "--port", str(server_port),
                     "--port-end", str(server_port + 20), "--tracker", self.tracker,
-                    "--key", KEY, log=self.log)
+                    "--key", key, log=self.log, python=python, env=env)
 
-    def _spawn(self, module: str, *args: str, log: Path) -> None:
-        env = {**os.environ, "TVM_NUM_THREADS": "1"}
+    def _spawn(self, module: str, *args: str, log: Path,
+               python: tuple[str, ...] = (sys.executable,),
+               env: dict[str, str] | None = None) -> None:
+        env = {**os.environ, "TVM_NUM_THREADS": "1", **(env or {})}
         with log.open("wb") as out:
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-c", _LAUNCH, f"tvm.exec.{module}", *args], stdout=out,
+                [*python, "-c", _LAUNCH, f"tvm.exec.{module}", *args], stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True, env=env))
 
     def wait_ready(self) -> None:
@@ -80,7 +86,8 @@ class LocalRPC:
         deadline = time.monotonic() + START_S
         while True:
             try:
-                return check(RPCDevice(self.tracker, KEY), wait_s=deadline - time.monotonic())
+                return check(RPCDevice(self.tracker, self.key),
+                             wait_s=deadline - time.monotonic())
             except TargetUnavailableError:
                 if time.monotonic() > deadline or any(p.poll() is not None for p in self.procs):
                     raise
@@ -103,8 +110,8 @@ class LocalRPC:
 
 
 @contextmanager
-def local_rpc(log_dir: Path) -> Iterator[LocalRPC]:
-    rpc = LocalRPC(log_dir)
+def local_rpc(log_dir: Path, **kw: object) -> Iterator[LocalRPC]:
+    rpc = LocalRPC(log_dir, **kw)  # type: ignore[arg-type]
     try:
         rpc.wait_ready()
         yield rpc
@@ -268,3 +275,61 @@ def test_tuning_measures_on_the_server(rpc: LocalRPC, tmp_path: Path) -> None:
     for when in ("untuned_latency", "tuned_latency"):  # timed on the server too
         assert 0 < art.meta[when]["median_ms"] < 1000
     assert any(".quick_latency" in p for p in rpc.loads()[before:])
+
+
+# ----------------------------------------------------------------------------- aarch64 board
+
+ARM64_ROOT = Path.home() / ".cache" / "quantflow" / "arm64-python"
+ARM64_TVM = Path.home() / ".cache" / "quantflow" / "arm64-tvm-site"
+
+
+def _arm64_skip_reason() -> str | None:
+    import shutil
+
+    from quantflow.targets.tvm_edge import missing_toolchain
+
+    if not (ARM64_TVM / ".done").exists() or not (ARM64_ROOT / "usr/bin/python3").exists():
+        return "no aarch64 CPython/TVM packages: run tools/setup.sh (setup_arm64_tvm.sh)"
+    if shutil.which("qemu-aarch64") is None:
+        return "qemu-aarch64 not found: apt-get install -y qemu-user"
+    return missing_toolchain()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_arm64_skip_reason() is not None, reason=str(_arm64_skip_reason()))
+def test_aarch64_board_under_qemu(tmp_path: Path) -> None:
+    """An aarch64 "board": TVM's Python RPC server run by the aarch64 CPython under
+    qemu-aarch64. `--device aarch64` with RPC: MetaSchedule tunes on it (candidates
+    cross-compiled here, `tvm_tune.export_aarch64`), the evaluate path runs the cross-compiled
+    library there (= torch within 1e-5 relative) and profile times it there; the device names
+    the board's aarch64 triple. (qemu times mean nothing: only their sanity is checked.)"""
+    import torch
+
+    from quantflow.ir import capture
+    from quantflow.targets import get_target
+
+    python = ("qemu-aarch64", "-L", str(ARM64_ROOT), str(ARM64_ROOT / "usr/bin/python3"))
+    wrapper = tmp_path / "arm64-python.sh"
+    wrapper.write_text("#!/bin/sh\nexec " + " ".join(python) + ' "$@"\n')
+    wrapper.chmod(0o755)
+    env = {"PYTHONPATH": f"{ARM64_TVM}:{ARM64_ROOT / 'site-packages'}", "PYTHONNOUSERSITE": "1",
+           "QF_EXECUTABLE": str(wrapper)}
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 10 * 10, 4)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    with local_rpc(tmp_path, key="arm", python=python, env=env) as board:
+        target = get_target("tvm", device="aarch64", tune_trials=1, cache_dir=tmp_path / "db",
+                            rpc_tracker=board.tracker, rpc_key="arm")
+        art = target.lower(capture(net, (x,)), (x,), tmp_path / "out", precision="fp32")
+        records = (Path(art.meta["tuning"]["work_dir"]) / "database_tuning_record.json")
+        run_secs = [float(t) for line in records.read_text().splitlines()
+                    for t in json.loads(line)[1][1]]
+        assert run_secs and all(0 < t < 1.0 for t in run_secs), run_secs
+        (got,) = target.run(art, [x.numpy()])
+        want = net(x).detach().numpy()
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+        lat = target.profile(art, [x.numpy()], warmup=2, runs=5)
+        assert re.search(r"^rpc:arm @\S+ — cpu \S+, aarch64-", lat.device), lat.device
+        assert 0 < lat.median_ms <= lat.p90_ms < 1000
+        assert any("model_fp32" in p for p in board.loads())
