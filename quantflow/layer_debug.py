@@ -2,7 +2,7 @@
 stage of every compile (report.json "analysis") and `quantflow debug`.
 
   simulation vs FP32   quantflow/layer_local.py: each layer's accumulated and local SQNR
-  runtime vs simulation the target's tensor taps (caps.parity_taps, e.g. ORT) replayed on the
+  runtime vs simulation the target's tensor taps (caps.layer_taps: ORT, TVM) replayed on the
                        simulation as quantflow/parity.py does, so each layer is judged on the
                        runtime's own inputs: max steps off and SQNR of its output codes
   bounds, cause, fix   quantflow/layer_fix.py
@@ -62,7 +62,7 @@ def runtime_columns(qgm: fx.GraphModule, target: Any, artifact: Any,
     """layer -> (max steps off, SQNR dB) of the runtime's codes vs the simulation's."""
     names = quantized_tensors(qgm)
     feeds = [[t.numpy() for t in r] for r in runs]
-    codes = target.tensor_codes(artifact, names, feeds, isa=isa)
+    codes = target.layer_codes(artifact, qgm, names, feeds, isa=isa)
     energy: dict[str, Energy] = {}
     steps: dict[str, int] = {}
     nodes = {n.name: n for n in qgm.graph.nodes}
@@ -128,10 +128,10 @@ def _histograms(stats: list[LayerStats], worst: list[str]) -> dict[str, Any]:
 def analyze(fp_gm: fx.GraphModule, qgm: fx.GraphModule, x: torch.Tensor, *,
             target: Any = None, artifact: Any = None, batch: int | None = None,
             samples: int = 8, isa: str = "host", isa_class: str = "unknown",
-            device: str | None = None, hessian: Mapping[str, float] | None = None
-            ) -> dict[str, Any]:
-    """The analysis of one quantized graph (and its artifact, when the target can be tapped)
-    on the first `samples` inputs of `x`."""
+            device: str | None = None, hessian: Mapping[str, float] | None = None,
+            runtime_why_not: str | None = None) -> dict[str, Any]:
+    """The analysis of one quantized graph (and its artifact, when the target can be tapped
+    and `runtime_why_not` gives no reason to skip it) on the first `samples` inputs of `x`."""
     t0 = time.perf_counter()
     runs = _runs(x, batch, samples)
     stats = layer_stats(fp_gm, qgm, runs)
@@ -139,9 +139,11 @@ def analyze(fp_gm: fx.GraphModule, qgm: fx.GraphModule, x: torch.Tensor, *,
     skipped = None
     if target is None or artifact is None:
         skipped = "no runtime artifact"
-    elif not target.caps.parity_taps:
-        skipped = (f"the {target.name} target cannot report per-layer tensors (no taps); "
-                   "only simulation vs FP32 is compared")
+    elif runtime_why_not:
+        skipped = runtime_why_not
+    elif not target.caps.layer_taps or artifact.meta.get("layer_taps") is False:
+        skipped = (f"the {target.name} artifact cannot report per-layer tensors here (no "
+                   "taps); only simulation vs FP32 is compared")
     else:
         runtime = runtime_columns(qgm, target, artifact, runs, isa)
     rows = _rows(stats, runtime, hessian or {}, isa_class, device)

@@ -242,7 +242,10 @@ def analyze_stage(planned: PlanResult, lowered: lowering.Lowered, data: Dataset,
         return layer_debug.analyze(
             planned.gm, lowered.qgm, data.x, target=lowered.target, artifact=lowered.quantized,
             batch=batch, samples=ANALYSIS_SAMPLES, isa_class=hostcpu.host_cpu().isa_class,
-            device=config.resolved_device, hessian=hessian)
+            device=config.resolved_device, hessian=hessian,
+            runtime_why_not=None if lowered.target.caps.parity_taps else (
+                f"the {lowered.target.name} runtime is compared per layer by `quantflow debug` "
+                "only: its taps rebuild the library (~20 s)"))
     except Exception as exc:  # noqa: BLE001 - a diagnostic must not fail the compile
         log.warning("per-layer analysis failed (%s: %s); the report has no analysis section",
                     type(exc).__name__, exc)

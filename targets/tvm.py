@@ -120,7 +120,7 @@ class TVMTarget:
     #: layer computes in float between its Q/DQ nodes
     caps: ClassVar[TargetCaps] = TargetCaps(
         per_layer_profile=True, threads=True, devices=DEVICES,
-        integer_options=frozenset({"W8A8", "W4A8"}),
+        integer_options=frozenset({"W8A8", "W4A8"}), layer_taps=True,
         artifact_suffixes=ARTIFACT_SUFFIXES["tvm"])
 
     def __post_init__(self) -> None:
@@ -177,6 +177,8 @@ class TVMTarget:
             "int_layers": stats.int_layers, "float_layers": stats.float_layers,
             "tune_trials": self.tune_trials, "kernel_layers": kernel_layers,
             "vnni_layers": stats.vnni_layers,
+            # the debugger's tapped twin (tvm_taps.py) runs here, not on a board
+            "layer_taps": self.device == "host",
         }
         np_inputs = [t.detach().numpy() for t in example_inputs]
         if self.tune_trials > 0:  # host only (__post_init__)
@@ -210,6 +212,16 @@ class TVMTarget:
         return Artifact(target=self.name, precision=precision, files=files,
                         input_names=tuple(s["name"] for s in inputs_spec),
                         output_names=tuple(s["name"] for s in outputs_spec), meta=meta)
+
+    def layer_codes(self, artifact: Artifact, qgm: fx.GraphModule, names: Sequence[str],
+                    feeds: Sequence[Sequence[np.ndarray]], isa: str = "host"
+                    ) -> list[dict[str, np.ndarray]]:
+        """caps.layer_taps: codes from a tapped twin of the artifact (targets/tvm_taps.py)."""
+        if isa != "host":
+            raise ValueError("tvm target: layer taps run on this CPU only (isa='host')")
+        from quantflow.targets.tvm_taps import layer_codes
+
+        return layer_codes(self, artifact, qgm, names, feeds)
 
     def _quick_latency(self, ex: Any, inputs: list[np.ndarray]) -> dict[str, float]:
         """Median of a few runs of an in-memory executable (for untuned vs tuned)."""
