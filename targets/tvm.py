@@ -37,7 +37,6 @@ the manifest's `kernel_layers` knows it, by TVM's fused-kernel name otherwise (`
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from collections.abc import Sequence
@@ -56,7 +55,6 @@ from quantflow.targets.base import Artifact, Latency, TargetCaps, device_descrip
 from quantflow.targets.tvm_artifact import io_specs, load_artifact, write_manifest
 from quantflow.targets.tvm_profile import by_layer, per_kernel_ms
 
-log = logging.getLogger("quantflow.targets.tvm")
 PRECISIONS = ("int8", "mixed", "fp32")
 #: this machine or a cross-compiled aarch64 bundle (named once, torch-free, for the CLI)
 DEVICES = devices.DEVICES["tvm"]
@@ -127,7 +125,7 @@ class TVMTarget:
     #: layer computes in float between its Q/DQ nodes
     caps: ClassVar[TargetCaps] = TargetCaps(
         per_layer_profile=True, threads=True, devices=DEVICES,
-        integer_options=frozenset({"W8A8", "W4A8"}),
+        integer_options=frozenset({"W8A8", "W4A8"}), layer_taps=True,
         artifact_suffixes=ARTIFACT_SUFFIXES["tvm"])
 
     def __post_init__(self) -> None:
@@ -167,19 +165,11 @@ class TVMTarget:
             from quantflow.targets.tvm_edge import aarch64_target
 
             return aarch64_target(self.num_cores)
-        if self.rpc is not None:  # the board's CPU, as its LLVM names it
-            return self._board_target()
+        if self.rpc is not None:  # the board's CPU, as LLVM there names it (None: unknown)
+            board_target = self.board().llvm_target(self.num_cores)
+            if board_target is not None:
+                return board_target
         return host_target(self.num_cores)
-
-    def _board_target(self) -> Any:
-        """`--device host` through RPC: kernels for the board's CPU (`Board.llvm_target`), or
-        this host's where the board's server has no TVM compiler."""
-        target = self.board().llvm_target(self.num_cores)
-        if target is None:
-            log.warning("tvm RPC: %s does not say its CPU (runtime-only server); compiling "
-                        "for this host's CPU", self.rpc_key)
-            return host_target(self.num_cores)
-        return target
 
     def use_vnni(self, target: Any) -> bool:
         if self.vnni is not None:
@@ -220,6 +210,8 @@ class TVMTarget:
             "int_layers": stats.int_layers, "float_layers": stats.float_layers,
             "tune_trials": self.tune_trials, "kernel_layers": kernel_layers,
             "vnni_layers": stats.vnni_layers,
+            # the debugger's tapped twin (tvm_taps.py) runs here, not on a board
+            "layer_taps": self.device == "host",
         }
         np_inputs = [t.detach().numpy() for t in example_inputs]
         if self.rpc is not None:
@@ -256,22 +248,25 @@ class TVMTarget:
                         input_names=tuple(s["name"] for s in inputs_spec),
                         output_names=tuple(s["name"] for s in outputs_spec), meta=meta)
 
+    def layer_codes(self, artifact: Artifact, qgm: fx.GraphModule, names: Sequence[str],
+                    feeds: Sequence[Sequence[np.ndarray]], isa: str = "host"
+                    ) -> list[dict[str, np.ndarray]]:
+        """caps.layer_taps: codes from a tapped twin of the artifact (targets/tvm_taps.py)."""
+        if isa != "host":
+            raise ValueError("tvm target: layer taps run on this CPU only (isa='host')")
+        from quantflow.targets.tvm_taps import layer_codes
+
+        return layer_codes(self, artifact, qgm, names, feeds)
+
     def _quick_latency(self, ex: Any, inputs: list[np.ndarray], out_dir: Path
                        ) -> dict[str, float]:
         """Median of a few runs of an in-memory executable (for untuned vs tuned); on the
-        board when measuring through RPC."""
+        board when measuring through RPC (`tvm_rpc.quick_latency`)."""
         if self.rpc is not None:
-            from quantflow.targets.tvm_rpc import latency_fields
+            from quantflow.targets.tvm_rpc import quick_latency
 
-            lib = out_dir / ".quick_latency.so"
-            self._export(ex, lib)
-            try:
-                times, _threads = self.board().time(lib, inputs, warmup=2, runs=10,
-                                                    threads=self.threads)
-            finally:
-                lib.unlink(missing_ok=True)
-            stats = latency_fields(times)
-            return {"median_ms": stats["median_ms"], "p90_ms": stats["p90_ms"]}
+            return quick_latency(self.board(), lambda lib: self._export(ex, lib), inputs,
+                                 out_dir, self.threads)
         tvm = _import_tvm()
         from tvm import relax
 

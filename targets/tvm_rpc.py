@@ -207,6 +207,8 @@ class Board:
 
         cpu = self.llvm_cpu()
         if cpu is None:
+            log.warning("tvm RPC: %s does not say its CPU (runtime-only server); compiling "
+                        "for this host's CPU", self.dev.key)
             return None
         here = os.uname().machine
         if cpu[1].split("-")[0] != here:
@@ -340,6 +342,20 @@ def profile(board: Board, lib: Path, inputs: Sequence[np.ndarray], *, warmup: in
                    runs=len(times), warmup=warmup, threads=n_threads, batch=batch,
                    device=board.description, per_layer_ms=per, iqr_ms=st["iqr_ms"],
                    mad_ms=st["mad_ms"])
+
+
+def quick_latency(board: Board, export: Callable[[Path], None], inputs: Sequence[np.ndarray],
+                  out_dir: Path, threads: int | None) -> dict[str, float]:
+    """Median and p90 of 10 runs on the board of a library `export` writes (untuned vs tuned
+    latency at compile time)."""
+    lib = out_dir / ".quick_latency.so"
+    export(lib)
+    try:
+        times, _threads = board.time(lib, inputs, warmup=2, runs=10, threads=threads)
+    finally:
+        lib.unlink(missing_ok=True)
+    stats = latency_fields(times)
+    return {"median_ms": stats["median_ms"], "p90_ms": stats["p90_ms"]}
 
 
 def runs_here(meta: dict[str, Any]) -> bool:
