@@ -28,6 +28,7 @@ No torch import here: the initializer runs in every popen worker.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ import sys
 import threading
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +287,7 @@ def tune(mod: Any, target: Any, trials_per_task: int, cache_dir: Path | None, *,
     # tar the board would have to link, needing a compiler there)
     export = "quantflow.export_aarch64" if "aarch64" in str(target.attrs.get("mtriple", "")) \
         else None
-    with TrialWatch(work_dir, trials_per_task * max(n_tasks, 1)):
+    with TrialWatch(work_dir, trials_per_task * max(n_tasks, 1)), _named_handlers_only():
         ms.relax_integration.tune_relax(
             mod, {}, target, str(work_dir),
             max_trials_global=trials_per_task * max(n_tasks, 1),
@@ -303,6 +305,22 @@ def tune(mod: Any, target: Any, trials_per_task: int, cache_dir: Path | None, *,
         {"trials_per_task": trials_per_task, "tasks": n_tasks, "tuning_s": elapsed}) + "\n")
     info.update(cache_hit=False, tuning_s=elapsed, tasks=n_tasks)
     return info
+
+
+@contextlib.contextmanager
+def _named_handlers_only() -> Iterator[None]:
+    """MetaSchedule builds its logging config from the names of its logger's handlers and
+    fails on an unnamed one (`None.format`), e.g. pytest's capture handlers once a previous
+    tuning in the process has made the logger its own; detach those while tuning."""
+    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed = [h for h in ms_log.handlers if h.get_name() is None]
+    for h in unnamed:
+        ms_log.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in unnamed:
+            ms_log.addHandler(h)
 
 
 class TrialWatch:
