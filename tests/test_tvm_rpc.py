@@ -297,7 +297,7 @@ def _arm64_skip_reason() -> str | None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(_arm64_skip_reason() is not None, reason=str(_arm64_skip_reason()))
-def test_aarch64_board_under_qemu(tmp_path: Path) -> None:
+def test_aarch64_board_under_qemu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An aarch64 "board": TVM's Python RPC server run by the aarch64 CPython under
     qemu-aarch64. `--device aarch64` with RPC: MetaSchedule tunes on it (candidates
     cross-compiled here, `tvm_tune.export_aarch64`), the evaluate path runs the cross-compiled
@@ -333,3 +333,8 @@ def test_aarch64_board_under_qemu(tmp_path: Path) -> None:
         assert re.search(r"^rpc:arm @\S+ — cpu \S+, aarch64-", lat.device), lat.device
         assert 0 < lat.median_ms <= lat.p90_ms < 1000
         assert any("model_fp32" in p for p in board.loads())
+        # `quantflow profile` of the bundle's manifest on the board (a new session: the
+        # target's own is released first, else the tracker would wait for it)
+        assert main(["profile", str(tmp_path / "out" / "manifest_fp32.json"), "--runs", "5",
+                     "--rpc-tracker", board.tracker, "--rpc-key", "arm"]) == 0
+        assert re.search(r"device: rpc:arm @\S+ — cpu \S+, aarch64-", capsys.readouterr().out)
