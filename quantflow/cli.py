@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--per-layer", action="store_true",
                    help="per-layer times (ORT profiler; TVM: per kernel, named after fx layers)")
+    p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="TVM artifacts: time on the board "
+                   "behind this TVM RPC tracker (with --rpc-key; docs/tvm_rpc.md)")
+    p.add_argument("--rpc-key", metavar="KEY", help="the key of the board's TVM RPC server")
     _add_common_args(p)
 
     _add_gate(sub)

@@ -248,8 +248,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
             file.suffix not in ARTIFACT_SUFFIXES[args.target]:
         raise InputError(f"{path} is a{'' if kind == 'tvm' else 'n'} {kind} artifact, not "
                          f"--target {args.target}; fix: drop --target (it is detected)")
-    target = get_target(args.target or kind,
-                        **({"threads": args.threads} if args.threads else {}))
+    target = get_target(args.target or kind, **({"threads": args.threads} if args.threads else {}),
+                        **_rpc_options(args, args.target or kind))
     with in_stage("load"):
         art = target.load_artifact(file)
     warning = target.artifact_warning(art)
@@ -284,6 +284,17 @@ def cmd_profile(args: argparse.Namespace) -> int:
         for name, ms in sorted(lat.per_layer_ms.items(), key=lambda kv: -kv[1])[:25]:
             print(f"  {ms:9.4f} ms  {name}")
     return 0
+
+
+def _rpc_options(args: argparse.Namespace, kind: str) -> dict[str, str]:
+    """`quantflow profile --rpc-tracker/--rpc-key`, checked as `compile` checks them."""
+    if args.rpc_tracker is None and args.rpc_key is None:
+        return {}
+    try:
+        CompileConfig(target=kind, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return {"rpc_tracker": args.rpc_tracker, "rpc_key": args.rpc_key}
 
 
 def _runtime_of(path: Path) -> tuple[str, Path]:

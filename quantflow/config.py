@@ -112,6 +112,13 @@ class CompileConfig:
     tune_trials: int = option(0, "--tune-trials", "--target tvm: MetaSchedule tuning trials "
                               "per task (0: untuned; the tuning database is cached per model "
                               "and target, so a re-compile is fast)", metavar="N", kind="int")
+    rpc_tracker: str | None = option(
+        None, "--rpc-tracker", "--target tvm: measure on a board through TVM RPC: the tracker "
+        "(python -m tvm.exec.rpc_tracker) the board's RPC server registered with; profiling "
+        "and --tune-trials run there (docs/tvm_rpc.md)", metavar="HOST:PORT")
+    rpc_key: str | None = option(None, "--rpc-key", "--target tvm with --rpc-tracker: the key "
+                                 "the board's RPC server registered under (its --key)",
+                                 metavar="KEY")
     device: str | None = option(
         None, "--device", "what the artifact is for. --target ort: portable (default: exact "
         "on every CPU), x86-vnni, x86-avx2, arm64, host (this CPU's class); x86-vnni/arm64 "
@@ -164,6 +171,14 @@ class CompileConfig:
                              f"{DEVICES[self.target]}, got {self.device!r}")
         if self.tune_trials and self.target != "tvm":
             raise ValueError("--tune-trials applies to --target tvm only")
+        if (self.rpc_tracker or self.rpc_key) and self.target != "tvm":
+            raise ValueError("--rpc-tracker/--rpc-key apply to --target tvm only (TVM RPC)")
+        if (self.rpc_tracker is None) != (self.rpc_key is None):
+            raise ValueError("--rpc-tracker HOST:PORT and --rpc-key KEY go together")
+        if self.rpc_tracker is not None:
+            from quantflow.targets.tvm_rpc import RPCDevice
+
+            RPCDevice(self.rpc_tracker, str(self.rpc_key))  # the forms; reachability: lower
         if self.verify_isas and self.target != "ort":
             raise ValueError("--verify-on applies to --target ort only (TVM and TensorRT "
                              "check their own numerics)")
@@ -223,6 +238,8 @@ class CompileConfig:
         opts: dict[str, object] = {"threads": self.threads} if self.threads else {}
         if self.target == "tvm":
             opts.update(tune_trials=self.tune_trials, device=self.resolved_device)
+            if self.rpc_tracker is not None:
+                opts.update(rpc_tracker=self.rpc_tracker, rpc_key=self.rpc_key)
         if self.target == "ort":
             opts.update(device=self.resolved_device)
         return opts

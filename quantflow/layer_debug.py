@@ -2,7 +2,7 @@
 stage of every compile (report.json "analysis") and `quantflow debug`.
 
   simulation vs FP32   quantflow/layer_local.py: each layer's accumulated and local SQNR
-  runtime vs simulation the target's tensor taps (caps.parity_taps, e.g. ORT) replayed on the
+  runtime vs simulation the target's tensor taps (caps.layer_taps: ORT, TVM) replayed on the
                        simulation as quantflow/parity.py does, so each layer is judged on the
                        runtime's own inputs: max steps off and SQNR of its output codes
   bounds, cause, fix   quantflow/layer_fix.py
@@ -62,7 +62,7 @@ def runtime_columns(qgm: fx.GraphModule, target: Any, artifact: Any,
     """layer -> (max steps off, SQNR dB) of the runtime's codes vs the simulation's."""
     names = quantized_tensors(qgm)
     feeds = [[t.numpy() for t in r] for r in runs]
-    codes = target.tensor_codes(artifact, names, feeds, isa=isa)
+    codes = target.layer_codes(artifact, qgm, names, feeds, isa=isa)
     energy: dict[str, Energy] = {}
     steps: dict[str, int] = {}
     nodes = {n.name: n for n in qgm.graph.nodes}
@@ -128,10 +128,10 @@ def _histograms(stats: list[LayerStats], worst: list[str]) -> dict[str, Any]:
 def analyze(fp_gm: fx.GraphModule, qgm: fx.GraphModule, x: torch.Tensor, *,
             target: Any = None, artifact: Any = None, batch: int | None = None,
             samples: int = 8, isa: str = "host", isa_class: str = "unknown",
-            device: str | None = None, hessian: Mapping[str, float] | None = None
-            ) -> dict[str, Any]:
-    """The analysis of one quantized graph (and its artifact, when the target can be tapped)
-    on the first `samples` inputs of `x`."""
+            device: str | None = None, hessian: Mapping[str, float] | None = None,
+            runtime_why_not: str | None = None) -> dict[str, Any]:
+    """The analysis of one quantized graph (and its artifact, when the target can be tapped
+    and `runtime_why_not` gives no reason to skip it) on the first `samples` inputs of `x`."""
     t0 = time.perf_counter()
     runs = _runs(x, batch, samples)
     stats = layer_stats(fp_gm, qgm, runs)
@@ -139,9 +139,11 @@ def analyze(fp_gm: fx.GraphModule, qgm: fx.GraphModule, x: torch.Tensor, *,
     skipped = None
     if target is None or artifact is None:
         skipped = "no runtime artifact"
-    elif not target.caps.parity_taps:
-        skipped = (f"the {target.name} target cannot report per-layer tensors (no taps); "
-                   "only simulation vs FP32 is compared")
+    elif runtime_why_not:
+        skipped = runtime_why_not
+    elif not target.caps.layer_taps or artifact.meta.get("layer_taps") is False:
+        skipped = (f"the {target.name} artifact cannot report per-layer tensors here (no "
+                   "taps); only simulation vs FP32 is compared")
     else:
         runtime = runtime_columns(qgm, target, artifact, runs, isa)
     rows = _rows(stats, runtime, hessian or {}, isa_class, device)
@@ -163,24 +165,15 @@ def hessian_of(search: Mapping[str, Any] | None) -> dict[str, float]:
             if r.get("trace_per_param") is not None}
 
 
-def estimate_hessian(gm: fx.GraphModule, x: torch.Tensor, seconds: float = 1.0
-                     ) -> dict[str, float]:
-    """A cheap Hutchinson estimate of Tr(H)/n per layer (a few draws on one small batch,
-    at most `seconds`), for compiles without a search. Noisy: a ranking, not a measurement."""
-    from quantflow.search.hawq import hutchinson_traces
-    from quantflow.search.hawq import log as search_log
-    from quantflow.search.options import TraceOptions
+def estimate_hessian(gm: fx.GraphModule, x: torch.Tensor, batch: int | None = None,
+                     samples: int = 8) -> dict[str, float]:
+    """Tr(H)/n per layer for compiles without a search: the Fisher trace on `samples` inputs
+    (quantflow/fisher.py; never negative, ~0.1 s for resnet_fmnist)."""
+    from quantflow.fisher import fisher_traces
+    from quantflow.search.hawq import layer_weights
 
-    level = search_log.level
-    # 3 draws never meet the search's convergence target, and a ranking does not need it:
-    # its "did not converge" warning would only alarm the user on every compile
-    search_log.setLevel(logging.ERROR)
     try:
-        traces = hutchinson_traces(gm, [[x[:4]]], options=TraceOptions(
-            min_iter=2, max_iter=3, activations=False, max_seconds=seconds))
+        return fisher_traces(gm, layer_weights(gm), _runs(x, batch, samples))
     except Exception as exc:  # noqa: BLE001 - an optional column; the analysis goes on
-        log.info("analysis: no Hessian estimate (%s)", exc)
+        log.info("analysis: no curvature estimate (%s: %s)", type(exc).__name__, exc)
         return {}
-    finally:
-        search_log.setLevel(level)
-    return {k: v.mean_diag for k, v in traces.weight.items()}

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from quantflow import progress
 from quantflow.ir import WEIGHTED_OPS, is_op
 from quantflow.quantize import float_source
 
@@ -175,7 +176,8 @@ def layer_stats(fp_gm: fx.GraphModule, qgm: fx.GraphModule,
             op = str(n.target).split(".")[-2] if str(n.target).count(".") >= 2 else str(n.target)
             layers[n.name] = LayerStats(n.name, op, lp.label())
     with torch.no_grad():
-        for i, xs in enumerate(batches):
+        for i, xs in enumerate(progress.bar(batches, "analyze: per-layer FP32 vs simulation",
+                                            unit="batch")):
             fp = _Float(fp_gm)
             fp.run(*xs)
             _Quantized(qgm, fp, fp_nodes, layers, keep_hist=i == 0).run(*xs)

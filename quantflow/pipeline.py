@@ -218,7 +218,7 @@ def debug(model: nn.Module, example_inputs: Sequence[torch.Tensor], calib: Datas
                         example_inputs, config, out)
     data = evaluation or calib
     hessian = layer_debug.hessian_of(planned.search) or layer_debug.estimate_hessian(
-        planned.gm, data.x)
+        planned.gm, data.x, int(example_inputs[0].shape[0]))
     isa_class = hostcpu.host_cpu().isa_class if isa == "host" else isa
 
     def analyze() -> dict[str, Any]:
@@ -238,11 +238,14 @@ def analyze_stage(planned: PlanResult, lowered: lowering.Lowered, data: Dataset,
     recorded (`{"error": ...}`) and the compile goes on."""
     try:
         hessian = layer_debug.hessian_of(planned.search) or layer_debug.estimate_hessian(
-            planned.gm, data.x)
+            planned.gm, data.x, batch)
         return layer_debug.analyze(
             planned.gm, lowered.qgm, data.x, target=lowered.target, artifact=lowered.quantized,
             batch=batch, samples=ANALYSIS_SAMPLES, isa_class=hostcpu.host_cpu().isa_class,
-            device=config.resolved_device, hessian=hessian)
+            device=config.resolved_device, hessian=hessian,
+            runtime_why_not=None if lowered.target.caps.parity_taps else (
+                f"the {lowered.target.name} runtime is compared per layer by `quantflow debug` "
+                "only: its taps rebuild the library (~20 s)"))
     except Exception as exc:  # noqa: BLE001 - a diagnostic must not fail the compile
         log.warning("per-layer analysis failed (%s: %s); the report has no analysis section",
                     type(exc).__name__, exc)

@@ -182,12 +182,17 @@ def summary_section(r: dict[str, Any]) -> str:
              card("size", esc(f"{size.get('ratio', 0):.2f}x smaller" if size.get("ratio", 0)
                               >= 1 else f"{1 / size['ratio']:.2f}x larger")
                   if size.get("ratio") else "—", f"{mb(size.get('quantized_bytes'))}"),
-             card("speedup", esc(f"{lat['speedup']:.2f}x") if lat.get("speedup") else "—",
+             card("speedup", esc(f"{lat['speedup']:.2f}x faster" if lat["speedup"] >= 1
+                                 else f"{1 / lat['speedup']:.2f}x slower")
+                  if lat.get("speedup") else "—",
                   f"median {num((lat.get('quantized') or {}).get('median_ms'), unit='ms')}"),
              card("gate", "passed" if passed else ("FAILED" if passed is False else "—"),
                   esc(gate.get("reason") or ""), "pass" if passed else "fail")]
     qrows = _quality_rows(q)
-    qtable = (table(["metric", "FP32", "quantized (runtime)", "simulation (torch)"], qrows)
+    sim_n = (q.get("simulation") or {}).get("samples")
+    sim_head = ("simulation (torch)" if sim_n in (None, q.get("eval_samples"))
+                else f"simulation (torch, first {sim_n})")
+    qtable = (table(["metric", "FP32", "quantized (runtime)", sim_head], qrows)
               if qrows else na("quality not measured (no evaluation data)"))
     sizes = table(["", "FP32", "quantized", "ratio"], [
         ["model file", mb(size.get("fp32_bytes")), mb(size.get("quantized_bytes")),

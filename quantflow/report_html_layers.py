@@ -43,7 +43,7 @@ def _sensitivity(report: dict[str, Any], a: dict[str, Any] | None
         return s, "Hessian trace per parameter (mixed-precision search)"
     s = {r["name"]: r["hessian_trace"] for r in (a or {}).get("layers") or []
          if r.get("hessian_trace") is not None}
-    return s, "Hessian trace (parity analysis)"
+    return s, "Hessian trace per weight (Fisher estimate of the parity analysis)"
 
 
 def _rows(report: dict[str, Any], a: dict[str, Any] | None) -> list[dict[str, Any]]:

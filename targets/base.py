@@ -133,6 +133,9 @@ class TargetCaps:
       int16 conv).
     parity_taps: `tensor_codes(artifact, names, feeds, isa)` reports every quantized tensor's
       integer codes (the parity gate, quantflow.verify).
+    layer_taps: `layer_codes(artifact, qgm, names, feeds, isa)` reports the integer codes of
+      every quantized tensor of the graph `artifact` was built from (the parity debugger,
+      quantflow/layer_debug.py); implied by parity_taps.
     artifact_suffixes: files `load_artifact(path)` reads back (`quantflow profile`).
     """
 
@@ -141,6 +144,7 @@ class TargetCaps:
     devices: tuple[str, ...] = ("host",)
     integer_options: frozenset[str] = frozenset({"W8A8", "W4A8"})
     parity_taps: bool = False
+    layer_taps: bool = False
     artifact_suffixes: tuple[str, ...] = ()
 
 
@@ -198,4 +202,15 @@ class ParityTaps(Protocol):
     def tensor_codes(self, artifact: Artifact, names: Sequence[str],
                      feeds: Sequence[Sequence[np.ndarray]], isa: str = "host"
                      ) -> list[dict[str, np.ndarray]]:
+        ...
+
+
+@runtime_checkable
+class LayerTaps(Protocol):
+    """What a target with `caps.layer_taps` adds: like `ParityTaps.tensor_codes`, given also
+    the quantized graph the artifact was built from (a target may rebuild a tapped twin)."""
+
+    def layer_codes(self, artifact: Artifact, qgm: fx.GraphModule, names: Sequence[str],
+                    feeds: Sequence[Sequence[np.ndarray]], isa: str = "host"
+                    ) -> list[dict[str, np.ndarray]]:
         ...

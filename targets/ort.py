@@ -83,7 +83,7 @@ class OrtTarget:
     name = "ort"
     caps = TargetCaps(per_layer_profile=True, threads=True, devices=ort_isa.DEVICES,
                       integer_options=frozenset({"W8A8", "W4A8"}), parity_taps=True,
-                      artifact_suffixes=ARTIFACT_SUFFIXES["ort"])
+                      layer_taps=True, artifact_suffixes=ARTIFACT_SUFFIXES["ort"])
 
     def __init__(self, threads: int | None = None, opset: int | None = None,
                  device: str = ort_isa.DEFAULT_DEVICE) -> None:
@@ -115,6 +115,12 @@ class OrtTarget:
         from quantflow.targets.ort_parity import tensor_codes
 
         return tensor_codes(artifact, names, feeds, isa)
+
+    def layer_codes(self, artifact: Artifact, qgm: fx.GraphModule, names: Sequence[str],
+                    feeds: Sequence[Sequence[np.ndarray]], isa: str = "host"
+                    ) -> list[dict[str, np.ndarray]]:
+        """caps.layer_taps: the artifact itself is tapped (tensor_codes)."""
+        return self.tensor_codes(artifact, names, feeds, isa)
 
     def _threads(self, threads: int | None) -> int:
         return threads or self.threads or os.cpu_count() or 1

@@ -114,13 +114,18 @@ class TVMTarget:
     #: integer convs in the VNNI layout (`tvm_int_math.vnni_conv2d_nhwc`); None: when tuning
     #: for a host CPU with AVX512-VNNI (untuned, the layout only adds transposes)
     vnni: bool | None = None
+    #: a board behind a TVM RPC tracker (`tvm_rpc`): HOST:PORT and the server's key; profile
+    #: and tuning measurements then run there
+    rpc_tracker: str | None = None
+    rpc_key: str | None = None
     name: str = "tvm"
     _vms: dict[str, Any] = field(default_factory=dict, repr=False)
+    _board: Any = field(default=None, repr=False)  # tvm_rpc.Board, opened on first use
     #: integer convs/linears only for 8-bit activations (tvm_match `_INT_ACT`): a W8A16
     #: layer computes in float between its Q/DQ nodes
     caps: ClassVar[TargetCaps] = TargetCaps(
         per_layer_profile=True, threads=True, devices=DEVICES,
-        integer_options=frozenset({"W8A8", "W4A8"}),
+        integer_options=frozenset({"W8A8", "W4A8"}), layer_taps=True,
         artifact_suffixes=ARTIFACT_SUFFIXES["tvm"])
 
     def __post_init__(self) -> None:
@@ -128,11 +133,31 @@ class TVMTarget:
             raise ValueError(f"tvm target: device={self.device!r}; choose one of {DEVICES}")
         if self.tune_trials < 0:
             raise ValueError("tvm target: tune_trials must be >= 0")
-        if self.device == "aarch64" and self.tune_trials > 0:
-            # MetaSchedule measures candidates by running them; that needs the board
-            # (RPC runner), which this target does not drive
-            raise ValueError("tvm target: tune_trials > 0 needs device='host'; aarch64 bundles "
-                             "are built untuned (fix: tune_trials=0)")
+        if (self.rpc_tracker is None) != (self.rpc_key is None):
+            raise ValueError("tvm target: rpc_tracker and rpc_key go together (--rpc-tracker "
+                             "HOST:PORT --rpc-key KEY)")
+        if self.device == "aarch64" and self.tune_trials > 0 and self.rpc is None:
+            # MetaSchedule measures candidates by running them: that needs the board
+            raise ValueError("tvm target: tune_trials > 0 with device='aarch64' measures on the "
+                             "board (fix: --rpc-tracker HOST:PORT --rpc-key KEY, or "
+                             "tune_trials=0)")
+
+    @property
+    def rpc(self) -> Any:
+        """The `tvm_rpc.RPCDevice` measurements run on, or None (this machine)."""
+        if self.rpc_tracker is None or self.rpc_key is None:
+            return None
+        from quantflow.targets.tvm_rpc import RPCDevice
+
+        return RPCDevice(self.rpc_tracker, self.rpc_key)
+
+    def board(self) -> Any:
+        """The `tvm_rpc.Board` (one held session) for run/profile through RPC."""
+        if self._board is None:
+            from quantflow.targets.tvm_rpc import Board
+
+            self._board = Board(self.rpc)
+        return self._board
 
     # ------------------------------------------------------------------ lower
     def target(self) -> Any:
@@ -140,6 +165,10 @@ class TVMTarget:
             from quantflow.targets.tvm_edge import aarch64_target
 
             return aarch64_target(self.num_cores)
+        if self.rpc is not None:  # the board's CPU, as LLVM there names it (None: unknown)
+            board_target = self.board().llvm_target(self.num_cores)
+            if board_target is not None:
+                return board_target
         return host_target(self.num_cores)
 
     def use_vnni(self, target: Any) -> bool:
@@ -164,6 +193,10 @@ class TVMTarget:
             why = missing_toolchain()
             if why:  # fail before the (slow) import and compile
                 raise TargetUnavailableError(f"tvm target (device=aarch64): {why}")
+        if self.rpc is not None:  # an unreachable board fails now, not after the compile
+            from quantflow.targets.tvm_rpc import check
+
+            check(self.rpc)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         target = self.target()
@@ -177,13 +210,17 @@ class TVMTarget:
             "int_layers": stats.int_layers, "float_layers": stats.float_layers,
             "tune_trials": self.tune_trials, "kernel_layers": kernel_layers,
             "vnni_layers": stats.vnni_layers,
+            # the debugger's tapped twin (tvm_taps.py) runs here, not on a board
+            "layer_taps": self.device == "host",
         }
         np_inputs = [t.detach().numpy() for t in example_inputs]
-        if self.tune_trials > 0:  # host only (__post_init__)
+        if self.rpc is not None:
+            meta["rpc"] = {"tracker": self.rpc_tracker, "key": self.rpc_key}
+        if self.tune_trials > 0:  # on this host, or on the board through RPC
             untuned = tvm.compile(mod, target)
-            meta["untuned_latency"] = self._quick_latency(untuned, np_inputs)
+            meta["untuned_latency"] = self._quick_latency(untuned, np_inputs, out_dir)
             t0 = time.perf_counter()
-            info = tvm_tune.tune(mod, target, self.tune_trials, self.cache_dir)
+            info = tvm_tune.tune(mod, target, self.tune_trials, self.cache_dir, rpc=self.rpc)
             meta["tuning"] = info
             mod, info["applied_kernels"] = tvm_tune.apply_database(mod, target,
                                                                    info["work_dir"])
@@ -192,7 +229,7 @@ class TVMTarget:
         ex = tvm.compile(mod, target)
         meta["compile_s"] = time.perf_counter() - t0
         if self.tune_trials > 0:
-            meta["tuned_latency"] = self._quick_latency(ex, np_inputs)
+            meta["tuned_latency"] = self._quick_latency(ex, np_inputs, out_dir)
         files: dict[str, str] = {}
         suffix = "_fp32" if precision == "fp32" else ""
         if self.device == "aarch64":
@@ -201,7 +238,7 @@ class TVMTarget:
             files.update(write_bundle(ex, out_dir, f"model{suffix}.so"))
         else:
             lib = out_dir / f"model{suffix}.so"
-            ex.export_library(str(lib))
+            self._export(ex, lib)
             files["model"] = str(lib)
         manifest_path = out_dir / f"manifest{suffix}.json"
         write_manifest(manifest_path, target=self.name, precision=precision,
@@ -211,8 +248,25 @@ class TVMTarget:
                         input_names=tuple(s["name"] for s in inputs_spec),
                         output_names=tuple(s["name"] for s in outputs_spec), meta=meta)
 
-    def _quick_latency(self, ex: Any, inputs: list[np.ndarray]) -> dict[str, float]:
-        """Median of a few runs of an in-memory executable (for untuned vs tuned)."""
+    def layer_codes(self, artifact: Artifact, qgm: fx.GraphModule, names: Sequence[str],
+                    feeds: Sequence[Sequence[np.ndarray]], isa: str = "host"
+                    ) -> list[dict[str, np.ndarray]]:
+        """caps.layer_taps: codes from a tapped twin of the artifact (targets/tvm_taps.py)."""
+        if isa != "host":
+            raise ValueError("tvm target: layer taps run on this CPU only (isa='host')")
+        from quantflow.targets.tvm_taps import layer_codes
+
+        return layer_codes(self, artifact, qgm, names, feeds)
+
+    def _quick_latency(self, ex: Any, inputs: list[np.ndarray], out_dir: Path
+                       ) -> dict[str, float]:
+        """Median of a few runs of an in-memory executable (for untuned vs tuned); on the
+        board when measuring through RPC (`tvm_rpc.quick_latency`)."""
+        if self.rpc is not None:
+            from quantflow.targets.tvm_rpc import quick_latency
+
+            return quick_latency(self.board(), lambda lib: self._export(ex, lib), inputs,
+                                 out_dir, self.threads)
         tvm = _import_tvm()
         from tvm import relax
 
@@ -221,6 +275,17 @@ class TVMTarget:
         lat = time_runs(lambda: vm["main"](*args), warmup=2, runs=10, threads=self._threads(),
                         batch=int(inputs[0].shape[0]) if inputs and inputs[0].ndim else 1)
         return {"median_ms": lat.median_ms, "p90_ms": lat.p90_ms}
+
+    def _export(self, ex: Any, lib: Path) -> None:
+        """A shared library for the device: cross-compiled for aarch64 (as in the bundle)."""
+        if self.device == "aarch64":
+            from tvm.support import cc
+
+            from quantflow.targets.tvm_edge import CXX
+
+            ex.export_library(str(lib), fcompile=cc.cross_compiler(CXX))
+        else:
+            ex.export_library(str(lib))
 
     # ------------------------------------------------------------------ run
     def _vm(self, artifact: Artifact) -> Any:
@@ -236,6 +301,8 @@ class TVMTarget:
         return self._vms[key]
 
     def run(self, artifact: Artifact, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if self.rpc is not None:  # on the board: its CPU may not run here (and qemu is slow)
+            return self.board().run(Path(artifact.files["model"]), inputs)
         if artifact.meta.get("device") == "aarch64":
             from quantflow.targets.tvm_edge import run_bundle
 
@@ -263,10 +330,14 @@ class TVMTarget:
 
     def profile(self, artifact: Artifact, inputs: Sequence[np.ndarray], *, warmup: int = 10,
                 runs: int = 50, threads: int | None = None, per_layer: bool = False) -> Latency:
+        if self.rpc is not None:
+            return self._profile_remote(artifact, inputs, warmup=warmup, runs=runs,
+                                        threads=threads or self.threads, per_layer=per_layer)
         if artifact.meta.get("device") == "aarch64":
             raise TargetUnavailableError(
                 "tvm target: an aarch64 bundle cannot be timed on this host (qemu timings are "
-                "meaningless); fix: copy the bundle to the board and run its README command")
+                "meaningless); fix: time it on the board through TVM RPC (--rpc-tracker "
+                "HOST:PORT --rpc-key KEY), or copy the bundle there and run its README command")
         tvm = _import_tvm()
         vm = self._vm(artifact)
         args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]
@@ -286,16 +357,36 @@ class TVMTarget:
                 set_threads(previous)
         return lat
 
+    def _profile_remote(self, artifact: Artifact, inputs: Sequence[np.ndarray], *, warmup: int,
+                        runs: int, threads: int | None, per_layer: bool) -> Latency:
+        """`profile` on the board behind the RPC tracker (`tvm_rpc.profile`). Per-layer times
+        need the VM instrument, a Python callback that cannot run remotely: where this host
+        runs the library (same CPU), its per-kernel shares are scaled to the board's time."""
+        from quantflow.targets import tvm_rpc
+
+        local = None
+        if per_layer and tvm_rpc.runs_here(artifact.meta):
+            def local() -> dict[str, float]:
+                tvm = _import_tvm()
+                args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]
+                return by_layer(per_kernel_ms(self._vm(artifact), args, runs=max(3, runs // 5)),
+                                artifact.meta.get("kernel_layers", {}))
+        return tvm_rpc.profile(self.board(), Path(artifact.files["model"]), inputs,
+                               warmup=warmup, runs=runs, threads=threads, per_layer=local)
+
 
 def make_target(*, device: str = "host", tune_trials: int = 0,
                 cache_dir: str | Path | None = None, num_cores: int | None = None,
-                threads: int | None = None, vnni: bool | None = None) -> TVMTarget:
+                threads: int | None = None, vnni: bool | None = None,
+                rpc_tracker: str | None = None, rpc_key: str | None = None) -> TVMTarget:
     """`get_target("tvm", tune_trials=..., cache_dir=..., device="host"|"aarch64", threads=...)`.
 
     num_cores: the `num-cores` the kernels are compiled/tuned for (default: all logical
     cores here, 4 for aarch64); threads: the runtime thread pool for run/profile; vnni: see
-    `TVMTarget.vnni`.
+    `TVMTarget.vnni`; rpc_tracker (HOST:PORT) and rpc_key: profile and tune on the board
+    behind a TVM RPC tracker (`tvm_rpc`).
     """
     return TVMTarget(device=device, tune_trials=int(tune_trials),
                      cache_dir=Path(cache_dir) if cache_dir is not None else None,
-                     num_cores=num_cores, threads=threads, vnni=vnni)
+                     num_cores=num_cores, threads=threads, vnni=vnni,
+                     rpc_tracker=rpc_tracker, rpc_key=rpc_key)

@@ -28,14 +28,17 @@ No torch import here: the initializer runs in every popen worker.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import sys
 import threading
 import time
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +55,30 @@ DONE = "done.json"
 RECORDS = "database_tuning_record.json"
 
 
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+def export_aarch64(mod: Any) -> str:
+    """MetaSchedule builder export for an aarch64 board: a cross-compiled shared library."""
+    import tempfile
+
+    from tvm.support import cc
+
+    from quantflow.targets.tvm_edge import CXX
+
+    path = str(Path(tempfile.mkdtemp()) / "tvm_tmp_mod.so")
+    mod.export_library(path, fcompile=cc.cross_compiler(CXX))
+    return path
+
+
 def skip_gpu_intrinsics() -> None:
     """Popen-worker initializer: register only the CPU tensor intrinsics (see module doc),
-    with the VNNI dot product fixed for this LLVM (`register_vnni_dot`)."""
+    with the VNNI dot product fixed for this LLVM (`register_vnni_dot`), and the aarch64
+    export (`export_aarch64`: workers know only functions registered in them)."""
+    import tvm_ffi
+
+    tvm_ffi.register_global_func("quantflow.export_aarch64", export_aarch64, override=True)
     import importlib
 
     import tvm.s_tir
@@ -223,16 +247,21 @@ def cached_trials(work_dir: Path) -> int:
         return 0
 
 
-def tune(mod: Any, target: Any, trials_per_task: int, cache_dir: Path | None) -> dict[str, Any]:
+def tune(mod: Any, target: Any, trials_per_task: int, cache_dir: Path | None, *,
+         rpc: Any = None) -> dict[str, Any]:
     """Tune `mod` (output of `prepare`) unless the cache has it; return what happened.
 
-    The database ends up in the returned `work_dir`; apply it with `apply_database`.
+    The database ends up in the returned `work_dir`; apply it with `apply_database`. With
+    `rpc` (a `tvm_rpc.RPCDevice`), candidates are measured on that board by MetaSchedule's
+    RPC runner, and the database is cached per RPC key (`<key>-rpc-<rpc key>`).
     """
     import tvm.s_tir.meta_schedule as ms
 
-    work_dir = (cache_dir or DEFAULT_CACHE) / cache_key(mod, target)
+    key = cache_key(mod, target) + (f"-rpc-{_safe(rpc.key)}" if rpc is not None else "")
+    work_dir = (cache_dir or DEFAULT_CACHE) / key
     have = cached_trials(work_dir)
-    info: dict[str, Any] = {"work_dir": str(work_dir), "trials_per_task": trials_per_task}
+    info: dict[str, Any] = {"work_dir": str(work_dir), "trials_per_task": trials_per_task,
+                            "runner": "local" if rpc is None else f"rpc:{rpc.key}"}
     if have >= trials_per_task:
         info.update(cache_hit=True, tuning_s=0.0)
         log.info("tvm: tuning cache hit %s (%d trials/task)", work_dir, have)
@@ -248,15 +277,26 @@ def tune(mod: Any, target: Any, trials_per_task: int, cache_dir: Path | None) ->
     n_tasks = len(tasks)
     t0 = time.perf_counter()
     cores = int(target.attrs.get("num-cores", 1))
-    with TrialWatch(work_dir, trials_per_task * max(n_tasks, 1)):
+    if rpc is not None:
+        from quantflow.targets.tvm_rpc import tuning_runner
+
+        runner = tuning_runner(rpc)
+    else:
+        runner = ms.runner.LocalRunner(timeout_sec=60.0)
+    # an aarch64 board loads a shared library cross-compiled here (the default export is a
+    # tar the board would have to link, needing a compiler there)
+    export = "quantflow.export_aarch64" if "aarch64" in str(target.attrs.get("mtriple", "")) \
+        else None
+    with TrialWatch(work_dir, trials_per_task * max(n_tasks, 1)), _named_handlers_only():
         ms.relax_integration.tune_relax(
             mod, {}, target, str(work_dir),
             max_trials_global=trials_per_task * max(n_tasks, 1),
             max_trials_per_task=trials_per_task,
             num_trials_per_iter=min(trials_per_task, 64),
-            builder=ms.builder.LocalBuilder(max_workers=cores, timeout_sec=120.0,
+            builder=ms.builder.LocalBuilder(max_workers=min(cores, os.cpu_count() or 1),
+                                            timeout_sec=120.0, f_export=export,
                                             initializer=skip_gpu_intrinsics),
-            runner=ms.runner.LocalRunner(timeout_sec=60.0),
+            runner=runner,
             strategy=search_strategy(trials_per_task),
             seed=0,
         )
@@ -265,6 +305,22 @@ def tune(mod: Any, target: Any, trials_per_task: int, cache_dir: Path | None) ->
         {"trials_per_task": trials_per_task, "tasks": n_tasks, "tuning_s": elapsed}) + "\n")
     info.update(cache_hit=False, tuning_s=elapsed, tasks=n_tasks)
     return info
+
+
+@contextlib.contextmanager
+def _named_handlers_only() -> Iterator[None]:
+    """MetaSchedule builds its logging config from the names of its logger's handlers and
+    fails on an unnamed one (`None.format`), e.g. pytest's capture handlers once a previous
+    tuning in the process has made the logger its own; detach those while tuning."""
+    ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
+    unnamed = [h for h in ms_log.handlers if h.get_name() is None]
+    for h in unnamed:
+        ms_log.removeHandler(h)
+    try:
+        yield
+    finally:
+        for h in unnamed:
+            ms_log.addHandler(h)
 
 
 class TrialWatch:

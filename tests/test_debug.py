@@ -22,6 +22,8 @@ from quantflow.report import SCHEMA_FILE
 BROKEN = "conv2d_5"  # a conv in the middle of the network (its input is shared with conv2d_7)
 #: healthy 8-bit layers of this model measure 27-47 dB alone; the W8A8 bound is 4.16 dB
 HEALTHY_MARGIN_DB = 15.0
+#: one calibrator on fewer samples: the analysis, not the calibration search, is under test
+FAST = ["--calibrator", "percentile", "--calib-samples", "256"]
 
 
 def _inject_scale(qgm: fx.GraphModule, layer: str, factor: float) -> None:
@@ -54,7 +56,7 @@ def test_broken_layer_is_named_first(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(PlanResult, "quantize", broken)
     out = tmp_path / "dbg"
-    code = main(["debug", "zoo:resnet_fmnist", "--samples", "16", "--fail-on-divergence",
+    code = main(["debug", "zoo:resnet_fmnist", *FAST, "--samples", "16", "--fail-on-divergence",
                  "-q", "-o", str(out)])
     captured = capsys.readouterr()
     assert code == 9, captured.err
@@ -76,10 +78,14 @@ def test_broken_layer_is_named_first(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_healthy_model_has_no_divergence(tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["debug", "zoo:resnet_fmnist", "--samples", "16", "--json", "-q"])
+    out = tmp_path / "dbg"
+    code = main(["debug", "zoo:resnet_fmnist", *FAST, "--samples", "16", "-q", "-o", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    result = json.loads(captured.out)
+    table = captured.out
+    assert "first divergent layer: none" in table and "runtime compared: ort on" in table
+    assert table.count("cause:") == 5 and table.count("fix:") == 5
+    result = json.loads((out / "debug.json").read_text())
     assert result["schema"] == "quantflow.debug/1" and result["data"] == "fashion-mnist"
     a = result["analysis"]
     jsonschema.validate(a, _analysis_schema())
@@ -89,6 +95,7 @@ def test_healthy_model_has_no_divergence(tmp_path: Path,
         assert not r["diverged"], r
         assert r["local_sqnr_db"] > r["bound_db"] + HEALTHY_MARGIN_DB, r
         assert r["sqnr_sim_db"] > 20, r
+        assert r["hessian_trace"] is not None and r["hessian_trace"] >= 0, r
     # ORT on this CPU computes the simulation's codes; every layer whose output is a quantized
     # tensor is tapped (the classifier's float logits are not: evaluate compares those)
     tapped = [r for r in a["layers"] if r["runtime_steps"] is not None]
@@ -97,16 +104,8 @@ def test_healthy_model_has_no_divergence(tmp_path: Path,
     # the worst layers are ordered, explained, and have histograms for the report
     worst = [next(r for r in a["layers"] if r["name"] == n) for n in a["worst"]]
     assert [r["local_sqnr_db"] for r in worst] == sorted(r["local_sqnr_db"] for r in worst)
-    assert all(r["cause"] and r["fix"] for r in worst)
+    assert all(r["cause"] and r["fix"] and r["name"] in table for r in worst)
     assert set(a["histograms"]) == set(a["worst"][:3])
-
-
-def test_table_output(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["debug", "zoo:resnet_fmnist", "--samples", "8", "-q"])
-    out = capsys.readouterr().out
-    assert code == 0
-    assert "first divergent layer: none" in out and "runtime compared: ort on" in out
-    assert out.count("cause:") == 5 and out.count("fix:") == 5
 
 
 def _row(**kw: Any) -> dict[str, Any]:
@@ -157,7 +156,7 @@ def test_avx2_saturation_is_found_and_fixed_by_portable(
     """An artifact made for VNNI (unconstrained weight pairs), its tensors computed by ORT's
     AVX2 kernels under emulation (qemu, targets/emulate.py): the int16 pair sums saturate, the
     debugger says so and names `--device portable` (the portable-INT8 issue)."""
-    code = main(["debug", "zoo:resnet_fmnist", "--device", "x86-vnni", "--runtime-isa",
+    code = main(["debug", "zoo:resnet_fmnist", *FAST, "--device", "x86-vnni", "--runtime-isa",
                  "x86-avx2", "--samples", "8", "--json", "-q"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
@@ -168,3 +167,38 @@ def test_avx2_saturation_is_found_and_fixed_by_portable(
     for r in off:  # the simulation itself is fine: only the runtime is off
         assert r["runtime_steps"] > BOUND_STEPS and r["local_sqnr_db"] > r["bound_db"]
         assert "saturating int16" in r["cause"] and r["fix"].startswith("--device portable")
+
+
+def test_fisher_trace_matches_the_closed_form() -> None:
+    """One linear layer z = Wx + b with softmax: Tr(F_W) = E_x[‖x‖² (1 − Σ_c p_c²)] exactly;
+    the sampled estimate (quantflow/fisher.py) must land within 3 % on 8000 samples."""
+    import torch
+
+    from quantflow.fisher import fisher_traces
+    from quantflow.ir import capture
+    from quantflow.search.hawq import layer_weights
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4)).eval()
+    x = torch.randn(8000, 6)
+    gm = capture(model, (x[:100],))
+    weights = layer_weights(gm)
+    got = fisher_traces(gm, weights, [[x[i:i + 100]] for i in range(0, 8000, 100)])
+    (layer,) = weights
+    with torch.no_grad():
+        p = torch.softmax(model(x).double(), dim=-1)
+    exact = float((x.double().pow(2).sum(1) * (1 - p.pow(2).sum(1))).mean()) / (6 * 4)
+    assert got[layer] == pytest.approx(exact, rel=0.03)
+
+
+@pytest.mark.slow  # the tapped twin of the TVM library is a second TVM build (~20-40 s)
+def test_tvm_runtime_is_compared_per_layer(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["debug", "zoo:resnet_fmnist", *FAST, "--target", "tvm", "--samples", "8", "--json",
+                 "-q"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    a = json.loads(captured.out)["analysis"]
+    assert a["runtime"] == "tvm" and a["first_divergent"] is None
+    tapped = [r for r in a["layers"] if r["runtime_steps"] is not None]
+    assert len(tapped) == 15  # every conv; the classifier's float logits are not tapped
+    assert all(r["runtime_steps"] <= BOUND_STEPS for r in tapped)

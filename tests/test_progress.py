@@ -98,10 +98,11 @@ def test_quiet_compile_leaves_the_terminal_silent(model: str, tmp_path: Path) ->
 def test_stage_lines_without_q_and_none_with_it(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    """Forced progress prints `[i/12] stage ...` lines; -q drops them, the error stays."""
+    """Forced progress prints `[i/13] stage ...` lines; -q drops them, the error stays."""
     from test_errors_cli import tiny_files
 
     from quantflow.cli import main
+    from quantflow.pipeline import STAGES
 
     files = tiny_files(tmp_path)
     monkeypatch.setenv("QUANTFLOW_MAX_MEMORY", "400K")  # passes loading, fails capture
@@ -110,8 +111,9 @@ def test_stage_lines_without_q_and_none_with_it(tmp_path: Path,
             str(tmp_path / "o")]
     assert main(argv) == ResourceError.exit_code
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == "[1/12] capture ..."
-    assert re.fullmatch(r"\[1/12\] capture ... failed after \d+\.\d s", err[1])
+    n = len(STAGES)
+    assert err[0] == f"[1/{n}] capture ..."
+    assert re.fullmatch(rf"\[1/{n}\] capture ... failed after \d+\.\d s", err[1])
     assert err[2].startswith("quantflow: error: stage capture: ") and len(err) == 3
     assert main([*argv, "-q"]) == ResourceError.exit_code
     err = capsys.readouterr().err.splitlines()

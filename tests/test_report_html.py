@@ -291,3 +291,14 @@ def test_mobilenet_v2_imagenet_report(tmp_path: Path,
     png = shot.screenshot(page, ARTIFACTS / "report_mobilenet_v2_imagenet.png")
     with capsys.disabled():
         print(f"\n  report.html of zoo:mobilenet_v2_imagenet: {size} bytes; screenshot: {png}")
+
+
+def test_summary_wording_when_quantized_is_worse(compiled: Path) -> None:
+    """A slower or larger artifact says so (issue: 'x0.30 faster' read as a win)."""
+    report = json.loads((compiled / "report.json").read_text())
+    report["latency"]["speedup"] = 0.3
+    report["size"]["ratio"] = 0.64
+    text = _sections(report_html.render(report))["summary"]["text"]
+    assert "3.33x slower" in text and "1.56x larger" in text
+    report["latency"]["speedup"] = 1.5
+    assert "1.50x faster" in _sections(report_html.render(report))["summary"]["text"]

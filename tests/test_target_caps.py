@@ -19,7 +19,7 @@ from quantflow.devices import DEVICES
 from quantflow.ir import capture
 from quantflow.search.space import OPTIONS
 from quantflow.targets import ARTIFACT_SUFFIXES, TARGETS, get_target
-from quantflow.targets.base import Artifact, ParityTaps, Target, TargetCaps
+from quantflow.targets.base import Artifact, LayerTaps, ParityTaps, Target, TargetCaps
 
 #: constructor options per target for this test: TensorRT is not installable here, so its
 #: latency is the (labelled) onnxruntime proxy, which `profile` refuses without this flag
@@ -86,6 +86,8 @@ def test_declarations(name: str) -> None:
     assert caps.artifact_suffixes == ARTIFACT_SUFFIXES[name]
     assert caps.integer_options <= set(OPTIONS) - {"FP32"}
     assert caps.parity_taps == isinstance(target, ParityTaps)
+    assert caps.layer_taps == isinstance(target, LayerTaps)
+    assert caps.layer_taps or not caps.parity_taps  # tapping the artifact is a layer tap
     # a target with a choice of devices takes each as `device=`, and refuses others
     if len(caps.devices) > 1:
         for device in caps.devices:

@@ -47,4 +47,7 @@ PIP=("$VENV/bin/python" -m pip install -q -c constraints.txt)
 # the `||` also covers an unexpected error, so setup never fails over arm64 emulation.
 bash tools/setup_arm64_python.sh "$VENV/bin/python" || \
   echo "quantflow: warning: arm64 Python setup failed; arm64 emulation disabled"
+# aarch64 TVM Python packages for the emulated TVM RPC board (tests/test_tvm_rpc.py, slow)
+bash tools/setup_arm64_tvm.sh "$VENV/bin/python" || \
+  echo "quantflow: warning: aarch64 TVM packages not set up; the emulated RPC board test is skipped"
 echo "quantflow: setup done ($("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__)'))"
