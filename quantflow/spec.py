@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -23,6 +23,14 @@ CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 #: 7-bit weights are int8 codes in [-63, 63]: what ONNX Runtime's `reduce_range` does to a
 #: whole model, used here only for single layers the parity gate repairs
 BITS = (4, 7, 8, 16)
+
+
+def _reduce_frozen(obj: Any) -> tuple[Any, tuple[Any, ...]]:
+    """Pickle support for the dataclasses below that freeze a mapping in a MappingProxyType
+    (which does not pickle): rebuild from the fields, the mapping as a plain dict. Search
+    workers (other processes, Ray) receive plans and kernel rules this way."""
+    return type(obj), tuple(dict(v) if isinstance(v, MappingProxyType) else v
+                            for v in (getattr(obj, f.name) for f in fields(obj)))
 
 
 @dataclass(frozen=True)
@@ -168,6 +176,8 @@ class QuantPlan:
             raise ValueError(f"QuantPlan.smooth must be in [0, 1], got {self.smooth}")
         # freeze the mapping so a plan can be shared between threads and hashed into caches
         object.__setattr__(self, "layers", MappingProxyType(dict(self.layers)))
+
+    __reduce__ = _reduce_frozen
 
     def for_node(self, name: str) -> LayerPlan:
         return self.layers.get(name, self.default)
@@ -330,6 +340,8 @@ class KernelRules:
         if bad:
             raise ValueError(f"KernelRules.repairs: unknown repair(s) {bad}; use {REPAIRS}")
         object.__setattr__(self, "repairs", MappingProxyType(dict(self.repairs)))
+
+    __reduce__ = _reduce_frozen
 
     @staticmethod
     def of(rules: KernelRules | str) -> KernelRules:

@@ -93,14 +93,18 @@ def pack_graph(gm: Any) -> tuple[Any, ...]:
         atom = str(n.target).split(".")[0]
         if n.op == "get_attr" and not hasattr(root, atom):
             setattr(root, atom, getattr(gm, atom))
-    return nodes, root, {k: v for k, v in gm.meta.items() if picklable(v)}
+    # the codegen holds the pytree in/out specs: without it the graph returns a flat tuple
+    codegen = gm.graph._codegen if picklable(gm.graph._codegen) else None
+    return nodes, root, {k: v for k, v in gm.meta.items() if picklable(v)}, codegen
 
 
 def unpack_graph(packed: tuple[Any, ...]) -> Any:
     from torch import fx
 
-    nodes, root, meta = packed
+    nodes, root, meta, codegen = packed
     graph = fx.Graph()
+    if codegen is not None:
+        graph._codegen = codegen
     env: dict[str, fx.Node] = {}
 
     def resolve(a: Any) -> Any:
