@@ -14,6 +14,8 @@ This module imports no torch, so the CLI starts fast and `--help` never waits fo
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import Field, asdict, dataclass, field, fields
 from typing import Any
 
@@ -144,10 +146,14 @@ class CompileConfig:
     workers: int = option(1, "--workers", "--bits mixed: evaluate search candidates on N "
                           "local processes (1: in-process); the result is the same for any "
                           "N", metavar="N", kind="int")
-    ray_address: str | None = option(None, "--ray", "--bits mixed: evaluate search candidates "
-                                     "as tasks on this Ray cluster (host:port, or 'auto'; "
-                                     "default: $RAY_ADDRESS); needs quantflow[ray], see "
-                                     "docs/cluster.md", metavar="ADDRESS")
+    ray_address: str | None = option(None, "--ray", "a Ray cluster (host:port; default: "
+                                     "$RAY_ADDRESS): --bits mixed evaluates its candidates "
+                                     "there, --measure-on finds its device there; needs "
+                                     "quantflow[ray], see docs/cluster.md", metavar="ADDRESS")
+    measure_on: str | None = option(None, "--measure-on", "--target ort: time every latency "
+                                    "(search tables, profile stage) on the Ray node started "
+                                    "with the resource device:NAME (an edge board; needs --ray "
+                                    "or $RAY_ADDRESS; TVM boards: --rpc-tracker)", metavar="NAME")
 
     def __post_init__(self) -> None:
         for name in ("keep_float", "bits_for", "verify_isas"):  # lists (a file, the API) too
@@ -175,6 +181,8 @@ class CompileConfig:
             raise ValueError("--rpc-tracker/--rpc-key apply to --target tvm only (TVM RPC)")
         if (self.rpc_tracker is None) != (self.rpc_key is None):
             raise ValueError("--rpc-tracker HOST:PORT and --rpc-key KEY go together")
+        if self.measure_on is not None:
+            _measure_on(self.target, self.measure_on, self.resolved_ray_address)
         if self.rpc_tracker is not None:
             from quantflow.targets.tvm_rpc import RPCDevice
 
@@ -242,10 +250,30 @@ class CompileConfig:
                 opts.update(rpc_tracker=self.rpc_tracker, rpc_key=self.rpc_key)
         if self.target == "ort":
             opts.update(device=self.resolved_device)
+            if self.measure_on is not None:
+                opts.update(measure_on=self.measure_on, ray_address=self.resolved_ray_address)
         return opts
+
+    @property
+    def resolved_ray_address(self) -> str | None:
+        """--ray, else $RAY_ADDRESS, else None (no cluster)."""
+        return self.ray_address or os.environ.get("RAY_ADDRESS") or None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _measure_on(target: str, name: str, ray_address: str | None) -> None:
+    if target == "tvm":
+        raise ValueError("--measure-on is for ONNX Runtime artifacts; a TVM board is measured "
+                         "through TVM RPC: --rpc-tracker HOST:PORT --rpc-key KEY")
+    if target != "ort":
+        raise ValueError(f"--measure-on applies to --target ort, not {target}")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"--measure-on {name!r}: a device name is letters, digits, _ . -")
+    if not ray_address:
+        raise ValueError(f"--measure-on {name} needs the Ray cluster its device node joined: "
+                         "--ray HOST:PORT or $RAY_ADDRESS (docs/cluster.md)")
 
 
 @dataclass(frozen=True)

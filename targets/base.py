@@ -184,6 +184,11 @@ class Target(Protocol):
         `Latency.per_layer_ms` where `caps.per_layer_profile`; elsewhere it stays None."""
         ...
 
+    def measurement_device(self) -> str:
+        """The machine `profile` times on, as `Latency.device` names it (a board behind TVM
+        RPC, a Ray device node, else this one): latency caches key on it."""
+        ...
+
     def load_artifact(self, path: str | Path) -> Artifact:
         """An artifact this target wrote, read back from one of `caps.artifact_suffixes`."""
         ...

@@ -31,7 +31,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -45,6 +45,9 @@ from quantflow.targets import ARTIFACT_SUFFIXES, onnx_int4, ort_isa
 from quantflow.targets.base import Artifact, Latency, TargetCaps, device_description, time_runs
 from quantflow.targets.onnx_artifact import load_onnx_artifact
 from quantflow.targets.onnx_export import export_onnx, required_opset
+
+if TYPE_CHECKING:
+    from quantflow.targets.ray_device import RayDevice
 from quantflow.targets.ort_graph import (
     fusion_aliases,
     initializer_bytes,
@@ -86,11 +89,25 @@ class OrtTarget:
                       layer_taps=True, artifact_suffixes=ARTIFACT_SUFFIXES["ort"])
 
     def __init__(self, threads: int | None = None, opset: int | None = None,
-                 device: str = ort_isa.DEFAULT_DEVICE) -> None:
+                 device: str = ort_isa.DEFAULT_DEVICE, measure_on: str | None = None,
+                 ray_address: str | None = None) -> None:
         self.threads = threads
         self.opset = opset
         self.device = ort_isa.resolve_device(device, hostcpu.host_cpu().isa_class)
         self._sessions: dict[tuple[str, int, int], ort.InferenceSession] = {}
+        # `profile` on a Ray device node (targets/ray_device.py) instead of this machine
+        self.remote: RayDevice | None = None
+        if measure_on is not None:
+            if not ray_address:
+                raise ValueError("ort target: measure_on needs the Ray cluster's address "
+                                 "(--measure-on NAME with --ray ADDRESS or $RAY_ADDRESS)")
+            from quantflow.targets.ray_device import RayDevice
+
+            self.remote = RayDevice(measure_on, ray_address)
+
+    def measurement_device(self) -> str:
+        """Where `profile` times (the board's CPU with --measure-on)."""
+        return self.remote.description() if self.remote else device_description()
 
     @property
     def kernel_rules(self) -> KernelRules:
@@ -203,6 +220,11 @@ class OrtTarget:
         per_layer=True adds a second, profiled pass (ORT's profiler slows the runs, so it
         never contributes to the wall-clock numbers) and fills `Latency.per_layer_ms`.
         """
+        if self.remote is not None:
+            return self.remote.profile(("ort", {"threads": self.threads, "opset": self.opset,
+                                                "device": self.device}), artifact, inputs,
+                                       warmup=warmup, runs=runs, threads=threads,
+                                       per_layer=per_layer)
         n_threads = self._threads(threads)
         sess = self._session(artifact, n_threads)
         feed = self._feed(sess, artifact, inputs)
@@ -240,5 +262,7 @@ def _set_metadata(path: Path, props: dict[str, str]) -> None:
 
 
 def make_target(threads: int | None = None, opset: int | None = None,
-                device: str = ort_isa.DEFAULT_DEVICE) -> OrtTarget:
-    return OrtTarget(threads=threads, opset=opset, device=device)
+                device: str = ort_isa.DEFAULT_DEVICE, measure_on: str | None = None,
+                ray_address: str | None = None) -> OrtTarget:
+    return OrtTarget(threads=threads, opset=opset, device=device, measure_on=measure_on,
+                     ray_address=ray_address)

@@ -235,6 +235,9 @@ class TrtTarget:
     def artifact_warning(self, artifact: Artifact) -> str | None:
         return None
 
+    def measurement_device(self) -> str:
+        return device_description()
+
     def run(self, artifact: Artifact, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         feed = dict(zip(artifact.input_names, inputs))
         if self._use_engine(artifact):

@@ -328,6 +328,9 @@ class TVMTarget:
     def artifact_warning(self, artifact: Artifact) -> str | None:
         return None  # a host library was built for this machine's target string
 
+    def measurement_device(self) -> str:  # the board behind the RPC tracker, else here
+        return self.board().description if self.rpc is not None else device_description()
+
     def profile(self, artifact: Artifact, inputs: Sequence[np.ndarray], *, warmup: int = 10,
                 runs: int = 50, threads: int | None = None, per_layer: bool = False) -> Latency:
         if self.rpc is not None:

@@ -83,6 +83,9 @@ class SwitchingTarget:
         return Artifact("fake", precision, {"model": str(out_dir / "m")}, ("x",), ("y",),
                         meta={"labels": labels})
 
+    def measurement_device(self) -> str:
+        return "test cpu"
+
     def profile(self, artifact: Artifact, inputs: Any, *, warmup: int = 10, runs: int = 50,
                 threads: int | None = None, per_layer: bool = False) -> Latency:
         cost = {"W8A8": 1.0, "W8A16": 1.5, "W4A8": 0.9, "FP32": 2.0}

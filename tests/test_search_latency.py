@@ -63,6 +63,9 @@ class FakeTarget:
     def run(self, artifact: Artifact, inputs: Any) -> list[np.ndarray]:
         raise NotImplementedError
 
+    def measurement_device(self) -> str:
+        return "test cpu"
+
     def profile(self, artifact: Artifact, inputs: Any, *, warmup: int = 10, runs: int = 50,
                 threads: int | None = None, per_layer: bool = False) -> Latency:
         cost = {"W8A8": 1.0, "W8A16": 1.5, "W4A8": 0.9, "FP32": 2.0}

@@ -196,6 +196,9 @@ class _SlowMixedTarget:
         assert example_inputs[0].shape[0] == 1  # latency is timed at batch 1
         return gm
 
+    def measurement_device(self) -> str:
+        return "test cpu"
+
     def profile(self, art: fx.GraphModule, inputs: list[np.ndarray], **kw: object) -> object:
         from types import SimpleNamespace
 

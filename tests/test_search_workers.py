@@ -1,21 +1,25 @@
 """--bits mixed on workers: local processes and a real local Ray cluster give the same plan
 and the same database rows as the in-process search, and a worker killed mid-search loses
-nothing (its evaluation is retried, every candidate is written once)."""
+nothing (its evaluation is retried, every candidate is written once). On the same cluster,
+--measure-on times every latency on the node with the device resource (issue 17).
+
+Every Ray test is in this one file: they share one cluster (module fixture), and
+`ray stop --force` would stop a second file's cluster running in parallel."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from nets import template_task
+from ray_testing import device_node_id, local_cluster
 from torch import fx
 
 from quantflow.calibrate import batched
@@ -27,6 +31,7 @@ from quantflow.search import Budget, search_mixed
 from quantflow.search.database import EvalDB
 from quantflow.search.options import HawqOptions, LatencyOptions, SearchOptions
 from quantflow.search.workers import WorkersError, connect
+from quantflow.targets.base import device_description
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -95,37 +100,10 @@ def test_ray_without_cluster_is_one_line_error() -> None:
         connect("127.0.0.1:1")
 
 
-def _ray(*args: str, env: dict[str, str]) -> None:
-    subprocess.run([str(Path(sys.executable).parent / "ray"), *args], env=env, check=True,
-                   timeout=120, capture_output=True)
-
-
-@pytest.fixture
+@pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[str]:
-    """A head (1 CPU) and one worker node with the custom resource device:loop, on 127.0.0.1,
-    both stopped (ray stop --force) whatever happens."""
-    pytest.importorskip("ray")
-    if shutil.which("ray", path=str(Path(sys.executable).parent)) is None:
-        pytest.skip("no ray executable next to python")
-    root = Path(__file__).resolve().parents[1]
-    # the cluster's workers import quantflow and this module (Accuracy) like the driver
-    env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{root / 'tests'}",
-               RAY_USAGE_STATS_ENABLED="0")
-    port = "6391"
-    try:
-        _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", port,
-             "--num-cpus", "1", "--include-dashboard=false", "--object-store-memory",
-             str(200 * 2**20), "--disable-usage-stats", env=env)
-        _ray("start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
-             "--num-cpus", "1", "--resources", '{"device:loop": 1}',
-             "--object-store-memory", str(200 * 2**20), env=env)
-        yield f"127.0.0.1:{port}"
-    finally:
-        import ray
-
-        ray.shutdown()
-        subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"],
-                       check=False, env=env, timeout=120, capture_output=True)
+    with local_cluster() as address:
+        yield address
 
 
 def test_ray_cluster_same_result_and_survives_a_killed_worker(
@@ -138,3 +116,87 @@ def test_ray_cluster_same_result_and_survives_a_killed_worker(
     assert marker.is_file()  # a Ray worker process died mid-search; Ray retried its task
     assert got == ref
     print(f"ray search test: {time.perf_counter() - t0:.1f} s")
+
+
+# --------------------------------------------------------------- latency on a Ray device node
+
+
+@pytest.fixture(scope="module")
+def model_files(setup: tuple, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The template model as a .pt2 with calibration and labelled evaluation files."""
+    d = tmp_path_factory.mktemp("device")
+    model, data = template_task(0)
+    x, y = data(96)
+    torch.export.save(torch.export.export(model.eval(), (x[:1],)), d / "m.pt2")
+    np.save(d / "calib.npy", x[:64].numpy())
+    np.savez(d / "eval.npz", x=x[64:].numpy(), y=y[64:].numpy())
+    return {"model": d / "m.pt2", "calib": d / "calib.npy", "eval": d / "eval.npz"}
+
+
+def _compile(files: dict[str, Path], out: Path, *extra: str) -> int:
+    from quantflow.cli import main
+
+    return main(["compile", str(files["model"]), "--target", "ort", "--bits", "8",
+                 "--calib", str(files["calib"]), "--eval", str(files["eval"]), "-q",
+                 "--profile-runs", "5", "-o", str(out), *extra])
+
+
+def test_measure_on_runs_every_profile_on_the_device_node(
+        model_files: dict[str, Path], tmp_path: Path, ray_cluster: str,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """--measure-on loop: both latencies of the report were timed by a task on the node that
+    has the resource device:loop (its Ray node id is in the recorded device), per layer too."""
+    assert _compile(model_files, tmp_path / "out", "--measure-on", "loop",
+                    "--ray", ray_cluster) == 0
+    r = json.loads((tmp_path / "out" / "report.json").read_text())
+    node = device_node_id("loop")
+    import ray
+
+    assert node != ray.get_runtime_context().get_node_id()  # not the driver's (head) node
+    for key in ("fp32", "quantized"):
+        lat = r["latency"][key]
+        assert lat["device"].endswith(f"[device:loop, Ray node {node[:12]}]"), lat["device"]
+        assert 0 < lat["median_ms"] <= lat["p90_ms"]
+    assert r["latency"]["quantized"]["per_layer_ms"]  # ORT's profiler ran there as well
+
+    # a device nobody serves: one line naming the devices the cluster has, usage exit code
+    code = _compile(model_files, tmp_path / "bad", "--measure-on", "rpi5", "--ray", ray_cluster)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err, err
+    assert "device:rpi5" in err and "devices there: loop" in err and "fix:" in err
+
+
+def test_latency_tables_are_cached_per_device(setup: tuple, tmp_path: Path,
+                                              ray_cluster: str) -> None:
+    """The search's measured latency table on the device node is its own cache entry, named
+    after the board, next to this host's table of the same model."""
+    from quantflow.calibrate import collect_stats
+    from quantflow.quantize import quantize
+    from quantflow.search.latency import measure_table
+    from quantflow.search.space import GlobalConfig, layer_plan
+    from quantflow.spec import QuantPlan
+    from quantflow.targets import get_target
+
+    gm, batches = setup[0], setup[1]
+    x = (batches[0][0][:1],)
+    layers = [n.name for n in gm.graph.nodes if n.op == "call_function"
+              and ("conv" in str(n.target) or "linear" in str(n.target))]
+    assert len(layers) >= 3
+    stats = collect_stats(gm, [x])
+    g0 = GlobalConfig()
+
+    def quantize_with(assign: dict[str, str]) -> fx.GraphModule:
+        return quantize(gm, QuantPlan(default=layer_plan("W8A8", g0), layers={
+            n: layer_plan(assign.get(n, "FP32"), g0) for n in layers}), stats)
+
+    timing = LatencyOptions(cache_dir=tmp_path, runs=5, warmup=1)
+    tables = {}
+    for where, opts in (("here", {}), ("loop", {"measure_on": "loop",
+                                                "ray_address": ray_cluster})):
+        target = get_target("ort", threads=1, **opts)  # type: ignore[arg-type]
+        tables[where] = measure_table(gm, x, layers, ["W8A8", "FP32"], quantize_with, target,
+                                      model_hash="m", latency=timing)
+    assert tables["loop"].device.endswith("[device:loop]")
+    assert tables["here"].device == device_description()
+    assert len(list(tmp_path.glob("*.json"))) == 2  # two devices, two cached tables
+    assert tables["loop"].method == "per_layer_profile" and tables["loop"].ms.sum() > 0

@@ -18,7 +18,6 @@ Budget (`search_budget`):
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,13 +30,13 @@ from quantflow.config import CompileConfig
 from quantflow.dataset import Dataset
 from quantflow.errors import QuantflowError
 from quantflow.plan import PlanResult, choose_uniform
+from quantflow.ray_cluster import ray_module
 from quantflow.search.hawq import layer_weights
 from quantflow.search.learned import w4_rounding
 from quantflow.search.mixed import search_mixed
 from quantflow.search.options import HawqOptions, LatencyOptions, SearchOptions
 from quantflow.search.quantune import Budget
 from quantflow.search.space import OPTIONS, GlobalConfig
-from quantflow.search.workers import ray_module
 
 log = logging.getLogger("quantflow.search")
 
@@ -98,7 +97,7 @@ def mixed_plan(gm: fx.GraphModule, calib: Dataset, evaluation: Dataset | None,
     from quantflow.evaluate import predict
     from quantflow.targets import get_target
 
-    ray_address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
+    ray_address = config.resolved_ray_address
     if ray_address:
         ray_module()  # Ray missing: one line now, not after calibration
 

@@ -11,7 +11,8 @@ only layer l at option k, everything else FP32, end-to-end median minus the all-
 
 Tables are cached as JSON under `~/.cache/quantflow/latency/`, keyed by (model hash, target
 name, device description, options), since a latency measured on one CPU says little about
-another.
+another. The device is where the target times (`target.measurement_device()`): this host, a
+board behind TVM RPC or a Ray device node (`--measure-on`), so each has its own tables.
 
 Proxy: bit operations, BOPs = MACs · b_w · b_a (HAWQ-V3's hardware-agnostic cost), in
 units of giga-BOPs. It ignores that int8 and fp32 kernels differ in more than bit width,
@@ -134,11 +135,9 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     latency: where the cache is and how each variant is timed (runs, warmup, threads); its
     `mode` is the caller's business (this always measures).
     """
-    from quantflow.targets.base import device_description
-
     timing = latency or LatencyOptions()
     threads = timing.threads
-    device = device_description()
+    device = target.measurement_device()  # a board's tables never mix with this host's
     cache = _cache_file(timing.cache_dir or default_cache_dir(), model_hash, target.name, device,
                         options, threads if threads is not None
                         else (target.threads if target.caps.threads else None),
@@ -181,6 +180,10 @@ def measure_table(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
                                         disable=not progress)):
                 lat = profile({n: opt for n in layers} if opt != "FP32" else {}, f"o{k}", True)
                 per = lat.per_layer_ms or {}
+                if not per and opt != "FP32":
+                    raise TargetRuntimeError(
+                        f"latency table: {target.name} on {device} returned no per-layer "
+                        "times; the search can fall back to the BOPs proxy")
                 attributed = 0.0
                 for i, n in enumerate(layers):
                     # the layer's own node plus its weight/bias dequantize nodes

@@ -23,7 +23,6 @@ import logging
 import multiprocessing
 import os
 import pickle
-import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -31,17 +30,12 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Self
 
-from quantflow.errors import QuantflowError
+from quantflow.ray_cluster import RETRIES, ClusterError, connect, ray_module
 
 log = logging.getLogger("quantflow.search")
 
-RETRIES = 3  # per task: a node lost three times over is not a transient failure
-
-
-class WorkersError(QuantflowError):
-    """Ray missing or unreachable, or workers that keep dying."""
-
-    exit_code = 2
+#: the same error for local workers that keep dying as for Ray tasks
+WorkersError = ClusterError
 
 
 @dataclass
@@ -227,39 +221,6 @@ class ProcessWorkers(Workers):
 
 
 # --------------------------------------------------------------------------- Ray
-
-
-def ray_module() -> Any:
-    """Ray, or a one-line usage error naming the fix."""
-    try:
-        import ray
-    except ImportError:
-        raise WorkersError("--ray needs Ray, which is not installed; fix: pip install "
-                           "'quantflow[ray]' (or run without --ray: --workers N uses local "
-                           "processes)") from None
-    return ray
-
-
-def connect(address: str) -> Any:
-    """ray.init on an existing cluster (never starts one), or a one-line error."""
-    ray = ray_module()
-    if not ray.is_initialized():
-        host, _, port = address.removeprefix("ray://").rpartition(":")
-        if host and port.isdigit():  # ray.init retries an unreachable head for minutes
-            try:
-                socket.create_connection((host, int(port)), timeout=5).close()
-            except OSError as exc:
-                raise WorkersError(f"cannot reach the Ray cluster at {address!r} ({exc}); "
-                                   "fix: start it (`ray start --head`, docs/cluster.md) or "
-                                   "correct --ray / RAY_ADDRESS") from None
-        try:
-            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING,
-                     include_dashboard=False)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise WorkersError(f"cannot reach the Ray cluster at {address!r} ({exc}); fix: "
-                               "start it (`ray start --head`, docs/cluster.md) or correct "
-                               "--ray / RAY_ADDRESS") from None
-    return ray
 
 
 def _ray_eval(ctx: EvalContext, plan: Any) -> tuple[float, float, str]:
