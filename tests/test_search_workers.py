@@ -65,9 +65,9 @@ def setup() -> tuple[fx.GraphModule, list, list, torch.Tensor, torch.Tensor]:
     return gm, batched(x_cal, 32), [y_cal[i:i + 32] for i in range(0, 64, 32)], x_test, y_test
 
 
-def search(setup: tuple, db: Path, **kw: object) -> tuple[dict, list[tuple]]:
-    """A small search (8 evaluations = 2 rounds): its plan and its database rows without
-    the timing column."""
+def search(setup: tuple, db: Path, **kw: object) -> tuple[dict, list[tuple], dict]:
+    """A small search (8 evaluations = 2 rounds): its plan, its database rows without the
+    timing column and its Hessian traces (their draws are worker tasks too)."""
     gm, batches, labels, x, y = setup
     kill = kw.pop("kill_marker", None)
     res = search_mixed(gm, batches, Accuracy(x, y, kill), Budget(max_size_ratio=0.75),  # type: ignore[arg-type]
@@ -81,7 +81,8 @@ def search(setup: tuple, db: Path, **kw: object) -> tuple[dict, list[tuple]]:
         rows = sorted((tuple(v for k, v in dataclasses.asdict(r).items() if k != "seconds")
                        for r in d.records()), key=lambda row: str(row[2]))
     assert res.real_evaluations == 8 and len(rows) == 9  # FP32 + 8, each once
-    return res.plan.to_dict(), rows
+    assert res.traces.iterations == 15  # max_iter: the stopping point is not wall-clock
+    return res.plan.to_dict(), rows, res.traces.to_dict()
 
 
 def test_local_processes_same_result_and_survive_a_killed_worker(

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,10 +196,65 @@ class GraphLoss:
                         reduction="batchmean")
 
 
+def draw_seed(seed: int, i: int) -> int:
+    """Draw i's own generator seed: draws are independent tasks (search/workers.py), so the
+    i-th draw is the same whichever process makes it and whatever came before."""
+    return (seed * 1_000_003 + i) % 2**63
+
+
+def one_draw(loss: GraphLoss, i: int, *, seed: int, activations: bool, per_block: bool
+             ) -> dict[tuple[str, str], float]:
+    """Hutchinson draw number `i`: v_lᵀ(Hv)_l for every block (("w"|"a", layer) -> value),
+    summed over the batches with their weights, in batch order."""
+    w0 = loss.float_weights()
+    layers = list(w0)
+    gen = torch.Generator().manual_seed(draw_seed(seed, i))
+    vw = {n: _rademacher(w0[n].shape, w0[n].dtype, gen) for n in layers}
+    est = {(k, n): 0.0 for n in layers for k in ("w", "a")}
+    for b, bw in enumerate(loss.batch_weight):
+        weights = {n: w0[n].clone().requires_grad_(True) for n in layers}
+        dtype = w0[layers[0]].dtype
+        deltas = ({n: torch.zeros(loss.input_shapes[b][n], dtype=dtype, requires_grad=True)
+                   for n in layers} if activations else None)
+        va = ({n: _rademacher(loss.input_shapes[b][n], dtype, gen) for n in layers}
+              if activations else {})
+        variables = [weights[n] for n in layers] + ([deltas[n] for n in layers]
+                                                    if deltas is not None else [])
+        vectors = [vw[n] for n in layers] + [va[n] for n in layers if activations]
+        value = loss(weights, deltas, b)
+        grads = torch.autograd.grad(value, variables, create_graph=True)
+        names = [("w", n) for n in layers] + [("a", n) for n in layers if activations]
+        if per_block:
+            # one product per block, (H v_l)_l = ∂(g_l · v_l)/∂θ_l: no cross-block noise
+            for (kind, n), g, v, var in zip(names, grads, vectors, variables):
+                if not g.requires_grad:  # the loss is linear in this variable: H_ll = 0
+                    continue
+                (hv,) = torch.autograd.grad((g * v).sum(), var, retain_graph=True,
+                                            allow_unused=True)
+                est[(kind, n)] += bw * _dot(hv, v)
+        else:  # one joint product, read block by block
+            gv = torch.stack([(g * v).sum() for g, v in zip(grads, vectors)
+                              if g.requires_grad]).sum()
+            hvs = torch.autograd.grad(gv, variables, allow_unused=True)
+            for key, hv, v in zip(names, hvs, vectors):
+                est[key] += bw * _dot(hv, v)
+    return est
+
+
+def uses_per_block(n_layers: int, options: TraceOptions) -> bool:
+    """`options.per_block`, by default per block up to 8 layers (`hutchinson_traces`)."""
+    return n_layers <= 8 if options.per_block is None else options.per_block
+
+
+#: draws(indices) -> each draw's `one_draw` result, in the order asked (search/workers.py)
+Draws = Callable[[Sequence[int]], Iterable[dict[tuple[str, str], float]]]
+
+
 def hutchinson_traces(gm: fx.GraphModule, batches: Sequence[Sequence[torch.Tensor]],
                       labels: Sequence[torch.Tensor] | None = None, *,
                       options: TraceOptions | None = None, seed: int = 0,
-                      progress: bool = False) -> HessianTraces:
+                      progress: bool = False, draws: Draws | None = None,
+                      parallel: int = 1) -> HessianTraces:
     """Per-layer Hessian traces (weights and, if `options.activations`, layer inputs) by
     Hutchinson, with the stopping rule and estimator of `options` (default `TraceOptions()`).
 
@@ -212,17 +267,24 @@ def hutchinson_traces(gm: fx.GraphModule, batches: Sequence[Sequence[torch.Tenso
     per draw) or one joint product (one backward, cross-block noise). Default: per block up
     to 8 layers; beyond that the joint product's many cheap draws win per unit of time
     (MobileNetV2, 35 layers: ~1 s vs ~30 s per draw on 2 CPU cores).
+
+    draws / parallel: where the draws run (search/workers.py `hessian_draw`), `parallel` of
+    them asked at once. Each draw has its own seed and the stopping rule reads them in draw
+    order, so the traces do not depend on `parallel` (draws past the stopping point are
+    dropped), unless the `max_seconds` wall-clock cap stops them.
     """
     opt = options or TraceOptions()
     rel_tol, max_iter, min_iter = opt.rel_tol, opt.max_iter, opt.min_iter
     abs_floor, activations, max_seconds = opt.abs_floor, opt.activations, opt.max_seconds
     loss = GraphLoss(gm, batches, labels)
-    w0 = loss.float_weights()
-    layers = list(w0)
+    layers = list(loss.layer_weight)
     if not layers:
         raise ValueError("hawq: the graph has no conv/linear layer with a constant weight")
-    block = len(layers) <= 8 if opt.per_block is None else opt.per_block
-    gen = torch.Generator().manual_seed(seed)
+    block = uses_per_block(len(layers), opt)
+    if draws is None:
+        def draws(idx: Sequence[int]) -> Iterator[dict[tuple[str, str], float]]:
+            return (one_draw(loss, i, seed=seed, activations=activations, per_block=block)
+                    for i in idx)
     samples: dict[tuple[str, str], list[float]] = {(k, n): [] for n in layers
                                                    for k in ("w", "a")}
     history: list[dict[str, float]] = []
@@ -231,54 +293,31 @@ def hutchinson_traces(gm: fx.GraphModule, batches: Sequence[Sequence[torch.Tenso
     bar = progress_bar(max_iter, "hawq: Hutchinson draws", "draw", disable=not progress)
     start = time.perf_counter()
     worst = math.inf
-    for it in range(1, max_iter + 1):
-        vw = {n: _rademacher(w0[n].shape, w0[n].dtype, gen) for n in layers}
-        est = {key: 0.0 for key in samples}
-        for b, bw in enumerate(loss.batch_weight):
-            weights = {n: w0[n].clone().requires_grad_(True) for n in layers}
-            dtype = w0[layers[0]].dtype
-            deltas = ({n: torch.zeros(loss.input_shapes[b][n], dtype=dtype, requires_grad=True)
-                       for n in layers} if activations else None)
-            va = ({n: _rademacher(loss.input_shapes[b][n], dtype, gen) for n in layers}
-                  if activations else {})
-            variables = [weights[n] for n in layers] + ([deltas[n] for n in layers]
-                                                        if deltas is not None else [])
-            vectors = [vw[n] for n in layers] + [va[n] for n in layers if activations]
-            value = loss(weights, deltas, b)
-            grads = torch.autograd.grad(value, variables, create_graph=True)
-            names = [("w", n) for n in layers] + [("a", n) for n in layers if activations]
-            if block:
-                # one product per block, (H v_l)_l = ∂(g_l · v_l)/∂θ_l: no cross-block noise
-                for (kind, n), g, v, var in zip(names, grads, vectors, variables):
-                    if not g.requires_grad:  # the loss is linear in this variable: H_ll = 0
-                        continue
-                    (hv,) = torch.autograd.grad((g * v).sum(), var, retain_graph=True,
-                                                allow_unused=True)
-                    est[(kind, n)] += bw * _dot(hv, v)
-            else:  # one joint product, read block by block
-                gv = torch.stack([(g * v).sum() for g, v in zip(grads, vectors)
-                                  if g.requires_grad]).sum()
-                hvs = torch.autograd.grad(gv, variables, allow_unused=True)
-                for key, hv, v in zip(names, hvs, vectors):
-                    est[key] += bw * _dot(hv, v)
-        for key, val in est.items():
-            samples[key].append(val)
-        stats = {key: _mean_stderr(v) for key, v in samples.items()
-                 if activations or key[0] == "w"}
-        history.append({f"{k}:{n}": m for (k, n), (m, _) in stats.items()})
-        # a trace far below the largest of its kind needs no relative precision of its own:
-        # its layers' sensitivity is negligible either way (and a trace ≈ 0 never converges)
-        floor = {kind: abs_floor * max(abs(m) for (k, _), (m, _) in stats.items() if k == kind)
-                 for kind in {k for k, _ in stats}}
-        worst = max(se / max(abs(m), floor[k], 1e-300) for (k, _), (m, se) in stats.items())
-        bar.update(1)
-        bar.set_postfix(worst_rel_stderr=f"{worst:.3g}", target=rel_tol)
-        if it >= min_iter and worst <= rel_tol:
-            converged = True
-            break
-        if it >= min_iter and max_seconds is not None \
-                and time.perf_counter() - start > max_seconds:
-            break
+    stop = False
+    while it < max_iter and not stop:
+        for est in draws(range(it, min(max_iter, it + max(1, parallel)))):
+            it += 1
+            for key, val in est.items():
+                samples[key].append(val)
+            stats = {key: _mean_stderr(v) for key, v in samples.items()
+                     if activations or key[0] == "w"}
+            history.append({f"{k}:{n}": m for (k, n), (m, _) in stats.items()})
+            # a trace far below the largest of its kind needs no relative precision of its
+            # own: its layers' sensitivity is negligible either way (and a trace ≈ 0 never
+            # converges)
+            floor = {kind: abs_floor * max(abs(m) for (k, _), (m, _) in stats.items()
+                                           if k == kind)
+                     for kind in {k for k, _ in stats}}
+            worst = max(se / max(abs(m), floor[k], 1e-300) for (k, _), (m, se) in stats.items())
+            bar.update(1)
+            bar.set_postfix(worst_rel_stderr=f"{worst:.3g}", target=rel_tol)
+            if it >= min_iter and worst <= rel_tol:
+                converged = stop = True
+            elif it >= min_iter and max_seconds is not None \
+                    and time.perf_counter() - start > max_seconds:
+                stop = True
+            if stop:
+                break
     bar.close()
     if not converged:
         log.warning("hawq: Hessian traces did not converge to rel_tol=%g in %d draws (%.0f s; "
@@ -290,6 +329,7 @@ def hutchinson_traces(gm: fx.GraphModule, batches: Sequence[Sequence[torch.Tenso
         m, se = _mean_stderr(samples[(kind, n)]) if samples[(kind, n)] else (0.0, 0.0)
         return TraceEstimate(m, se, numel)
 
+    w0 = loss.float_weights()
     act_numel = {n: sum(int(math.prod(s[n])) for s in loss.input_shapes) for n in layers}
     return HessianTraces(
         weight={n: _est("w", n, w0[n].numel()) for n in layers},

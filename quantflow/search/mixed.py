@@ -33,11 +33,9 @@ Contract (what the compile pipeline relies on):
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +50,17 @@ from quantflow.quantize import quantize
 from quantflow.search import quantune as qt
 from quantflow.search.costmodel import CostModel, RandomCostModel, XGBCostModel
 from quantflow.search.database import EvalDB, Record, model_hash, tensor_hash
-from quantflow.search.hawq import HessianTraces, hutchinson_traces, layer_weights, sensitivity_table
+from quantflow.search.hawq import (
+    HessianTraces,
+    hutchinson_traces,
+    layer_weights,
+    sensitivity_table,
+    uses_per_block,
+)
 from quantflow.search.latency import LatencyTable, bops_table, measure_table
 from quantflow.search.learned import LearnedW4
 from quantflow.search.options import HawqOptions, LatencyOptions, SearchOptions
+from quantflow.search.result import SearchResult
 from quantflow.search.space import (
     OPTION_BITS,
     OPTIONS,
@@ -67,72 +72,17 @@ from quantflow.search.space import (
     size_table,
 )
 from quantflow.search.validate import LatencyCheck, end_to_end_ms, first_within
-from quantflow.search.workers import EvalContext, Workers, make_workers
+from quantflow.search.workers import (
+    EvalContext,
+    Workers,
+    evaluate_plan,
+    hessian_draw,
+    make_workers,
+)
 from quantflow.spec import KernelRules, QuantPlan
 
 log = logging.getLogger("quantflow.search")
 FP32_KEY = "__fp32__"
-
-
-@dataclass
-class SearchResult:
-    """What the search found and how (see module docstring)."""
-
-    plan: QuantPlan
-    best: qt.Trial
-    satisfied: bool
-    reference_quality: float
-    trials: list[qt.Trial]
-    pareto: list[qt.Trial]
-    layers: list[dict[str, Any]]
-    traces: HessianTraces
-    latency: LatencyTable
-    budget: qt.Budget
-    real_evaluations: int
-    reused_evaluations: int
-    seconds: float
-    stats: dict[str, TensorStats] = field(repr=False, default_factory=dict)
-    latency_checks: list[LatencyCheck] = field(default_factory=list)
-
-    @staticmethod
-    def _trial(t: qt.Trial) -> dict[str, Any]:
-        return {"config": t.candidate.label(), "key": t.candidate.key(), "quality": t.quality,
-                "drop": t.drop, "size_bytes": t.size_bytes, "latency_ms": t.latency_ms,
-                "reused": t.reused}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "best": self._trial(self.best), "satisfied": self.satisfied,
-            "reference_quality": self.reference_quality,
-            "budget": {k: v for k, v in self.budget.__dict__.items()},
-            "real_evaluations": self.real_evaluations,
-            "reused_evaluations": self.reused_evaluations,
-            "seconds": round(self.seconds, 2),
-            "latency_method": self.latency.method,
-            "latency_checks": [c.to_dict() for c in self.latency_checks],
-            "pareto": [self._trial(t) for t in self.pareto],
-            "trials": [self._trial(t) for t in self.trials],
-            "layers": self.layers,
-            "hessian": self.traces.to_dict(),
-        }
-
-    def layer_table(self) -> str:
-        """Markdown: per-layer sensitivity, chosen option, bits and latency gain."""
-        rows = ["| layer | Tr(H)/n | Ω(chosen) | option | W bits | A bits | latency gain ms |",
-                "|---|---|---|---|---|---|---|"]
-        for r in self.layers:
-            rows.append(f"| {r['layer']} | {r['trace_per_param']:.3g} | "
-                        f"{r['sensitivity']:.3g} | {r['option']} | {r['weight_bits']} | "
-                        f"{r['act_bits']} | {r['latency_gain_ms']:.4f} |")
-        return "\n".join(rows)
-
-    def save(self, out_dir: str | Path) -> None:
-        """search.json and search_layers.md (the plan itself is written once, by the compile
-        that ships it)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "search.json").write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        (out / "search_layers.md").write_text(self.layer_table() + "\n")
 
 
 def build_space(gm: fx.GraphModule, traces: HessianTraces, example_inputs: Sequence[torch.Tensor],
@@ -199,95 +149,102 @@ def search_mixed(
     step = run_size(gm, 1)  # whole chunks for a static-batch graph
     h_batches, h_labels = _first_samples(batches, labels, hq.batches,
                                          max(step, h_samples // step * step))
-    traces = hutchinson_traces(gm, h_batches, h_labels, options=hq.trace_options(),
-                               seed=opts.seed, progress=progress)
-    m_hash = model_hash(gm)
-    d_hash = tensor_hash([t for b in batches for t in b],
-                         f"{data_key}|{KernelRules.of(placement).key()}|space={SPACE_VERSION}"
-                         + (f"|{learned.key()}" if learned else "")
-                         + (f"|fixed={sorted(fixed.items())}" if fixed else ""))
-    globs = global_configs(opts.calibrators, opts.schemes, opts.granularities)
-    layers = [n for n in layer_weights(gm) if n in traces.weight]
-
-    def quantize_with(assign: dict[str, str], glob: Any = globs[0]) -> fx.GraphModule:
-        plan = QuantPlan(default=layer_plan("W8A8", glob),
-                         layers={n: layer_plan(assign.get(n, "FP32"), glob) for n in layers})
-        return quantize(gm, plan, stats, placement)
-
-    table: LatencyTable | None = None
-    if target is not None and lat_opts.mode == "measured":
-        try:
-            table = measure_table(gm, one, layers, options, quantize_with, target,
-                                  model_hash=m_hash, latency=lat_opts, progress=progress)
-        except TargetRuntimeError as exc:
-            if budget.max_latency_ms is not None:
-                raise  # a latency budget has no meaning without measurements
-            log.warning("search: %s; pricing candidates with the BOPs proxy instead", exc)
-            target = None  # nothing left to validate end to end on it either
-    if table is None:
-        table = bops_table(gm, example, layers, options)
-    if budget.max_latency_ms is not None and table.method == "bops_proxy":
-        raise ValueError("a latency budget needs a target to measure per-layer latency on "
-                         "(target=..., LatencyOptions(mode='measured')); the BOPs proxy has "
-                         "no unit of time")
-    # the proxy table is only reported (per-layer table); measured ones price candidates
-    space = build_space(gm, traces, example, options, globs,
-                        None if table.method == "bops_proxy" else table)
-    if learned is not None:
-        learned.reprice(space)
-    if fixed or options != free:
-        space.fix(fixed, free)
-
-    database = db if isinstance(db, EvalDB) else EvalDB(db)
-    reused = 0
-
-    ref_rec = database.get(m_hash, d_hash, FP32_KEY)
-    if ref_rec is None:
-        ref_q = float(eval_fn(gm))
-        database.put(Record(m_hash, d_hash, FP32_KEY, (), ref_q, ref_q, None, None, 0.0))
-    else:
-        ref_q = ref_rec.quality
-
-    def evaluate_round(cs: list[Candidate]) -> list[qt.Trial]:
-        """The database answers what it holds; the workers evaluate the rest, and their rows
-        are written here, by the driver only, once per candidate, in pick order, each as
-        soon as it is known."""
-        nonlocal reused
-        recs = [database.get(m_hash, d_hash, c.key()) for c in cs]
-        todo = [c for c, r in zip(cs, recs) if r is None]
-        got = pool.run([space.plan(c) for c in todo])
-        out = []
-        for c, rec in zip(cs, recs):
-            size, lat = space.size_bytes(c), space.latency_ms(c)
-            reused += rec is not None
-            q, secs = (rec.quality, 0.0) if rec is not None else next(got)
-            if rec is None:
-                database.put(Record(m_hash, d_hash, c.key(), tuple(space.features(c)), q, ref_q,
-                                    size, lat, secs))
-            out.append(qt.Trial(c, q, ref_q, size, lat, reused=rec is not None))
-        return out
-
-    def evaluate(c: Candidate) -> qt.Trial:
-        return evaluate_round([c])[0]
-
-    rng = np.random.default_rng(opts.seed)
-    start = qt.seeds(space, budget)
-    cands = qt.candidate_pool(space, budget, start, opts.pool_size, rng)
-    cm: CostModel
-    if opts.strategy == "xgb":
-        xgb_model = XGBCostModel(seed=opts.seed, bootstrap=True)
-        n_feat = len(space.features(start[0]))
-        if opts.warm_start:
-            wx, wy = database.warm_start_rows(m_hash, n_feat)
-            xgb_model.warm_start(wx, wy)
-        # this model's own earlier rows (an interrupted run) are NOT pre-loaded: with the same
-        # seed the rerun replays the same picks, answered from the database, and carries on
-        cm = xgb_model
-    else:
-        cm = RandomCostModel(opts.seed)
+    # the workers get the Hessian batches too: the draws are tasks like the evaluations
+    tro = hq.trace_options()
     pool = workers if isinstance(workers, Workers) else make_workers(
-        EvalContext(gm, stats, placement, learned, eval_fn), workers, ray_address)
+        EvalContext(gm, stats, placement, learned, eval_fn, hessian=(
+            h_batches, h_labels, tro.activations,
+            uses_per_block(len(layer_weights(gm)), tro), opts.seed)), workers, ray_address)
+    database: EvalDB | None = None
     try:
+        traces = hutchinson_traces(gm, h_batches, h_labels, options=tro, seed=opts.seed,
+                                   progress=progress, parallel=pool.parallel,
+                                   draws=None if pool.ctx.hessian is None
+                                   else lambda idx: pool.run(hessian_draw, idx))
+        m_hash = model_hash(gm)
+        d_hash = tensor_hash([t for b in batches for t in b],
+                             f"{data_key}|{KernelRules.of(placement).key()}|space={SPACE_VERSION}"
+                             + (f"|{learned.key()}" if learned else "")
+                             + (f"|fixed={sorted(fixed.items())}" if fixed else ""))
+        globs = global_configs(opts.calibrators, opts.schemes, opts.granularities)
+        layers = [n for n in layer_weights(gm) if n in traces.weight]
+
+        def quantize_with(assign: dict[str, str], glob: Any = globs[0]) -> fx.GraphModule:
+            plan = QuantPlan(default=layer_plan("W8A8", glob),
+                             layers={n: layer_plan(assign.get(n, "FP32"), glob) for n in layers})
+            return quantize(gm, plan, stats, placement)
+
+        table: LatencyTable | None = None
+        if target is not None and lat_opts.mode == "measured":
+            try:
+                table = measure_table(gm, one, layers, options, quantize_with, target,
+                                      model_hash=m_hash, latency=lat_opts, progress=progress)
+            except TargetRuntimeError as exc:
+                if budget.max_latency_ms is not None:
+                    raise  # a latency budget has no meaning without measurements
+                log.warning("search: %s; pricing candidates with the BOPs proxy instead", exc)
+                target = None  # nothing left to validate end to end on it either
+        if table is None:
+            table = bops_table(gm, example, layers, options)
+        if budget.max_latency_ms is not None and table.method == "bops_proxy":
+            raise ValueError("a latency budget needs a target to measure per-layer latency on "
+                             "(target=..., LatencyOptions(mode='measured')); the BOPs proxy has "
+                             "no unit of time")
+        # the proxy table is only reported (per-layer table); measured ones price candidates
+        space = build_space(gm, traces, example, options, globs,
+                            None if table.method == "bops_proxy" else table)
+        if learned is not None:
+            learned.reprice(space)
+        if fixed or options != free:
+            space.fix(fixed, free)
+
+        database = db if isinstance(db, EvalDB) else EvalDB(db)
+        reused = 0
+
+        ref_rec = database.get(m_hash, d_hash, FP32_KEY)
+        if ref_rec is None:
+            ref_q = float(eval_fn(gm))
+            database.put(Record(m_hash, d_hash, FP32_KEY, (), ref_q, ref_q, None, None, 0.0))
+        else:
+            ref_q = ref_rec.quality
+
+        def evaluate_round(cs: list[Candidate]) -> list[qt.Trial]:
+            """The database answers what it holds; the workers evaluate the rest, and their rows
+            are written here, by the driver only, once per candidate, in pick order, each as
+            soon as it is known."""
+            nonlocal reused
+            recs = [database.get(m_hash, d_hash, c.key()) for c in cs]
+            todo = [c for c, r in zip(cs, recs) if r is None]
+            got = pool.run(evaluate_plan, [space.plan(c) for c in todo])
+            out = []
+            for c, rec in zip(cs, recs):
+                size, lat = space.size_bytes(c), space.latency_ms(c)
+                reused += rec is not None
+                q, secs = (rec.quality, 0.0) if rec is not None else next(got)
+                if rec is None:
+                    database.put(Record(m_hash, d_hash, c.key(), tuple(space.features(c)), q, ref_q,
+                                        size, lat, secs))
+                out.append(qt.Trial(c, q, ref_q, size, lat, reused=rec is not None))
+            return out
+
+        def evaluate(c: Candidate) -> qt.Trial:
+            return evaluate_round([c])[0]
+
+        rng = np.random.default_rng(opts.seed)
+        start = qt.seeds(space, budget)
+        cands = qt.candidate_pool(space, budget, start, opts.pool_size, rng)
+        cm: CostModel
+        if opts.strategy == "xgb":
+            xgb_model = XGBCostModel(seed=opts.seed, bootstrap=True)
+            n_feat = len(space.features(start[0]))
+            if opts.warm_start:
+                wx, wy = database.warm_start_rows(m_hash, n_feat)
+                xgb_model.warm_start(wx, wy)
+            # this model's own earlier rows (an interrupted run) are NOT pre-loaded: with the same
+            # seed the rerun replays the same picks, answered from the database, and carries on
+            cm = xgb_model
+        else:
+            cm = RandomCostModel(opts.seed)
         # uniform W8A8 with the caller's calibrator (what --bits 8 ships) is evaluated first:
         # the search can then only return something at least as good on its own data
         base = [qt.uniform(space, "W8A8", g) for g in globs
@@ -317,7 +274,7 @@ def search_mixed(
     finally:
         if not isinstance(workers, Workers):
             pool.close()
-        if not isinstance(db, EvalDB):
+        if database is not None and not isinstance(db, EvalDB):
             database.close()
     return SearchResult(
         plan=space.plan(best.candidate), best=best, satisfied=bool(ok),

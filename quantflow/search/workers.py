@@ -1,20 +1,24 @@
-"""Where the search's candidate evaluations run: in-process, local worker processes, or Ray.
+"""Where the search's independent work runs: in-process, local worker processes, or Ray.
 
-One interface, `Workers.run(plans) -> iterator of (quality, seconds)` in the order given: the search
-loop (quantune.run_search) picks a round of candidates, the driver answers what the
-evaluation database already holds, and the rest run here. Only the driver writes the
-database, so resume-after-kill and "every candidate once" do not depend on the workers.
+One interface, `Workers.run(fn, items) -> iterator of fn(context, item)` in the order given,
+for two kinds of tasks: candidate evaluations (`evaluate_plan`: the search loop,
+quantune.run_search, picks a round of candidates, the driver answers what the evaluation
+database already holds, and the rest run here) and Hutchinson draws of the Hessian traces
+(`hessian_draw`, search/hawq.py). Only the driver writes the database, so resume-after-kill
+and "every candidate once" do not depend on the workers; results come back in the order
+asked, so the search learns from them in the same order for any worker count.
 
-The evaluation context (fx graph, calibration stats, kernel placement, learned rounding, the
-picklable quality function) crosses the process boundary ONCE: a process initializer for
-local workers, the Ray object store for Ray; each task carries only its QuantPlan (a few KB).
-Rebuilding the graph in every task from (plan, stats) is what the worker does anyway
-(`quantize`), so shipping the float graph once is the cheaper of the two designs.
+The context (fx graph, calibration stats, kernel placement, learned rounding, the picklable
+quality function, the Hessian batches) crosses the process boundary ONCE: a process
+initializer for local workers, the Ray object store for Ray; each task carries only its item
+(a QuantPlan of a few KB, a draw index). Rebuilding the graph in every task from (plan, stats)
+is what the worker does anyway (`quantize`), so shipping the float graph once is the cheaper
+of the two designs.
 
 Lost work is retried, never lost or counted twice: Ray re-runs a task whose worker or node
 died (`max_retries`); a local pool whose process died (BrokenProcessPool) is rebuilt and the
-unanswered plans resubmitted. A retried evaluation is deterministic (same plan, same data),
-and the driver writes each candidate's row once, keyed by the candidate.
+unanswered items resubmitted. A retried task is deterministic (same plan or draw index, same
+data), and the driver writes each candidate's row once, keyed by the candidate.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 from quantflow.ray_cluster import RETRIES, ClusterError, connect, ray_module
@@ -40,16 +44,19 @@ WorkersError = ClusterError
 
 @dataclass
 class EvalContext:
-    """What every evaluation needs besides its plan (sent to each worker once)."""
+    """What every task needs besides its item (sent to each worker once)."""
 
     gm: Any  # torch.fx.GraphModule (float, after equalization)
     stats: dict[str, Any]
     placement: Any
     learned: Any
     eval_fn: Callable[[Any], float]  # must be picklable for workers > 1 (a module-level class)
+    #: Hutchinson draws: (batches, labels, activations, per_block, seed)
+    hessian: tuple[Any, ...] | None = None
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False)  # per process, not sent
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "gm": pack_graph(self.gm)}
+        return {**self.__dict__, "gm": pack_graph(self.gm), "_cache": {}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, gm=unpack_graph(state["gm"]))
@@ -133,18 +140,33 @@ def evaluate_plan(ctx: EvalContext, plan: Any) -> tuple[float, float]:
     return float(ctx.eval_fn(q)), time.perf_counter() - t0
 
 
+def hessian_draw(ctx: EvalContext, i: int) -> dict[tuple[str, str], float]:
+    """Hutchinson draw number `i` (its own seed, search/hawq.py `one_draw`); the loss graph is
+    built once per process."""
+    from quantflow.search.hawq import GraphLoss, one_draw
+
+    assert ctx.hessian is not None, "the workers were made without Hessian batches"
+    batches, labels, activations, per_block, seed = ctx.hessian
+    if "loss" not in ctx._cache:
+        ctx._cache["loss"] = GraphLoss(ctx.gm, batches, labels)
+    return one_draw(ctx._cache["loss"], i, seed=seed, activations=activations,
+                    per_block=per_block)
+
+
 class Workers:
-    """In-process evaluation (`--workers 1`, the default)."""
+    """In-process (`--workers 1`, the default)."""
 
     kind = "in-process"
+    parallel = 1  # tasks worth having in flight at once
 
     def __init__(self, ctx: EvalContext) -> None:
         self.ctx = ctx
 
-    def run(self, plans: Sequence[Any]) -> Iterator[tuple[float, float]]:
-        """(quality, seconds) per plan, in the order given, each as soon as it is known (the
-        driver writes its row before the next: an interrupt loses nothing finished)."""
-        return (evaluate_plan(self.ctx, p) for p in plans)
+    def run(self, fn: Callable[[EvalContext, Any], Any], items: Sequence[Any]) -> Iterator[Any]:
+        """fn(context, item) per item, in the order given, each as soon as it is known (the
+        driver writes an evaluation's row before the next: an interrupt loses nothing
+        finished; a caller that stops early computes no more here)."""
+        return (fn(self.ctx, item) for item in items)
 
     def close(self) -> None:
         pass
@@ -169,10 +191,9 @@ def _init_worker(blob: bytes) -> None:
     _CTX = pickle.loads(blob)
 
 
-def _run_one(plan: Any) -> tuple[float, float, int]:
+def _run_one(fn: Callable[[EvalContext, Any], Any], item: Any) -> tuple[Any, int]:
     assert _CTX is not None, "worker initializer did not run"
-    q, s = evaluate_plan(_CTX, plan)
-    return q, s, os.getpid()
+    return fn(_CTX, item), os.getpid()
 
 
 class ProcessWorkers(Workers):
@@ -182,7 +203,7 @@ class ProcessWorkers(Workers):
 
     def __init__(self, ctx: EvalContext, n: int) -> None:
         super().__init__(ctx)
-        self.n = n
+        self.n = self.parallel = n
         self.blob = pickle.dumps(ctx)
         self.pool = self._new_pool()
         self.pids: set[int] = set()  # the processes that answered (tests kill one of them)
@@ -192,29 +213,29 @@ class ProcessWorkers(Workers):
         return ProcessPoolExecutor(self.n, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(self.blob,))
 
-    def run(self, plans: Sequence[Any]) -> Iterator[tuple[float, float]]:
-        futures = [self.pool.submit(_run_one, p) for p in plans]
-        for i in range(len(plans)):
+    def run(self, fn: Callable[[EvalContext, Any], Any], items: Sequence[Any]) -> Iterator[Any]:
+        futures = [self.pool.submit(_run_one, fn, x) for x in items]
+        for i in range(len(items)):
             for attempt in range(RETRIES + 1):
                 try:
-                    q, s, pid = futures[i].result()
+                    out, pid = futures[i].result()
                     break
-                except BrokenProcessPool:  # a worker died: its pool's unanswered plans rerun
+                except BrokenProcessPool:  # a worker died: its pool's unanswered items rerun
                     if attempt == RETRIES:
                         raise WorkersError(f"search workers died {RETRIES + 1} times in a row; "
                                            "fix: check memory (dmesg) or run with --workers 1"
                                            ) from None
-                    lost = [j for j in range(i, len(plans)) if not futures[j].done()
+                    lost = [j for j in range(i, len(items)) if not futures[j].done()
                             or futures[j].exception() is not None]
-                    log.warning("search: a worker process died; resubmitting %d evaluation(s)",
+                    log.warning("search: a worker process died; resubmitting %d task(s)",
                                 len(lost))
                     self.retried += len(lost)
                     self.pool.shutdown(wait=False, cancel_futures=True)
                     self.pool = self._new_pool()
                     for j in lost:
-                        futures[j] = self.pool.submit(_run_one, plans[j])
+                        futures[j] = self.pool.submit(_run_one, fn, items[j])
             self.pids.add(pid)
-            yield q, s
+            yield out
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -223,12 +244,12 @@ class ProcessWorkers(Workers):
 # --------------------------------------------------------------------------- Ray
 
 
-def _ray_eval(ctx: EvalContext, plan: Any) -> tuple[float, float, str]:
+def _ray_call(ctx: EvalContext, fn: Callable[[EvalContext, Any], Any], item: Any
+              ) -> tuple[Any, str]:
     import torch
 
     torch.set_num_threads(1)
-    q, s = evaluate_plan(ctx, plan)
-    return q, s, ray_module().get_runtime_context().get_node_id()
+    return fn(ctx, item), ray_module().get_runtime_context().get_node_id()
 
 
 class RayWorkers(Workers):
@@ -239,22 +260,23 @@ class RayWorkers(Workers):
     def __init__(self, ctx: EvalContext, address: str) -> None:
         super().__init__(ctx)
         self.ray = connect(address)
+        self.parallel = max(1, int(self.ray.cluster_resources().get("CPU", 1)))
         self.ref = self.ray.put(ctx)
         self.remote = self.ray.remote(num_cpus=1, max_retries=RETRIES,
-                                      retry_exceptions=False)(_ray_eval)
+                                      retry_exceptions=False)(_ray_call)
         self.nodes: set[str] = set()
 
-    def run(self, plans: Sequence[Any]) -> Iterator[tuple[float, float]]:
-        refs = [self.remote.remote(self.ref, p) for p in plans]
+    def run(self, fn: Callable[[EvalContext, Any], Any], items: Sequence[Any]) -> Iterator[Any]:
+        refs = [self.remote.remote(self.ref, fn, x) for x in items]
         for ref in refs:
             try:
-                q, s, node = self.ray.get(ref)
+                out, node = self.ray.get(ref)
             except self.ray.exceptions.RayError as exc:
                 raise WorkersError(f"a search task failed on the Ray cluster after {RETRIES} "
                                    f"retries: {str(exc).splitlines()[0]}; fix: check the "
                                    "cluster (`ray status`) or run with --workers N") from None
             self.nodes.add(node)
-            yield q, s
+            yield out
 
     def close(self) -> None:
         self.ray.shutdown()
