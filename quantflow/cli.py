@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rpc-tracker", metavar="HOST:PORT", help="TVM artifacts: time on the board "
                    "behind this TVM RPC tracker (with --rpc-key; docs/tvm_rpc.md)")
     p.add_argument("--rpc-key", metavar="KEY", help="the key of the board's TVM RPC server")
+    p.add_argument("--measure-on", metavar="NAME", help="ONNX Runtime artifacts: time on the "
+                   "Ray node started with the resource device:NAME (docs/cluster.md)")
+    p.add_argument("--ray", metavar="ADDRESS", help="the Ray cluster of --measure-on "
+                   "(default: $RAY_ADDRESS)")
     _add_common_args(p)
 
     _add_gate(sub)

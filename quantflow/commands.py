@@ -286,15 +286,20 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rpc_options(args: argparse.Namespace, kind: str) -> dict[str, str]:
-    """`quantflow profile --rpc-tracker/--rpc-key`, checked as `compile` checks them."""
-    if args.rpc_tracker is None and args.rpc_key is None:
+def _rpc_options(args: argparse.Namespace, kind: str) -> dict[str, object]:
+    """`quantflow profile --rpc-tracker/--rpc-key` (TVM RPC) or `--measure-on/--ray` (a Ray
+    device node), checked as `compile` checks them: the target's options for them."""
+    remote = {"rpc_tracker": args.rpc_tracker, "rpc_key": args.rpc_key,
+              "measure_on": args.measure_on, "ray_address": args.ray}
+    if all(v is None for v in remote.values()):
         return {}
     try:
-        CompileConfig(target=kind, rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key)
+        config = CompileConfig(target=kind, **remote)  # type: ignore[arg-type]
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return {"rpc_tracker": args.rpc_tracker, "rpc_key": args.rpc_key}
+    opts = config.target_options()
+    return {k: opts[k] for k in ("rpc_tracker", "rpc_key", "measure_on", "ray_address")
+            if k in opts}
 
 
 def _runtime_of(path: Path) -> tuple[str, Path]:

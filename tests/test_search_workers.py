@@ -159,6 +159,14 @@ def test_measure_on_runs_every_profile_on_the_device_node(
         assert lat["device"].endswith(f"[device:loop, Ray node {node[:12]}]"), lat["device"]
         assert 0 < lat["median_ms"] <= lat["p90_ms"]
     assert r["latency"]["quantized"]["per_layer_ms"]  # ORT's profiler ran there as well
+    capsys.readouterr()
+
+    # `quantflow profile` of the artifact on the same board
+    from quantflow.cli import main
+
+    assert main(["profile", str(tmp_path / "out" / "model.onnx"), "--runs", "5",
+                 "--measure-on", "loop", "--ray", ray_cluster]) == 0
+    assert f"[device:loop, Ray node {node[:12]}]" in capsys.readouterr().out
 
     # a device nobody serves: one line naming the devices the cluster has, usage exit code
     code = _compile(model_files, tmp_path / "bad", "--measure-on", "rpi5", "--ray", ray_cluster)
