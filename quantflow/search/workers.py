@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import pickle
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -188,6 +189,9 @@ def _init_worker(blob: bytes) -> None:
     import torch
 
     torch.set_num_threads(1)  # N workers on N cores: one thread each, no oversubscription
+    # as the CLI does for the driver: torch 2.13's pytree specs warn about themselves on every
+    # copy of a graph (each quantize), which is not the user's business
+    warnings.filterwarnings("ignore", category=FutureWarning)
     _CTX = pickle.loads(blob)
 
 
