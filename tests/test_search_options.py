@@ -28,9 +28,13 @@ def test_defaults_are_the_search_defaults() -> None:
     assert LoopOptions() == LoopOptions("xgb", 24, 0.1, True, 0, 4)
     assert s.loop() == LoopOptions(max_evals=20)
     h = HawqOptions()
-    assert (h.batches, h.max_samples, h.max_elements, h.max_seconds, h.tol, h.max_iter) == \
-        (2, 32, 1_300_000, 120.0, 0.1, 30)
-    assert h.trace_options() == TraceOptions(rel_tol=0.1, max_iter=30, max_seconds=120.0)
+    assert (h.batches, h.max_samples, h.max_elements, h.max_gmacs, h.max_seconds, h.tol,
+            h.max_iter) == (2, 32, 1_300_000, 48.0, None, 0.1, 30)
+    assert h.trace_options() == TraceOptions(rel_tol=0.1, max_iter=30, max_seconds=None)
+    # the work cap: draws of 2.4 GMACs (MobileNetV2, 8 images) -> 20; never below min_iter
+    assert h.trace_options(2.4).max_iter == 20
+    assert h.trace_options(0.1).max_iter == 30 and h.trace_options(100.0).max_iter == 5
+    assert HawqOptions(max_gmacs=None).trace_options(100.0).max_iter == 30
     assert TraceOptions() == TraceOptions(0.05, 100, 5, 0.01, True, None, None)
     assert LatencyOptions() == LatencyOptions("measured", None, 30, 5, None)
 

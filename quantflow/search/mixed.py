@@ -57,7 +57,7 @@ from quantflow.search.hawq import (
     sensitivity_table,
     uses_per_block,
 )
-from quantflow.search.latency import LatencyTable, bops_table, measure_table
+from quantflow.search.latency import LatencyTable, bops_table, layer_macs, measure_table
 from quantflow.search.learned import LearnedW4
 from quantflow.search.options import HawqOptions, LatencyOptions, SearchOptions
 from quantflow.search.result import SearchResult
@@ -150,7 +150,9 @@ def search_mixed(
     h_batches, h_labels = _first_samples(batches, labels, hq.batches,
                                          max(step, h_samples // step * step))
     # the workers get the Hessian batches too: the draws are tasks like the evaluations
-    tro = hq.trace_options()
+    # the traces' work cap in forward MACs over the Hessian samples (HawqOptions.max_gmacs)
+    one_macs = sum(layer_macs(gm, [t[:step] for t in h_batches[0]]).values()) / step
+    tro = hq.trace_options(one_macs * sum(len(b[0]) for b in h_batches) / 1e9)
     pool = workers if isinstance(workers, Workers) else make_workers(
         EvalContext(gm, stats, placement, learned, eval_fn, hessian=(
             h_batches, h_labels, tro.activations,
