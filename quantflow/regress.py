@@ -18,12 +18,14 @@ Rules (candidate c, baseline b; thresholds from config.GateThresholds):
             bound keeps scattered timings (few runs, a busy machine) from failing; the growth
             bound absorbs what the noise cannot see, a machine uniformly slower than when the
             baseline ran, so it must exceed that drift (history's medians widen the noise
-            bound by it). Compared only on the same CPU class (host.isa_class).
+            bound by it). Compared only on the same CPU class (host.isa_class) or the same board
+            (`measured_where`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -60,6 +62,19 @@ class Metrics:
         return asdict(self)
 
 
+def measured_where(report: dict[str, Any]) -> str:
+    """What latencies are comparable on: the build host's CPU class, or the board they were
+    timed on ("device:NAME" for a Ray device node, `--measure-on`; "rpc:KEY" for a TVM RPC
+    board), as the recorded latency's device names it."""
+    device = str((report.get("latency", {}).get("quantized") or {}).get("device", ""))
+    found = re.search(r"\[device:([^,\]]+)", device)
+    if found:
+        return f"device:{found.group(1)}"
+    if device.startswith("rpc:"):
+        return device.split()[0]
+    return str(report["host"]["isa_class"])
+
+
 def metrics_of(report: dict[str, Any], where: str) -> Metrics:
     """The gate's metrics from a report.json dict; `where` names the file for errors."""
     try:
@@ -73,7 +88,7 @@ def metrics_of(report: dict[str, Any], where: str) -> Metrics:
         lat = report["latency"].get("quantized") or {}
         return Metrics(model=report["model"]["name"], target=report["target"],
                        device=report["device"].get("resolved", "host"),
-                       isa_class=report["host"]["isa_class"], measure=measure,
+                       isa_class=measured_where(report), measure=measure,
                        quality=None if quality is None else float(quality),
                        quantized_bytes=int(report["size"]["quantized_bytes"]),
                        latency_ms=lat.get("median_ms"), iqr_ms=lat.get("iqr_ms"),

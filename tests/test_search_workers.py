@@ -159,6 +159,10 @@ def test_measure_on_runs_every_profile_on_the_device_node(
         assert lat["device"].endswith(f"[device:loop, Ray node {node[:12]}]"), lat["device"]
         assert 0 < lat["median_ms"] <= lat["p90_ms"]
     assert r["latency"]["quantized"]["per_layer_ms"]  # ORT's profiler ran there as well
+    # the gate compares these latencies with the same board's, not with this host's
+    from quantflow.regress import metrics_of
+
+    assert metrics_of(r, "report.json").isa_class == "device:loop"
     capsys.readouterr()
 
     # `quantflow profile` of the artifact on the same board
