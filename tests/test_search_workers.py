@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,6 +100,20 @@ def test_ray_without_cluster_is_one_line_error() -> None:
     pytest.importorskip("ray")
     with pytest.raises(WorkersError, match="cannot reach the Ray cluster.*fix"):
         connect("127.0.0.1:1")
+
+
+def test_without_ray_installed_the_cli_names_the_extra(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        tmp_path: Path) -> None:
+    """Ray is optional: asked for without it, one line naming `quantflow[ray]`, exit 2."""
+    from quantflow.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    code = main(["compile", "zoo:resnet_fmnist", "--bits", "mixed", "--ray", "127.0.0.1:1",
+                 "-q", "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "pip install 'quantflow[ray]'" in err
 
 
 @pytest.fixture(scope="module")
