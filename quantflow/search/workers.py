@@ -144,14 +144,24 @@ def evaluate_plan(ctx: EvalContext, plan: Any) -> tuple[float, float]:
 def hessian_draw(ctx: EvalContext, i: int) -> dict[tuple[str, str], float]:
     """Hutchinson draw number `i` (its own seed, search/hawq.py `one_draw`); the loss graph is
     built once per process."""
+    import torch
+
     from quantflow.search.hawq import GraphLoss, one_draw
 
     assert ctx.hessian is not None, "the workers were made without Hessian batches"
     batches, labels, activations, per_block, seed = ctx.hessian
-    if "loss" not in ctx._cache:
-        ctx._cache["loss"] = GraphLoss(ctx.gm, batches, labels)
-    return one_draw(ctx._cache["loss"], i, seed=seed, activations=activations,
-                    per_block=per_block)
+    # one thread in every mode, in-process too: a double backward's float sums depend on the
+    # thread count (measured: 1.7 % on a MobileNetV2 draw's smallest blocks between 1 and 2
+    # threads), and the traces must not depend on where a draw ran (~1.3x slower in-process)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if "loss" not in ctx._cache:
+            ctx._cache["loss"] = GraphLoss(ctx.gm, batches, labels)
+        return one_draw(ctx._cache["loss"], i, seed=seed, activations=activations,
+                        per_block=per_block)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class Workers:
