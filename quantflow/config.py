@@ -183,6 +183,12 @@ class CompileConfig:
             raise ValueError("--rpc-tracker HOST:PORT and --rpc-key KEY go together")
         if self.measure_on is not None:
             _measure_on(self.target, self.measure_on, self.resolved_ray_address)
+        if self.workers > 1 and self.bits != "mixed":
+            raise ValueError("--workers runs the --bits mixed search in parallel; with --bits "
+                             f"{self.bits} there is no search (drop --workers)")
+        if self.ray_address and self.bits != "mixed" and self.measure_on is None:
+            raise ValueError("--ray gives the cluster to the --bits mixed search or to "
+                             "--measure-on; this compile uses neither (drop --ray)")
         if self.rpc_tracker is not None:
             from quantflow.targets.tvm_rpc import RPCDevice
 

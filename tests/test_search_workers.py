@@ -228,3 +228,20 @@ def test_latency_tables_are_cached_per_device(setup: tuple, tmp_path: Path,
     assert tables["here"].device == device_description()
     assert len(list(tmp_path.glob("*.json"))) == 2  # two devices, two cached tables
     assert tables["loop"].method == "per_layer_profile" and tables["loop"].ms.sum() > 0
+
+
+@pytest.mark.parametrize(("flags", "says"), [
+    (["--workers", "2"], "--workers runs the --bits mixed search"),
+    (["--ray", "127.0.0.1:1"], "drop --ray"),
+    (["--measure-on", "rpi5"], "needs the Ray cluster"),
+    (["--target", "tvm", "--measure-on", "rpi5", "--ray", "127.0.0.1:1"], "--rpc-tracker"),
+])
+def test_cluster_flags_without_their_use_are_usage_errors(
+        flags: list[str], says: str, capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from quantflow.cli import main
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert main(["compile", "zoo:resnet_fmnist", "-q", "-o", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert says in err and len(err.splitlines()) == 1, err
