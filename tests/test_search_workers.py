@@ -245,3 +245,20 @@ def test_cluster_flags_without_their_use_are_usage_errors(
     assert main(["compile", "zoo:resnet_fmnist", "-q", "-o", str(tmp_path), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert says in err and len(err.splitlines()) == 1, err
+
+
+def _fails(ctx: object, item: int) -> None:
+    raise ValueError(f"bad item {item}")
+
+
+def test_a_task_that_raises_on_the_cluster_is_one_line(setup: tuple, ray_cluster: str) -> None:
+    """Not a lost worker (Ray does not retry the task's own exception): one line naming it."""
+    from quantflow.search.workers import EvalContext, RayWorkers
+
+    pool = RayWorkers(EvalContext(setup[0], {}, None, None, None), ray_cluster)
+    try:
+        with pytest.raises(WorkersError, match=r"^a search task failed.*bad item 1.*fix") as e:
+            list(pool.run(_fails, [1]))
+        assert "\n" not in str(e.value)
+    finally:
+        pool.close()

@@ -286,9 +286,14 @@ class RayWorkers(Workers):
             try:
                 out, node = self.ray.get(ref)
             except self.ray.exceptions.RayError as exc:
-                raise WorkersError(f"a search task failed on the Ray cluster after {RETRIES} "
-                                   f"retries: {str(exc).splitlines()[0]}; fix: check the "
-                                   "cluster (`ray status`) or run with --workers N") from None
+                # a lost worker or node was already retried (max_retries); an exception the
+                # task raised itself is not (it would raise again): either way, one line
+                lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+                raise WorkersError(f"a search task failed on the Ray cluster "
+                                   f"({type(exc).__name__}: {lines[-1] if lines else ''}); "
+                                   "fix: check the cluster (`ray status`) and that every node "
+                                   "has the driver's package versions, or run with --workers "
+                                   "N") from None
             self.nodes.add(node)
             yield out
 
