@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,3 +78,24 @@ def template_task(seed: int = 0) -> tuple[nn.Module, Callable[[int], tuple[torch
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     return model.eval(), data
+
+
+def template_search_task(n_test: int, seed: int = 0) -> tuple[Any, list, list, torch.Tensor,
+                                                               torch.Tensor, nn.Module]:
+    """What the search tests run on: the template task's deploy graph (captured, BN folded),
+    64 calibration samples in two batches of 32 with their labels, `n_test` held-out samples,
+    and the float model. One thread, so results do not depend on the machine's cores."""
+    from quantflow.calibrate import batched
+    from quantflow.ir import capture
+    from quantflow.passes.cleanup import dead_code
+    from quantflow.passes.fold_bn import fold_bn
+    from quantflow.passes.pipeline import run_pipeline
+
+    torch.set_num_threads(1)
+    model, data = template_task(seed)
+    x_cal, y_cal = data(64)
+    x_test, y_test = data(n_test)
+    gm = capture(model.eval(), (x_cal[:2],))
+    run_pipeline(gm, (fold_bn, dead_code))
+    labels = [y_cal[i:i + 32] for i in range(0, 64, 32)]
+    return gm, batched(x_cal, 32), labels, x_test, y_test, model

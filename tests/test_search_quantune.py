@@ -7,14 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nets import template_task
+from nets import template_search_task
 from torch import fx, nn
 
-from quantflow.calibrate import batched
-from quantflow.ir import capture
-from quantflow.passes.cleanup import dead_code
-from quantflow.passes.fold_bn import fold_bn
-from quantflow.passes.pipeline import run_pipeline
 from quantflow.quantize import quantize
 from quantflow.search import Budget, search_mixed
 from quantflow.search.database import EvalDB
@@ -28,15 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def setup() -> tuple[fx.GraphModule, list, list, torch.Tensor, torch.Tensor, nn.Module]:
-    torch.set_num_threads(1)
-    model, data = template_task(0)
-    x_cal, y_cal = data(64)
-    x_test, y_test = data(400)
-    gm = capture(model.eval(), (x_cal[:2],))
-    run_pipeline(gm, (fold_bn, dead_code))
-    batches = batched(x_cal, 32)
-    labels = [y_cal[i:i + 32] for i in range(0, 64, 32)]
-    return gm, batches, labels, x_test, y_test, model
+    return template_search_task(400)
 
 
 def _acc(g: fx.GraphModule, x: torch.Tensor, y: torch.Tensor) -> float:

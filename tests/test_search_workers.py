@@ -19,15 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from nets import template_task
+from nets import template_search_task, template_task
 from ray_testing import device_node_id, local_cluster
 from torch import fx
 
-from quantflow.calibrate import batched
-from quantflow.ir import capture
-from quantflow.passes.cleanup import dead_code
-from quantflow.passes.fold_bn import fold_bn
-from quantflow.passes.pipeline import run_pipeline
 from quantflow.search import Budget, search_mixed
 from quantflow.search.database import EvalDB
 from quantflow.search.options import HawqOptions, LatencyOptions, SearchOptions
@@ -56,20 +51,14 @@ class Accuracy:
 
 
 @pytest.fixture(scope="module")
-def setup() -> tuple[fx.GraphModule, list, list, torch.Tensor, torch.Tensor]:
-    torch.set_num_threads(1)
-    model, data = template_task(0)
-    x_cal, y_cal = data(64)
-    x_test, y_test = data(200)
-    gm = capture(model.eval(), (x_cal[:2],))
-    run_pipeline(gm, (fold_bn, dead_code))
-    return gm, batched(x_cal, 32), [y_cal[i:i + 32] for i in range(0, 64, 32)], x_test, y_test
+def setup() -> tuple[fx.GraphModule, list, list, torch.Tensor, torch.Tensor, torch.nn.Module]:
+    return template_search_task(200)
 
 
 def search(setup: tuple, db: Path, **kw: object) -> tuple[dict, list[tuple], dict]:
     """A small search (8 evaluations = 2 rounds): its plan, its database rows without the
     timing column and its Hessian traces (their draws are worker tasks too)."""
-    gm, batches, labels, x, y = setup
+    gm, batches, labels, x, y, _model = setup
     kill = kw.pop("kill_marker", None)
     res = search_mixed(gm, batches, Accuracy(x, y, kill), Budget(max_size_ratio=0.75),  # type: ignore[arg-type]
                        labels=labels, db=db, progress=False,
