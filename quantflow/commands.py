@@ -249,7 +249,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise InputError(f"{path} is a{'' if kind == 'tvm' else 'n'} {kind} artifact, not "
                          f"--target {args.target}; fix: drop --target (it is detected)")
     target = get_target(args.target or kind, **({"threads": args.threads} if args.threads else {}),
-                        **_rpc_options(args, args.target or kind))
+                        **_remote_options(args, args.target or kind))
     with in_stage("load"):
         art = target.load_artifact(file)
     warning = target.artifact_warning(art)
@@ -286,7 +286,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rpc_options(args: argparse.Namespace, kind: str) -> dict[str, object]:
+def _remote_options(args: argparse.Namespace, kind: str) -> dict[str, object]:
     """`quantflow profile --rpc-tracker/--rpc-key` (TVM RPC) or `--measure-on/--ray` (a Ray
     device node), checked as `compile` checks them: the target's options for them."""
     remote = {"rpc_tracker": args.rpc_tracker, "rpc_key": args.rpc_key,

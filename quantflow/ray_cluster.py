@@ -64,9 +64,9 @@ def device_resource(name: str) -> str:
 
 def require_device(ray: Any, name: str) -> None:
     """A one-line error when no node of the cluster serves `--measure-on name`."""
-    have = sorted(k.removeprefix("device:") for k in ray.cluster_resources()
-                  if k.startswith("device:"))
-    if device_resource(name) not in ray.cluster_resources():
+    resources = ray.cluster_resources()
+    if device_resource(name) not in resources:
+        have = sorted(k.removeprefix("device:") for k in resources if k.startswith("device:"))
         raise ClusterError(
             f"--measure-on {name}: no node of the Ray cluster has the resource "
             f"{device_resource(name)!r} (devices there: {', '.join(have) or 'none'}); fix: on "

@@ -50,13 +50,7 @@ from quantflow.quantize import quantize
 from quantflow.search import quantune as qt
 from quantflow.search.costmodel import CostModel, RandomCostModel, XGBCostModel
 from quantflow.search.database import EvalDB, Record, model_hash, tensor_hash
-from quantflow.search.hawq import (
-    HessianTraces,
-    hutchinson_traces,
-    layer_weights,
-    sensitivity_table,
-    uses_per_block,
-)
+from quantflow.search.hawq import HessianTraces, hutchinson_traces, layer_weights, sensitivity_table
 from quantflow.search.latency import LatencyTable, bops_table, layer_macs, measure_table
 from quantflow.search.learned import LearnedW4
 from quantflow.search.options import HawqOptions, LatencyOptions, SearchOptions
@@ -149,14 +143,13 @@ def search_mixed(
     step = run_size(gm, 1)  # whole chunks for a static-batch graph
     h_batches, h_labels = _first_samples(batches, labels, hq.batches,
                                          max(step, h_samples // step * step))
-    # the workers get the Hessian batches too: the draws are tasks like the evaluations
     # the traces' work cap in forward MACs over the Hessian samples (HawqOptions.max_gmacs)
     one_macs = sum(layer_macs(gm, [t[:step] for t in h_batches[0]]).values()) / step
     tro = hq.trace_options(one_macs * sum(len(b[0]) for b in h_batches) / 1e9)
+    # the workers get the Hessian batches too: the draws are tasks like the evaluations
     pool = workers if isinstance(workers, Workers) else make_workers(
-        EvalContext(gm, stats, placement, learned, eval_fn, hessian=(
-            h_batches, h_labels, tro.activations,
-            uses_per_block(len(layer_weights(gm)), tro), opts.seed)), workers, ray_address)
+        EvalContext(gm, stats, placement, learned, eval_fn,
+                    hessian=(h_batches, h_labels, tro, opts.seed)), workers, ray_address)
     database: EvalDB | None = None
     try:
         traces = hutchinson_traces(gm, h_batches, h_labels, options=tro, seed=opts.seed,

@@ -52,7 +52,7 @@ class EvalContext:
     placement: Any
     learned: Any
     eval_fn: Callable[[Any], float]  # must be picklable for workers > 1 (a module-level class)
-    #: Hutchinson draws: (batches, labels, activations, per_block, seed)
+    #: Hutchinson draws: (batches, labels, TraceOptions, seed), as `hutchinson_traces` takes
     hessian: tuple[Any, ...] | None = None
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)  # per process, not sent
 
@@ -146,10 +146,10 @@ def hessian_draw(ctx: EvalContext, i: int) -> dict[tuple[str, str], float]:
     built once per process."""
     import torch
 
-    from quantflow.search.hawq import GraphLoss, one_draw
+    from quantflow.search.hawq import GraphLoss, one_draw, uses_per_block
 
     assert ctx.hessian is not None, "the workers were made without Hessian batches"
-    batches, labels, activations, per_block, seed = ctx.hessian
+    batches, labels, options, seed = ctx.hessian
     # one thread in every mode, in-process too: a double backward's float sums depend on the
     # thread count (measured: 1.7 % on a MobileNetV2 draw's smallest blocks between 1 and 2
     # threads), and the traces must not depend on where a draw ran (~1.3x slower in-process)
@@ -158,8 +158,9 @@ def hessian_draw(ctx: EvalContext, i: int) -> dict[tuple[str, str], float]:
     try:
         if "loss" not in ctx._cache:
             ctx._cache["loss"] = GraphLoss(ctx.gm, batches, labels)
-        return one_draw(ctx._cache["loss"], i, seed=seed, activations=activations,
-                        per_block=per_block)
+        loss = ctx._cache["loss"]
+        return one_draw(loss, i, seed=seed, activations=options.activations,
+                        per_block=uses_per_block(len(loss.layer_weight), options))
     finally:
         torch.set_num_threads(threads)
 
