@@ -112,8 +112,15 @@ class CompileConfig:
     threads: int | None = option(None, "--threads", "runtime threads for profiling "
                                  "(default: all)", kind="int")
     tune_trials: int = option(0, "--tune-trials", "--target tvm: MetaSchedule tuning trials "
-                              "per task (0: untuned; the tuning database is cached per model "
-                              "and target, so a re-compile is fast)", metavar="N", kind="int")
+                              "per workload (0: no tuning: the records already tuned for this "
+                              "target and those shipped for its ISA are used; records are kept "
+                              "per target and workload, shared by every model and "
+                              "re-calibration)", metavar="N", kind="int")
+    tune_seconds: float = option(
+        0.0, "--tune-time", "--target tvm: tune for up to this long, e.g. 10m or 600s (with "
+        "--tune-trials: whichever ends first; alone: up to 512 trials per workload); starts "
+        "from the shipped records (transfer tuning); 0: no time budget", metavar="TIME",
+        kind="duration")
     rpc_tracker: str | None = option(
         None, "--rpc-tracker", "--target tvm: measure on a board through TVM RPC: the tracker "
         "(python -m tvm.exec.rpc_tracker) the board's RPC server registered with; profiling "
@@ -175,8 +182,8 @@ class CompileConfig:
         if self.device is not None and self.device not in DEVICES[self.target]:
             raise ValueError(f"--device for --target {self.target} must be one of "
                              f"{DEVICES[self.target]}, got {self.device!r}")
-        if self.tune_trials and self.target != "tvm":
-            raise ValueError("--tune-trials applies to --target tvm only")
+        if (self.tune_trials or self.tune_seconds) and self.target != "tvm":
+            raise ValueError("--tune-trials/--tune-time apply to --target tvm only")
         if (self.rpc_tracker or self.rpc_key) and self.target != "tvm":
             raise ValueError("--rpc-tracker/--rpc-key apply to --target tvm only (TVM RPC)")
         if (self.rpc_tracker is None) != (self.rpc_key is None):
@@ -208,6 +215,7 @@ class CompileConfig:
             raise ValueError(f"--max-drop (max_drop) must be a finite number of points in "
                              f"[0, 100], got {self.max_drop}")
         _finite_at_least("--optimize-time", self.optimize_seconds, 0)
+        _finite_at_least("--tune-time", self.tune_seconds, 0)
         for name in ("max_size_mb", "max_size_ratio", "max_latency_ms"):
             _finite_at_least(name, getattr(self, name), 0, strict=True)
         for name, low in (("calib_batch", 1), ("profile_runs", 1), ("profile_warmup", 0),
@@ -251,7 +259,8 @@ class CompileConfig:
         """Keyword options for `targets.get_target`."""
         opts: dict[str, object] = {"threads": self.threads} if self.threads else {}
         if self.target == "tvm":
-            opts.update(tune_trials=self.tune_trials, device=self.resolved_device)
+            opts.update(tune_trials=self.tune_trials, device=self.resolved_device,
+                        tune_seconds=self.tune_seconds or None)
             if self.rpc_tracker is not None:
                 opts.update(rpc_tracker=self.rpc_tracker, rpc_key=self.rpc_key)
         if self.target == "ort":

@@ -129,6 +129,7 @@ def render(d: dict[str, Any]) -> str:
                      f"{', '.join(rt['float_compute_ops'][:8])}")
     for op, why in list((rt.get("float_op_reasons") or {}).items())[:8]:
         lines.append(f"  float op    {op}: {why}")
+    lines += _render_tvm_kernels(rt)
     if "compile_seconds" in d:
         lines.append(f"  compile     {d['compile_seconds']:.1f} s  "
                      + "  ".join(f"{k} {v:.1f}s" for k, v in d.get("stages", {}).items()))
@@ -151,6 +152,21 @@ def render(d: dict[str, Any]) -> str:
     if "artifacts" in d:
         lines.append("  artifacts   " + "  ".join(f"{k}={v}" for k, v in d["artifacts"].items()))
     return "\n".join(lines)
+
+
+def _render_tvm_kernels(rt: dict[str, Any]) -> list[str]:
+    """TVM: the int8 path and target string, and where each kernel's schedule came from."""
+    if "int8_path" not in rt:
+        return []
+    out = [f"  int8 path   {rt['int8_path']}",
+           f"  tvm target  {rt.get('target_string') or rt.get('target', '?')}"]
+    rec = rt.get("records") or {}
+    if rec:
+        found = ", ".join(f"{n} from {src}" for src, n in (rec.get("records") or {}).items())
+        out.append(f"  schedules   {found or 'no tuning records'}; {rec.get('no_record', 0)} "
+                   f"kernels without a record (untuned loops), {rec.get('default', 0)} "
+                   "elementwise (default schedule)")
+    return out
 
 
 def times(ratio: float, better: str, worse: str) -> str:

@@ -8,12 +8,14 @@ Pipeline (`TVMTarget.lower`):
    Why not the QDQ-ONNX route: `relax.frontend.onnx` imports QDQ as fp32 convs between
    quantize/dequantize (simulation only), and the int rewrite would then have to rediscover
    which DQ feeds which conv; the fx graph says it directly.
-   With `vnni` (default: when tuning for an AVX512-VNNI host), uint8 convs with in channels
+   With `vnni` (default on an AVX512-VNNI host: `use_vnni`), uint8 convs with in channels
    % 4 == 0 and out channels % 16 == 0 become an NHWC conv over a weight packed in 16 x 4
    blocks (`tvm_int_math.vnni_conv2d_nhwc`), the only form MetaSchedule's x86 VNNI rule can
    tensorize into vpdpbusd; TVM's NCHW int8 conv tunes to about FP32 speed (docs/benchmarks.md).
-2. `tvm_tune.prepare` (legalize, fold constants, fuse) and, with `tune_trials > 0`,
-   MetaSchedule tuning cached per (model, target) (`tvm_tune.tune`).
+2. `tvm_tune.prepare` (legalize, fold constants, fuse); with `tune_trials`/`tune_seconds`,
+   MetaSchedule tuning into the target's tuning cache (`tvm_tune.tune`); then every kernel
+   gets a schedule from the records of its workload, tuned here or shipped for the ISA
+   (`tvm_records.apply`: keyed by workload, so shared by models and re-calibrations).
 3. `tvm.compile` for the host CPU (`llvm -mcpu=<this CPU>`, num-cores) or, with
    `device="aarch64"`, a cross-compiled bundle (`tvm_edge`), and `export_library`.
 4. `out_dir/manifest.json` (`tvm_artifact`): inputs/outputs (name, shape, dtype), sha256 of
@@ -37,7 +39,6 @@ the manifest's `kernel_layers` knows it, by TVM's fused-kernel name otherwise (`
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -53,53 +54,12 @@ from quantflow.errors import TargetUnavailableError
 from quantflow.targets import ARTIFACT_SUFFIXES
 from quantflow.targets.base import Artifact, Latency, TargetCaps, device_description, time_runs
 from quantflow.targets.tvm_artifact import io_specs, load_artifact, write_manifest
+from quantflow.targets.tvm_cpu import _import_tvm, host_target, set_threads
 from quantflow.targets.tvm_profile import by_layer, per_kernel_ms
 
 PRECISIONS = ("int8", "mixed", "fp32")
 #: this machine or a cross-compiled aarch64 bundle (named once, torch-free, for the CLI)
 DEVICES = devices.DEVICES["tvm"]
-
-
-def _import_tvm() -> Any:
-    # TVM sizes its thread pool, and caps every later resize, at TVM_NUM_THREADS or else half
-    # the logical cores on x86 (it assumes hyper-threading: 1 of 2 cores here); default to all
-    # logical cores, like the ort target, so that profile(threads=N) can use them
-    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
-    try:
-        import tvm
-    except ImportError as exc:
-        raise TargetUnavailableError(
-            f"tvm target: apache-tvm is not importable ({exc})\n"
-            "fix: pip install 'quantflow[tvm]' (apache-tvm==0.27.0.post1, "
-            "apache-tvm-ffi==0.1.14.post0, psutil, cloudpickle)") from exc
-    return tvm
-
-
-def host_target(num_cores: int | None = None) -> Any:
-    """LLVM target for this CPU (mcpu detected by LLVM, e.g. znver4 / icelake-server)."""
-    tvm = _import_tvm()
-    from tvm.target import codegen
-
-    return tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()),
-                              "num-cores": int(num_cores or os.cpu_count() or 1)})
-
-
-def set_threads(threads: int) -> int:
-    """Resize TVM's CPU thread pool (mode 1 = all 'big' cores, i.e. every core on x86);
-    returns the previous size. TVM silently caps the size at the pool's maximum, fixed when
-    the runtime starts (`_import_tvm`); asking for more raises."""
-    import tvm_ffi
-
-    num_threads = tvm_ffi.get_global_func("runtime.NumThreads")
-    before = int(num_threads())
-    tvm_ffi.get_global_func("runtime.config_threadpool")(1, int(threads))
-    if int(num_threads()) != threads:
-        got = int(num_threads())
-        tvm_ffi.get_global_func("runtime.config_threadpool")(1, before)
-        raise TargetUnavailableError(
-            f"tvm target: the TVM thread pool cannot grow to {threads} threads (it stays at "
-            f"{got}); fix: start the process with TVM_NUM_THREADS={threads}")
-    return before
 
 
 @dataclass
@@ -110,9 +70,16 @@ class TVMTarget:
     tune_trials: int = 0
     cache_dir: Path | None = None
     num_cores: int | None = None
+    #: LLVM CPU name for device="host" (None: this CPU); an older x86 CPU, e.g. haswell
+    #: (AVX2), builds and tunes code for that class on this machine (tools/build_tvm_records.py)
+    mcpu: str | None = None
     threads: int | None = None  # TVM thread pool size for run/profile (None: TVM's default)
-    #: integer convs in the VNNI layout (`tvm_int_math.vnni_conv2d_nhwc`); None: when tuning
-    #: for a host CPU with AVX512-VNNI (untuned, the layout only adds transposes)
+    #: tuning time budget (`--tune-time`), alone or with tune_trials (first to end stops)
+    tune_seconds: float | None = None
+    #: use the tuning records shipped for the target's ISA class (tvm_records)
+    shipped_records: bool = True
+    #: integer convs in the VNNI layout (`tvm_int_math.vnni_conv2d_nhwc`); None: on an
+    #: AVX512-VNNI host (`use_vnni`)
     vnni: bool | None = None
     #: a board behind a TVM RPC tracker (`tvm_rpc`): HOST:PORT and the server's key; profile
     #: and tuning measurements then run there
@@ -133,10 +100,12 @@ class TVMTarget:
             raise ValueError(f"tvm target: device={self.device!r}; choose one of {DEVICES}")
         if self.tune_trials < 0:
             raise ValueError("tvm target: tune_trials must be >= 0")
+        if self.tune_seconds is not None and not 0 < self.tune_seconds < float("inf"):
+            raise ValueError("tvm target: tune_seconds must be a positive number of seconds")
         if (self.rpc_tracker is None) != (self.rpc_key is None):
             raise ValueError("tvm target: rpc_tracker and rpc_key go together (--rpc-tracker "
                              "HOST:PORT --rpc-key KEY)")
-        if self.device == "aarch64" and self.tune_trials > 0 and self.rpc is None:
+        if self.device == "aarch64" and self.tuning and self.rpc is None:
             # MetaSchedule measures candidates by running them: that needs the board
             raise ValueError("tvm target: tune_trials > 0 with device='aarch64' measures on the "
                              "board (fix: --rpc-tracker HOST:PORT --rpc-key KEY, or "
@@ -169,22 +138,32 @@ class TVMTarget:
             board_target = self.board().llvm_target(self.num_cores)
             if board_target is not None:
                 return board_target
-        return host_target(self.num_cores)
+        return host_target(self.num_cores, self.mcpu)
+
+    @property
+    def tuning(self) -> bool:
+        return self.tune_trials > 0 or self.tune_seconds is not None
 
     def use_vnni(self, target: Any) -> bool:
+        """On an AVX512-VNNI host, always (`vnni`): one layout whether tuned, untuned or
+        replaying records, so that records tuned in one mode apply in the others."""
         if self.vnni is not None:
             return self.vnni
-        from tvm.target import codegen
+        from quantflow.targets import tvm_records
 
-        return (self.device == "host" and self.tune_trials > 0
-                and bool(codegen.target_has_features("avx512vnni", target)))
+        return self.device == "host" and tvm_records.isa_class(target) == "x86-avx512vnni"
+
+    def record_sources(self, work_dir: Path) -> list[tuple[str, Any]]:
+        from quantflow.targets.tvm_records import sources
+
+        return sources(work_dir, self.target(), use_shipped=self.shipped_records)
 
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
               out_dir: Path, *, precision: str = "int8") -> Artifact:
         if precision not in PRECISIONS:
             raise ValueError(f"tvm target: precision={precision!r}; choose one of {PRECISIONS}")
         tvm = _import_tvm()
-        from quantflow.targets import tvm_tune
+        from quantflow.targets import tvm_kernels, tvm_records, tvm_tune
         from quantflow.targets.tvm_frontend import to_relax
 
         if self.device == "aarch64":
@@ -202,33 +181,36 @@ class TVMTarget:
         target = self.target()
         mod, stats = to_relax(gm, example_inputs, vnni=self.use_vnni(target))
         fused = tvm_tune.fuse(mod, target)
-        kernel_layers = tvm_tune.kernel_layers(fused, stats.weights)
+        kernel_layers = tvm_kernels.kernel_layers(fused, stats.weights)
         mod = tvm_tune.fuse_tir(fused, target)
         inputs_spec, outputs_spec = io_specs(gm, example_inputs)
         meta: dict[str, Any] = {
             "device": self.device, "target": json.dumps(target.export(), default=str),
+            "target_string": str(target),
             "int_layers": stats.int_layers, "float_layers": stats.float_layers,
             "tune_trials": self.tune_trials, "kernel_layers": kernel_layers,
-            "vnni_layers": stats.vnni_layers,
+            "vnni_layers": stats.vnni_layers, "tune_seconds": self.tune_seconds,
+            "isa": tvm_records.isa_class(target),
+            "int8_path": tvm_records.int8_path(target, len(stats.vnni_layers)),
             # the debugger's tapped twin (tvm_taps.py) runs here, not on a board
             "layer_taps": self.device == "host",
         }
         np_inputs = [t.detach().numpy() for t in example_inputs]
         if self.rpc is not None:
             meta["rpc"] = {"tracker": self.rpc_tracker, "key": self.rpc_key}
-        if self.tune_trials > 0:  # on this host, or on the board through RPC
-            untuned = tvm.compile(mod, target)
-            meta["untuned_latency"] = self._quick_latency(untuned, np_inputs, out_dir)
-            t0 = time.perf_counter()
-            info = tvm_tune.tune(mod, target, self.tune_trials, self.cache_dir, rpc=self.rpc)
-            meta["tuning"] = info
-            mod, info["applied_kernels"] = tvm_tune.apply_database(mod, target,
-                                                                   info["work_dir"])
-            meta["tuning"]["apply_s"] = time.perf_counter() - t0 - info["tuning_s"]
+        work_dir = tvm_tune.cache_dir_for(target, self.cache_dir, self.rpc)
+        if self.tuning:  # on this host, or on the board through RPC
+            before, _counts = tvm_records.apply(mod, target, self.record_sources(work_dir))
+            meta["untuned_latency"] = self._quick_latency(tvm.compile(before, target),
+                                                          np_inputs, out_dir)
+            meta["tuning"] = tvm_tune.tune(mod, target, work_dir, rpc=self.rpc,
+                                           trials_per_task=self.tune_trials,
+                                           seconds=self.tune_seconds)
+        mod, meta["records"] = tvm_records.apply(mod, target, self.record_sources(work_dir))
         t0 = time.perf_counter()
         ex = tvm.compile(mod, target)
         meta["compile_s"] = time.perf_counter() - t0
-        if self.tune_trials > 0:
+        if self.tuning:
             meta["tuned_latency"] = self._quick_latency(ex, np_inputs, out_dir)
         files: dict[str, str] = {}
         suffix = "_fp32" if precision == "fp32" else ""
@@ -379,8 +361,9 @@ class TVMTarget:
 
 
 def make_target(*, device: str = "host", tune_trials: int = 0,
+                tune_seconds: float | None = None, shipped_records: bool = True,
                 cache_dir: str | Path | None = None, num_cores: int | None = None,
-                threads: int | None = None, vnni: bool | None = None,
+                mcpu: str | None = None, threads: int | None = None, vnni: bool | None = None,
                 rpc_tracker: str | None = None, rpc_key: str | None = None) -> TVMTarget:
     """`get_target("tvm", tune_trials=..., cache_dir=..., device="host"|"aarch64", threads=...)`.
 
@@ -389,7 +372,8 @@ def make_target(*, device: str = "host", tune_trials: int = 0,
     `TVMTarget.vnni`; rpc_tracker (HOST:PORT) and rpc_key: profile and tune on the board
     behind a TVM RPC tracker (`tvm_rpc`).
     """
-    return TVMTarget(device=device, tune_trials=int(tune_trials),
+    return TVMTarget(device=device, tune_trials=int(tune_trials), tune_seconds=tune_seconds,
+                     shipped_records=shipped_records,
                      cache_dir=Path(cache_dir) if cache_dir is not None else None,
-                     num_cores=num_cores, threads=threads, vnni=vnni,
+                     num_cores=num_cores, mcpu=mcpu, threads=threads, vnni=vnni,
                      rpc_tracker=rpc_tracker, rpc_key=rpc_key)

@@ -1,16 +1,16 @@
-"""MetaSchedule tuning for the TVM target, with a per-(model, target) tuning database cache.
+"""MetaSchedule tuning for the TVM target, into a tuning cache per target string.
 
 Untuned TVM CPU kernels are naive loop nests (~100x slower than onnxruntime on ResNet-18), so a
-real deployment tunes. Tuning is expensive (minutes to hours), so its result, the JSON database
-of best schedules, is stored under `cache_dir/<key>/`, where key = sha256(structural hash of
-the fused Relax module + target JSON). A second lowering of the same model for the same target finds the
-database and only applies it; a marker file `done.json` records the per-task trial count, and
-a request for more trials than were tuned tunes again (MetaSchedule appends to the database).
+real deployment tunes. Tuning is expensive (minutes to hours), so its records are kept in one
+JSON database per target string (`cache_dir_for`: `cache_dir/<ISA class>-<target hash>/`),
+keyed by workload (`tvm_records`: the kernel's reduction block, not the model, not the
+calibration's scale literals): every model and every re-calibration tuned for that target adds
+to it and reads from it. `trials.json` there counts the trials measured per workload; a
+workload already tuned for the requested trials is not tuned again. A new cache starts from
+the database shipped for its ISA class (`tvm_records.seed`, transfer tuning).
 
-Scalar constants (quantization scales, zero points) are inlined into the fused TIR kernels,
-so MetaSchedule's structural workload match, and this cache, are specific to one calibration:
-re-quantizing a model retunes it (measured: a resnet_fmnist database tuned for one set of
-scales applied to 0 kernels of the same net with other scales).
+Budgets: `trials_per_task`, and/or `seconds` (`--tune-time`): MetaSchedule has no time budget,
+so under one tuning runs in short rounds that start only while time is left (`_timed_rounds`).
 
 Builder-timeout fix: each MetaSchedule builder worker runs `import tvm.s_tir.tensor_intrin`,
 whose `__init__` registers the CUDA tensor intrinsics (measured: 101 s on the shared 2-core
@@ -29,8 +29,6 @@ No torch import here: the initializer runs in every popen worker.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import os
 import re
@@ -42,15 +40,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from quantflow.cache import cache_dir
 from quantflow.progress import bar
 
 log = logging.getLogger("quantflow.targets.tvm")
 
 DEFAULT_CACHE = cache_dir("tvm_tuning")
-DONE = "done.json"
 #: MetaSchedule's JSON database of measured candidates, one line each (in the work_dir)
 RECORDS = "database_tuning_record.json"
 
@@ -167,115 +162,60 @@ def fuse_tir(fused: Any, target: Any) -> Any:
         return relax.transform.FuseTIR()(fused)
 
 
-def kernel_layers(fused: Any, weights: list[tuple[np.ndarray, str]]) -> dict[str, str]:
-    """Kernel call -> fx layer name, from the output of `fuse`.
+#: per-task trial cap when only a time budget is given (`--tune-time` without --tune-trials)
+TIME_TRIALS_CAP = 512
 
-    Keys are the VM's kernel names as `targets.tvm_profile.per_kernel_ms` reports them: the kernel
-    name, then `#n` for its n-th call within one run (FuseOps shares one function between
-    identical call sites, e.g. float convs of equal shape). Call sites are main's bindings in
-    order, the order the VM executes them. A call is named after the layer whose weight
-    (`tvm_frontend.LoweringStats.weights`; by content, since the importer binds parameters as
-    new constants and FoldConstant transposes linear weights) it receives as a constant
-    argument; a pad kernel whose output goes to exactly one named call is `<layer> (pad)`.
-    Other kernels (pools, reshapes, standalone quantizes) are left out.
-    """
-    from tvm import relax
-    from tvm.ir.expr import Constant
 
-    by_content: dict[str, list[str]] = {}
-    for w, label in weights:
-        for arr in ((w, w.T) if w.ndim == 2 else (w,)):
-            by_content.setdefault(_digest(arr), []).append(label)
-    seen: dict[str, int] = {}
-    out: dict[str, str] = {}
-    sites: list[tuple[str, Any, list[Any]]] = []  # (key, output var, call arguments)
-    for block in fused["main"].body.blocks:
-        for binding in block.bindings:
-            call = binding.value
-            if not isinstance(call, relax.Call):
-                continue
-            if isinstance(call.op, relax.GlobalVar):
-                gv, args = call.op, list(call.args)
-            elif getattr(call.op, "name", "") == "relax.call_tir":
-                gv, args = call.args[0], list(call.args[1].fields)
-            else:
-                continue
-            name = str(gv.name_hint)
-            n = seen.get(name, 0)
-            seen[name] = n + 1
-            key = f"{name}#{n}" if n else name
-            sites.append((key, binding.var, args))
-            for a in args:
-                labels = by_content.get(_digest(a.value.numpy())) if isinstance(a, Constant) \
-                    else None
-                if labels:  # equal weights in two layers: first come, first named
-                    out[key] = labels.pop(0)
-                    break
-    for key, var, _args in sites:
-        if key in out or not re.search(r"(^|_)pad\d*(_|#|$)", key):
-            continue
-        users = [out[k] for k, _v, args in sites if k in out and any(a.same_as(var) for a in args)]
-        if len(users) == 1:
-            out[key] = f"{users[0]} (pad)"
+def cache_dir_for(target: Any, cache_dir: Path | None, rpc: Any = None) -> Path:
+    """The tuning cache of one target string (and RPC board): shared by every model."""
+    from quantflow.targets.tvm_records import target_key
+
+    suffix = f"-rpc-{_safe(rpc.key)}" if rpc is not None else ""
+    return (cache_dir or DEFAULT_CACHE) / (target_key(target) + suffix)
+
+
+def tuning_tasks(mod: Any, target: Any) -> list[tuple[Any, str]]:
+    """MetaSchedule tasks of `mod` (output of `prepare`) that have a reduction (an anchor),
+    each with its `tvm_records.anchor_key`; elementwise kernels are not tuned (tvm_records)."""
+    import tvm.s_tir.meta_schedule as ms
+
+    from quantflow.targets.tvm_records import EQUALITY, anchor_key
+
+    out = []
+    for task in ms.relax_integration.extract_tasks(mod, target, module_equality=EQUALITY):
+        (func,) = [f for _gv, f in task.dispatched[0].functions_items()]
+        key = anchor_key(func)
+        if key is not None:
+            out.append((task, key))
     return out
 
 
-def _digest(a: np.ndarray) -> str:
-    arr = np.ascontiguousarray(a)
-    return f"{arr.dtype}{arr.shape}" + hashlib.sha1(arr.tobytes()).hexdigest()
-
-
-def cache_key(mod: Any, target: Any) -> str:
-    """sha256 over the fused module's structural hash (weights included) and the target.
-
-    Weights are included although tasks depend only on shapes: a changed model retunes,
-    which is conservative. The structural hash is stable across processes (content-based).
-    """
-    import tvm_ffi
-
-    h = hashlib.sha256()
-    h.update(str(tvm_ffi.structural_hash(mod)).encode())
-    h.update(json.dumps(target.export(), sort_keys=True, default=str).encode())
-    return h.hexdigest()[:24]
-
-
-def cached_trials(work_dir: Path) -> int:
-    """Per-task trials already tuned into `work_dir` (0 if none)."""
-    try:
-        return int(json.loads((work_dir / DONE).read_text())["trials_per_task"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-def tune(mod: Any, target: Any, trials_per_task: int, cache_dir: Path | None, *,
-         rpc: Any = None) -> dict[str, Any]:
-    """Tune `mod` (output of `prepare`) unless the cache has it; return what happened.
-
-    The database ends up in the returned `work_dir`; apply it with `apply_database`. With
-    `rpc` (a `tvm_rpc.RPCDevice`), candidates are measured on that board by MetaSchedule's
-    RPC runner, and the database is cached per RPC key (`<key>-rpc-<rpc key>`).
-    """
+def tune(mod: Any, target: Any, work_dir: Path, *, trials_per_task: int,
+         seconds: float | None = None, rpc: Any = None) -> dict[str, Any]:
+    """Tune the workloads of `mod` (output of `prepare`) that `work_dir` (`cache_dir_for`) has
+    not yet tuned for `trials_per_task` trials (or TIME_TRIALS_CAP with only a time budget);
+    stop after `seconds` if given. Records are appended to the JSON database in `work_dir`
+    (keyed by workload: tvm_records); apply them with `tvm_records.apply`. With `rpc` (a
+    `tvm_rpc.RPCDevice`) candidates are measured on that board."""
     import tvm.s_tir.meta_schedule as ms
 
-    key = cache_key(mod, target) + (f"-rpc-{_safe(rpc.key)}" if rpc is not None else "")
-    work_dir = (cache_dir or DEFAULT_CACHE) / key
-    have = cached_trials(work_dir)
+    from quantflow.targets.tvm_records import EQUALITY, add_trials, read_trials, seed
+
+    per_task = trials_per_task or TIME_TRIALS_CAP
+    tasks = tuning_tasks(mod, target)
+    done = read_trials(work_dir)
+    todo = [(t, k) for t, k in tasks if done.get(k, 0) < per_task]
     info: dict[str, Any] = {"work_dir": str(work_dir), "trials_per_task": trials_per_task,
+                            "tune_time_s": seconds, "tasks": len(tasks),
+                            "reused_tasks": len(tasks) - len(todo), "tuned_tasks": len(todo),
                             "runner": "local" if rpc is None else f"rpc:{rpc.key}"}
-    if have >= trials_per_task:
-        info.update(cache_hit=True, tuning_s=0.0)
-        log.info("tvm: tuning cache hit %s (%d trials/task)", work_dir, have)
+    if not todo:
+        info.update(cache_hit=True, tuning_s=0.0, trials=0)
+        log.info("tvm: every workload already tuned in %s", work_dir)
         return info
     work_dir.mkdir(parents=True, exist_ok=True)
     skip_gpu_intrinsics()  # the tuning process itself imports them too (TuneContext)
-    if not log.isEnabledFor(logging.DEBUG):
-        # MetaSchedule copies its global level to a stdout handler (one task table per trial
-        # batch) and its logging config sets that level to DEBUG after the first tuning, so
-        # set it before every one; the full logs go to work_dir/logs either way
-        logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    tasks = ms.relax_integration.extract_tasks(mod, target)
-    n_tasks = len(tasks)
-    t0 = time.perf_counter()
+    info["seeded_from"] = seed(work_dir, target)  # transfer tuning: start from shipped records
     cores = int(target.attrs.get("num-cores", 1))
     if rpc is not None:
         from quantflow.targets.tvm_rpc import tuning_runner
@@ -287,24 +227,88 @@ def tune(mod: Any, target: Any, trials_per_task: int, cache_dir: Path | None, *,
     # tar the board would have to link, needing a compiler there)
     export = "quantflow.export_aarch64" if "aarch64" in str(target.attrs.get("mtriple", "")) \
         else None
-    with TrialWatch(work_dir, trials_per_task * max(n_tasks, 1)), _named_handlers_only():
-        ms.relax_integration.tune_relax(
-            mod, {}, target, str(work_dir),
-            max_trials_global=trials_per_task * max(n_tasks, 1),
-            max_trials_per_task=trials_per_task,
-            num_trials_per_iter=min(trials_per_task, 64),
-            builder=ms.builder.LocalBuilder(max_workers=min(cores, os.cpu_count() or 1),
-                                            timeout_sec=120.0, f_export=export,
-                                            initializer=skip_gpu_intrinsics),
-            runner=runner,
-            strategy=search_strategy(trials_per_task),
-            seed=0,
-        )
+    counter = trial_counter()
+    builder = ms.builder.LocalBuilder(max_workers=min(cores, os.cpu_count() or 1),
+                                      timeout_sec=120.0, f_export=export,
+                                      initializer=skip_gpu_intrinsics)
+
+    def run(part: list[tuple[Any, str]], trials: int, per_iter: int, seed: int) -> None:
+        if not log.isEnabledFor(logging.DEBUG):
+            # MetaSchedule copies its global level to a stdout handler (one task table per
+            # trial batch) and its logging config sets that level to DEBUG after the first
+            # tuning call, so set it before every one; full logs go to work_dir/logs anyway
+            logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+        counter.keys = [k for _t, k in part]
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            [t for t, _k in part], str(work_dir), strategy=search_strategy(trials), seed=seed)
+        ms.tune.tune_tasks(
+            tasks=contexts, task_weights=weights, work_dir=str(work_dir),
+            max_trials_global=trials * len(part), max_trials_per_task=trials,
+            num_trials_per_iter=per_iter, builder=builder, runner=runner,
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
+                               counter], module_equality=EQUALITY)
+
+    t0 = time.perf_counter()
+    try:
+        with TrialWatch(work_dir, per_task * len(todo), seconds), _named_handlers_only():
+            if seconds is None:
+                run(todo, per_task, min(per_task, 64), 0)
+            else:
+                def wanted(key: str) -> bool:
+                    return done.get(key, 0) + counter.counts.get(key, 0) < per_task
+
+                info["rounds"] = _timed_rounds(run, todo, wanted, seconds, t0)
+    finally:  # what was measured is in the database either way (Ctrl-C too): count it
+        add_trials(work_dir, counter.counts)
     elapsed = time.perf_counter() - t0
-    (work_dir / DONE).write_text(json.dumps(
-        {"trials_per_task": trials_per_task, "tasks": n_tasks, "tuning_s": elapsed}) + "\n")
-    info.update(cache_hit=False, tuning_s=elapsed, tasks=n_tasks)
+    info.update(cache_hit=False, tuning_s=elapsed, trials=sum(counter.counts.values()),
+                stopped_by_time=seconds is not None and elapsed >= seconds)
     return info
+
+
+#: trials per task and round under a time budget: one MetaSchedule batch
+ROUND_TRIALS = 16
+
+
+def _timed_rounds(run: Any, todo: list[tuple[Any, str]], wanted: Any, seconds: float,
+                  t0: float) -> int:
+    """Tune under a time budget: MetaSchedule has none, so tuning runs in short calls of
+    ROUND_TRIALS trials for a few tasks each, cycling through the tasks (every task gets a
+    batch before any gets a second; a later batch starts from the task's best records), and
+    a call starts only while time is left. A call takes as many tasks as the time left allows
+    at the pace measured so far, so the budget is overrun by at most about one task's batch.
+    Tasks whose trials reach the cap (`wanted` false) drop out. Returns the number of calls."""
+    calls, done_batches, i = 0, 0, 0
+    while True:
+        left = seconds - (time.perf_counter() - t0)
+        todo = [(t, k) for t, k in todo if wanted(k)]
+        if left <= 0 or not todo:
+            return calls
+        pace = (time.perf_counter() - t0) / done_batches if done_batches else None
+        n = 2 if pace is None else max(1, min(8, int(left / pace)))
+        part = [todo[(i + j) % len(todo)] for j in range(min(n, len(todo)))]
+        run(part, ROUND_TRIALS, ROUND_TRIALS, calls)
+        calls, done_batches, i = calls + 1, done_batches + len(part), (i + len(part)) % len(todo)
+
+
+def trial_counter() -> Any:
+    """A MeasureCallback counting measured candidates per workload: `keys` maps the task ids
+    of the current MetaSchedule call to `tvm_records.anchor_key`s, `counts` sums over calls."""
+    import tvm.s_tir.meta_schedule as ms
+    from tvm.ir.utils import derived_object
+
+    @derived_object
+    class TrialCounter(ms.measure_callback.PyMeasureCallback):
+        def __init__(self) -> None:
+            self.keys: list[str] = []
+            self.counts: dict[str, int] = {}
+
+        def apply(self, task_scheduler: Any, task_id: int, measure_candidates: Any,
+                  builder_results: Any, runner_results: Any) -> None:
+            key = self.keys[int(task_id)]
+            self.counts[key] = self.counts.get(key, 0) + len(measure_candidates)
+
+    return TrialCounter()
 
 
 @contextlib.contextmanager
@@ -326,21 +330,27 @@ def _named_handlers_only() -> Iterator[None]:
 class TrialWatch:
     """A progress bar of MetaSchedule's measured trials against the total (quantflow.progress):
     tune_relax blocks and has no progress hook that keeps its default callbacks, so a thread
-    counts the records the JSON database appends, one line per measured candidate."""
+    counts the records the JSON database appends, one line per measured candidate. Under a
+    time budget (`seconds`) the bar counts seconds instead, the measure that ends tuning."""
 
-    def __init__(self, work_dir: Path, total: int) -> None:
+    def __init__(self, work_dir: Path, total: int, seconds: float | None = None) -> None:
         self.path = work_dir / RECORDS
-        self.total = total
+        self.seconds = seconds
+        self.total = total if seconds is None else int(seconds)
         # a retune appends to the database: lines already there are not this run's trials
         self.start = _lines(self.path)
+        self.t0 = time.monotonic()
         self.stop = threading.Event()
-        self.bar = bar(total, f"tvm: MetaSchedule tuning ({total} trials)", "trial")
+        self.bar = bar(self.total, f"tvm: MetaSchedule tuning ({total} trials)", "trial") \
+            if seconds is None else \
+            bar(self.total, f"tvm: MetaSchedule tuning (time budget {seconds:.0f} s)", "s")
         self.thread = threading.Thread(target=self._poll, daemon=True)
 
     def _poll(self) -> None:
         while not self.stop.wait(1.0):
-            done = min(self.total, max(0, _lines(self.path) - self.start))
-            self.bar.update(done - self.bar.n)
+            done = _lines(self.path) - self.start if self.seconds is None \
+                else int(time.monotonic() - self.t0)
+            self.bar.update(min(self.total, max(0, done)) - self.bar.n)
 
     def __enter__(self) -> None:
         if not self.bar.disable:
@@ -376,19 +386,3 @@ def search_strategy(trials_per_task: int) -> Any:
     pop = max(32, 16 * trials_per_task)
     return ms.search_strategy.EvolutionarySearch(
         population_size=pop, init_min_unmeasured=min(50, pop // 2), genetic_num_iters=2)
-
-
-def apply_database(mod: Any, target: Any, work_dir: str) -> tuple[Any, int]:
-    """Replace the kernels that have a tuned schedule in `work_dir`; also return how many
-    kernels changed (0 means the database did not match this module: see `cache_key`)."""
-    import tvm_ffi
-    from tvm import relax
-
-    skip_gpu_intrinsics()  # replaying a trace looks tensor intrinsics up by name
-    with target:
-        tuned = relax.transform.MetaScheduleApplyDatabase(work_dir)(mod)
-    changed = sum(
-        1 for gv in mod.get_global_vars()
-        if gv.name_hint in [g.name_hint for g in tuned.get_global_vars()]
-        and tvm_ffi.structural_hash(mod[gv]) != tvm_ffi.structural_hash(tuned[gv.name_hint]))
-    return tuned, changed

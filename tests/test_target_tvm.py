@@ -284,37 +284,73 @@ def _one_flip_bound(qgm: torch.fx.GraphModule, name: str) -> float:
 
 # ----------------------------------------------------------------------------- tuning
 
-@pytest.mark.slow
-def test_tuning_is_cached_per_model_and_target(tmp_path: Path) -> None:
-    """2 trials per task on a one-conv graph (~3 tasks); the second lower must hit the cache."""
-    x = torch.randn(1, 16, 24, 24, generator=torch.Generator().manual_seed(3))
-    gm = capture(OneConv(), (x,))
-    target = get_target("tvm", tune_trials=2, cache_dir=tmp_path / "cache")
-    first = target.lower(gm, (x,), tmp_path / "a", precision="int8")
-    assert first.meta["tuning"]["cache_hit"] is False
-    assert first.meta["tuning"]["tuning_s"] > 0
-    assert first.meta["untuned_latency"]["median_ms"] > 0
-    assert first.meta["tuned_latency"]["median_ms"] > 0
-    second = target.lower(gm, (x,), tmp_path / "b", precision="int8")
-    assert second.meta["tuning"]["cache_hit"] is True
-    assert second.meta["tuning"]["tuning_s"] == 0.0
-    assert second.meta["tuning"]["work_dir"] == first.meta["tuning"]["work_dir"]
-    assert second.meta["tuning"]["applied_kernels"] >= 1
-    assert second.meta["tuning"]["applied_kernels"] == first.meta["tuning"]["applied_kernels"]
-    (a,) = target.run(first, [x.numpy()])
-    (b,) = target.run(second, [x.numpy()])
-    want = gm(x).detach().numpy()
-    assert steps_apart(a, want, QNet.S1).max() <= 1.0 + 1e-4
-    assert np.array_equal(a, b)
-    # a different model must not reuse the database
-    from quantflow.targets import tvm_tune
-    from quantflow.targets.tvm import host_target
-    from quantflow.targets.tvm_frontend import to_relax
+class TwoConvs(nn.Module):
+    """Two quantized convs whose requantize scales are constructor arguments: a stand-in for
+    one model calibrated twice (same weights and shapes, other activation scales)."""
 
-    mod_a = tvm_tune.prepare(to_relax(gm, (x,))[0], host_target())
-    gm2, x2 = quantized_gm()
-    mod_b = tvm_tune.prepare(to_relax(gm2, (x2,))[0], host_target())
-    assert tvm_tune.cache_key(mod_a, host_target()) != tvm_tune.cache_key(mod_b, host_target())
+    def __init__(self, s_mid: float, s_out: float) -> None:
+        super().__init__()
+        self.c1 = QConv(16, 32, QNet.S_IN, seed=5)
+        self.c2 = QConv(32, 16, s_mid, seed=6)
+        self.s_mid, self.s_out = s_mid, s_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = q(torch.relu(self.c1(q(x, QNet.S_IN, QNet.Z_IN))), self.s_mid, 0)
+        return q(self.c2(a), self.s_out, 128)
+
+
+def test_recalibration_reuses_every_tuning_record(tmp_path: Path) -> None:
+    """Records are keyed by workload (the conv), not by the calibration's scale literals in
+    the fused requantize: the second calibration tunes nothing, every conv gets a record
+    (replayed on the new epilogue), and the outputs still match its own simulation (<= 1
+    step). A second model sharing one conv shape tunes only its new workload."""
+    x = torch.randn(1, 16, 12, 12, generator=torch.Generator().manual_seed(3))
+    target = get_target("tvm", tune_trials=1, cache_dir=tmp_path / "cache",
+                        shipped_records=False)
+    first_gm = capture(TwoConvs(0.02, 0.05), (x,))
+    first = target.lower(first_gm, (x,), tmp_path / "a", precision="int8")
+    tuning = first.meta["tuning"]
+    assert tuning["cache_hit"] is False and tuning["tuned_tasks"] == tuning["tasks"] >= 2
+    assert first.meta["records"]["records"] == {"cache": tuning["tasks"]}
+    recal_gm = capture(TwoConvs(0.031, 0.043), (x,))  # other scales: other TIR literals
+    recal = target.lower(recal_gm, (x,), tmp_path / "b", precision="int8")
+    assert recal.meta["tuning"]["cache_hit"] is True
+    assert recal.meta["tuning"]["tuned_tasks"] == 0
+    assert recal.meta["tuning"]["reused_tasks"] == tuning["tasks"]
+    assert recal.meta["tuning"]["work_dir"] == tuning["work_dir"]
+    assert recal.meta["records"]["records"] == {"cache": tuning["tasks"]}
+    assert recal.meta["records"]["no_record"] == 0
+    for art, gm, step in ((first, first_gm, 0.05), (recal, recal_gm, 0.043)):
+        (got,) = target.run(art, [x.numpy()])
+        assert steps_apart(got, gm(x).detach().numpy(), step).max() <= 1.0 + 1e-4
+    # untuned (tune_trials=0), the same cache: the records are used without tuning
+    plain = get_target("tvm", cache_dir=tmp_path / "cache", shipped_records=False)
+    art = plain.lower(recal_gm, (x,), tmp_path / "c", precision="int8")
+    assert "tuning" not in art.meta and art.meta["records"]["records"] == {"cache": 2}
+    # another model: its first conv is the same workload, its second conv is new
+    other_gm = capture(OneConv(), (x,))
+    other = target.lower(other_gm, (x,), tmp_path / "d", precision="int8")
+    assert other.meta["tuning"]["reused_tasks"] >= 1
+    assert other.meta["tuning"]["tuned_tasks"] == other.meta["tuning"]["tasks"] - \
+        other.meta["tuning"]["reused_tasks"]
+
+
+@pytest.mark.slow
+def test_tune_time_budget_ends_tuning(tmp_path: Path) -> None:
+    """--tune-time alone: up to 512 trials per workload, ended by the clock (the callback
+    raises, the measured records stay and are counted)."""
+    x = torch.randn(1, 16, 12, 12, generator=torch.Generator().manual_seed(3))
+    gm = capture(TwoConvs(0.02, 0.05), (x,))
+    target = get_target("tvm", tune_seconds=20, cache_dir=tmp_path / "cache",
+                        shipped_records=False)
+    art = target.lower(gm, (x,), tmp_path / "a", precision="int8")
+    tuning = art.meta["tuning"]
+    assert tuning["stopped_by_time"] is True and 20 <= tuning["tuning_s"] < 120
+    assert 0 < tuning["trials"] < 512 * tuning["tasks"]
+    counted = json.loads((Path(tuning["work_dir"]) / "trials.json").read_text())
+    assert sum(counted.values()) == tuning["trials"]
+    (got,) = target.run(art, [x.numpy()])
+    assert steps_apart(got, gm(x).detach().numpy(), 0.05).max() <= 1.0 + 1e-4
 
 
 # ----------------------------------------------------------------------------- aarch64 bundle

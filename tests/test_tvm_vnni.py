@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-pytest.importorskip("tvm")
+tvm = pytest.importorskip("tvm")
 
 from test_target_tvm import MIN_EXACT, OneConv, QConv, QNet, q, steps_apart  # shared quantized nets
 
@@ -74,14 +74,20 @@ def test_vnni_convs_match_simulation_and_keep_their_names(tmp_path: Path) -> Non
         sorted(lat.per_layer_ms)
 
 
-def test_vnni_is_on_by_default_only_when_tuning_for_a_vnni_host() -> None:
+def test_vnni_is_on_by_default_for_a_vnni_host_tuned_or_not() -> None:
+    """One layout in every mode, so that records tuned in one apply in the others."""
     from tvm.target import codegen
 
+    from quantflow.targets.tvm_edge import aarch64_target
+
     host = host_target()
-    assert get_target("tvm").use_vnni(host) is False  # untuned: transposes, no gain
-    assert get_target("tvm", tune_trials=4).use_vnni(host) == bool(
-        codegen.target_has_features("avx512vnni", host))
+    has = bool(codegen.target_has_features("avx512vnni", host))
+    assert get_target("tvm").use_vnni(host) == has
+    assert get_target("tvm", tune_trials=4).use_vnni(host) == has
     assert get_target("tvm", tune_trials=4, vnni=False).use_vnni(host) is False
+    haswell = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
+    assert get_target("tvm").use_vnni(haswell) is False
+    assert get_target("tvm", device="aarch64").use_vnni(aarch64_target()) is False
 
 
 @pytest.mark.slow

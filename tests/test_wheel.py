@@ -26,6 +26,8 @@ SOURCES = ("pyproject.toml", "README.md", "quantflow", "passes", "targets")
 PACKAGES = {"quantflow": "quantflow", "passes": "quantflow/passes", "targets": "quantflow/targets"}
 #: non-Python files the features read at run time (wheel paths)
 DATA_FILES = ("quantflow/report.schema.json", "quantflow/targets/tvm_host/runner.cc",
+              "quantflow/targets/tvm_records/x86-avx512vnni/database_tuning_record.json",
+              "quantflow/targets/tvm_records/x86-avx2/database_tuning_record.json",
               "quantflow/zoo/weights/resnet_fmnist.pt", "quantflow/zoo/weights/resnet_fmnist.json")
 #: each step runs pip or a compile; generous, the machine is shared
 STEP_TIMEOUT_S = 1500
@@ -44,6 +46,7 @@ found = {
     "package": str(Path(quantflow.__file__).resolve().parent),
     "schema": pkg.joinpath("report.schema.json").is_file(),
     "runner_cc": targets.joinpath("tvm_host/runner.cc").is_file(),
+    "tvm_records": sorted(p.name for p in targets.joinpath("tvm_records").iterdir()),
     "ort_runner": targets.joinpath("ort_runner.py").is_file(),
     "trt_build_engine": targets.joinpath("trt_build_engine.py").is_file(),
     # the paths the code itself uses, next to its modules
@@ -113,6 +116,7 @@ def test_wheel_installs_and_compiles_outside_the_repo(tmp_path: Path) -> None:
     assert found["schema"] and found["runner_cc"] and found["ort_runner"] \
         and found["trt_build_engine"], found
     assert found["paths"] == []
+    assert {"x86-avx2", "x86-avx512vnni"} <= set(found["tvm_records"]), found["tvm_records"]
     assert {"resnet_fmnist.pt", "resnet_fmnist.json"} <= set(found["weights"])
 
     out = elsewhere / "out"

@@ -1,18 +1,19 @@
-"""ONNX Runtime vs TVM (untuned, MetaSchedule-tuned) on the same quantized graph (issue 5).
+"""ONNX Runtime vs TVM (no records, shipped records, tuned from them) on the same quantized graph.
 
 Per model, one FP32 deploy-form graph (captured, quantflow's default passes, no CLE) and one
 INT8 torch simulation of it (uint8 asymmetric activations, int8 per-channel weights, ORT
-placement, one calibrator: `--calibrator`, default percentile) are lowered six ways:
+placement, one calibrator: `--calibrator`, default percentile) are lowered eight ways:
 
-  ort/fp32, ort/int8            targets/ort.py (QDQ ONNX, ORT_ENABLE_ALL, CPU EP)
-  tvm/fp32, tvm/int8            targets/tvm.py, untuned (TVM's default schedules)
-  tvm/fp32-tuned, tvm/int8-tuned  the same with MetaSchedule, `--tune-trials` per task; the
-                                tuning database is cached under `--work`/tvm_cache, and the
-                                tuning seconds of the run that filled it are reported.
-                                int8-tuned uses the VNNI conv layout (TVMTarget.vnni, on by
-                                default when tuning on an AVX512-VNNI host)
-  tvm/int8-tuned-nchw           int8 tuned with TVM's own NCHW int8 conv (vnni=False), the
-                                layout before the VNNI work; `--no-nchw` skips it
+  ort/fp32, ort/int8          targets/ort.py (QDQ ONNX, ORT_ENABLE_ALL, CPU EP)
+  tvm/fp32-bare, int8-bare    targets/tvm.py with no tuning records at all: TVM's default
+                              loops (elementwise kernels: quantflow's default schedule)
+  tvm/fp32, tvm/int8          the default: no tuning, the records shipped for this CPU's ISA
+                              class (targets/tvm_records/<class>/, tools/build_tvm_records.py)
+  tvm/fp32-tuned, int8-tuned  `--tune-time` of MetaSchedule on this machine, starting from the
+                              shipped records (transfer tuning); cache under `--work`/tvm_cache
+                              (a rerun reuses it and reports the tuning time of the run that
+                              filled it)
+INT8 convs use the VNNI layout on AVX512-VNNI hosts (TVMTarget.use_vnni).
 
 Numerics, on `--eval-limit` evaluation images, one at a time (the artifacts are batch 1):
 max |Δ| of the logits against the torch reference (FP32 model for fp32 artifacts, the INT8
@@ -23,12 +24,14 @@ Latency: batch 1, every artifact at every thread count in `--threads`, in interl
 and p90 are the medians over rounds of each round's median / p90 (`--runs` timed runs after
 `--warmup`), with `os.getloadavg()` stored per round. Per-kernel times of the TVM artifacts
 (1 thread, named after fx layers) and the count of AVX512-VNNI `vpdpbusd` instructions in each
-TVM library (objdump) go to the JSON.
+TVM library (objdump) go to the JSON. The markdown ends with the issue-18 checks: TVM INT8
+(shipped records, and tuned) over ORT INT8, and TVM INT8 over TVM FP32 of the same kind.
 
 Usage:
-  nice -n 5 .venv/bin/python tools/bench_targets.py --models resnet_fmnist --tune-trials 64
-  .venv/bin/python tools/bench_targets.py --quick   # smoke run: 2 trials, few samples, few runs
-Writes bench_results/targets.json and bench_results/targets.md (the table in README/docs).
+  nice -n 5 .venv/bin/python tools/bench_targets.py --models resnet_fmnist \
+      mobilenet_v2_imagenet --tune-time 15m
+  .venv/bin/python tools/bench_targets.py --quick   # smoke run: 20 s tuning, few samples
+Writes bench_results/tvm_records.json and .md (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ROOT = Path(__file__).resolve().parent.parent
-ROWS = ("ort/fp32", "ort/int8", "tvm/fp32", "tvm/int8", "tvm/fp32-tuned", "tvm/int8-tuned-nchw",
-        "tvm/int8-tuned")
+ROWS = ("ort/fp32", "ort/int8", "tvm/fp32-bare", "tvm/int8-bare", "tvm/fp32", "tvm/int8",
+        "tvm/fp32-tuned", "tvm/int8-tuned")
 
 
 def prepare(name: str, calibrator: str, calib_limit: int, eval_limit: int) -> dict[str, Any]:
@@ -82,22 +85,20 @@ def prepare(name: str, calibrator: str, calib_limit: int, eval_limit: int) -> di
                       "sqnr_db": scores}, "eval": {"set": eval_set, "samples": int(x_ev.shape[0])}}
 
 
-def lower_all(m: dict[str, Any], work: Path, trials: int, rows: list[str]
+def lower_all(m: dict[str, Any], work: Path, seconds: float, rows: list[str]
               ) -> dict[str, tuple[Any, Any, dict]]:
     """row -> (target, artifact, lowering info)."""
     from quantflow.targets import get_target
-    from quantflow.targets.tvm_tune import DONE
 
     ort = get_target("ort")
-    tvm_plain = get_target("tvm")
-    tvm_tuned = get_target("tvm", tune_trials=trials, cache_dir=work / "tvm_cache")
-    tvm_nchw = get_target("tvm", tune_trials=trials, cache_dir=work / "tvm_cache", vnni=False)
+    tvm = {"bare": get_target("tvm", shipped_records=False, cache_dir=work / "no_cache"),
+           "": get_target("tvm", cache_dir=work / "no_cache"),
+           "tuned": get_target("tvm", tune_seconds=seconds, cache_dir=work / "tvm_cache")}
     out: dict[str, tuple[Any, Any, dict]] = {}
     for row in rows:
         backend, kind = row.split("/")
-        precision = kind.split("-")[0]
-        target = {"ort": ort, "tvm": tvm_nchw if kind.endswith("nchw") else
-                  tvm_tuned if kind.endswith("tuned") else tvm_plain}[backend]
+        precision, _, mode = kind.partition("-")
+        target = ort if backend == "ort" else tvm[mode]
         graph = m["gm"] if precision == "fp32" else m["qgm"]
         t0 = time.perf_counter()
         art = target.lower(graph, m["example"], work / row.replace("/", "_"), precision=precision)
@@ -105,10 +106,11 @@ def lower_all(m: dict[str, Any], work: Path, trials: int, rows: list[str]
                                 "size_bytes": art.size_bytes()}
         if "tuning" in art.meta:
             tuning = dict(art.meta["tuning"])
-            done = Path(tuning["work_dir"]) / DONE
-            if tuning.get("cache_hit") and done.exists():  # report what the tuning cost
-                tuning["tuned_in_earlier_run_s"] = json.loads(done.read_text())["tuning_s"]
-                tuning["tasks"] = json.loads(done.read_text()).get("tasks")
+            spent = Path(tuning["work_dir"]) / f"bench_tuning_{precision}.json"
+            if tuning["cache_hit"] and spent.exists():  # report what the tuning cost
+                tuning["tuned_in_earlier_run_s"] = json.loads(spent.read_text())["tuning_s"]
+            elif not tuning["cache_hit"]:
+                spent.write_text(json.dumps({"tuning_s": tuning["tuning_s"]}) + "\n")
             info["tuning"] = tuning
             info["compile_time_latency"] = {"untuned": art.meta.get("untuned_latency"),
                                             "tuned": art.meta.get("tuned_latency")}
@@ -116,8 +118,11 @@ def lower_all(m: dict[str, Any], work: Path, trials: int, rows: list[str]
             info["vpdpbusd"] = count_instruction(Path(art.files["model"]), "vpdpbusd")
             info["int_layers"] = len(art.meta.get("int_layers", []))
             info["vnni_layers"] = len(art.meta.get("vnni_layers", []))
+            info["records"] = art.meta.get("records")
+            info["int8_path"] = art.meta.get("int8_path")
+            info["target"] = art.meta.get("target_string")
         # one runtime object per backend for run/profile (TVM caches VMs per library)
-        out[row] = (ort if backend == "ort" else tvm_plain, art, info)
+        out[row] = (ort if backend == "ort" else tvm["bare"], art, info)
         print(f"  lowered {row:16s} {info['lower_s']:8.1f} s", flush=True)
     return out
 
@@ -185,14 +190,14 @@ def latency(m: dict[str, Any], arts: dict[str, tuple[Any, Any, dict]], threads: 
 
 def markdown(results: dict[str, Any]) -> str:
     threads = results["config"]["threads"]
-    trials = results["config"]["tune_trials"]
     lines = [(f"Batch 1; latency median / p90 in ms (medians over "
               f"{results['config']['rounds']} interleaved rounds); max |Δ| of the logits vs the "
               f"torch reference (FP32 model for fp32 rows, the INT8 simulation for int8 rows); "
-              f"tuned = MetaSchedule, {trials} trials per task. {results['device']}."), ""]
+              f"tuned = `--tune-time {results['config']['tune_time']}` from the shipped "
+              f"records. {results['device']}, commit {results.get('commit', '?')}."), ""]
     head = "| model | artifact | " + " | ".join(f"{n} thread{'s' if n > 1 else ''}"
                                                 for n in threads)
-    head += " | max abs diff vs ref | agreement | accuracy | tuning | vpdpbusd |"
+    head += " | max abs diff vs ref | agreement | accuracy | tuning | schedules | vpdpbusd |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in results["models"].items():
         for row in ROWS:
@@ -205,22 +210,38 @@ def markdown(results: dict[str, Any]) -> str:
             info = r["lowering"][row]
             tuning = info.get("tuning", {})
             tune_s = tuning.get("tuned_in_earlier_run_s", tuning.get("tuning_s"))
-            tune = f"{tune_s:.0f} s, {tuning.get('tasks')} tasks" if tune_s else ""
+            tune = f"{tune_s:.0f} s, {tuning.get('tasks')} workloads" if tune_s else ""
+            rec = info.get("records") or {}
+            sched = " ".join(f"{n} {src}" for src, n in (rec.get("records") or {}).items())
+            sched += f" {rec['no_record']} none" if rec.get("no_record") else ""
             acc = "" if q["accuracy"] is None else f"{q['accuracy']:.2f} %"
             vnni = "" if info.get("vpdpbusd") is None else str(info["vpdpbusd"])
             lines.append(f"| {name} | {row} | " + " | ".join(cells) +
                          f" | {q['max_abs_diff_vs_ref']:.3g} | {q['agreement_vs_ref']:.4f} | "
-                         f"{acc} | {tune} | {vnni} |")
+                         f"{acc} | {tune} | {sched.strip()} | {vnni} |")
         loads = r["latency"]["loadavg_per_round"]
         lines.append(f"| {name} | load average during timing | {min(loads):.2f}–{max(loads):.2f}"
-                     + " |" * (len(threads) + 5))
+                     + " |" * (len(threads) + 6))
+    lines += ["", "Checks (1 thread; issue 18's targets):", ""]
+    for name, r in results["models"].items():
+        ms = {row: v["1"]["median_ms"] for row, v in r["latency"]["rows"].items() if "1" in v}
+        for tvm_row, fp32_row, bound in (("tvm/int8", "tvm/fp32", 2.0),
+                                         ("tvm/int8-tuned", "tvm/fp32-tuned", 1.2)):
+            if {tvm_row, fp32_row, "ort/int8"} <= set(ms):
+                ratio = ms[tvm_row] / ms["ort/int8"]
+                lines.append(
+                    f"- {name}: {tvm_row} / ort/int8 = {ratio:.2f}x (target <= {bound}x: "
+                    f"{'met' if ratio <= bound else 'NOT met'}); {tvm_row} / {fp32_row} = "
+                    f"{ms[tvm_row] / ms[fp32_row]:.2f}x (target < 1: "
+                    f"{'met' if ms[tvm_row] < ms[fp32_row] else 'NOT met'})")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--models", nargs="+", default=["resnet_fmnist"])
-    p.add_argument("--tune-trials", type=int, default=64)
+    p.add_argument("--tune-time", default="15m", help="MetaSchedule budget per model and "
+                   "precision for the -tuned rows (e.g. 15m, 300s)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--calibrator", default="percentile")
     p.add_argument("--calib-limit", type=int, default=256)
@@ -229,25 +250,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--work", type=Path, default=ROOT / "bench_results" / "targets_work")
-    p.add_argument("--out", type=Path, default=ROOT / "bench_results" / "targets.json")
-    p.add_argument("--no-nchw", action="store_true", help="skip the tvm/int8-tuned-nchw row")
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 trials, tiny sizes")
+    p.add_argument("--out", type=Path, default=ROOT / "bench_results" / "tvm_records.json")
+    p.add_argument("--quick", action="store_true", help="smoke run: 20 s tuning, tiny sizes")
     args = p.parse_args(argv)
     if args.quick:
-        args.tune_trials, args.calib_limit, args.eval_limit = 2, 32, 16
+        args.tune_time, args.calib_limit, args.eval_limit = "20s", 32, 16
         args.rounds, args.runs, args.warmup = 1, 5, 2
+    from quantflow.cli import _duration
     from quantflow.targets.base import device_description
+
+    seconds = _duration(args.tune_time)
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                            check=False, capture_output=True, text=True).stdout.strip()
 
     results: dict[str, Any] = {
         "device": device_description(), "python": platform.python_version(),
+        "commit": commit, "isa": _isa(),
         "date": time.strftime("%Y-%m-%d %H:%M"), "config": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "models": {}}
     for name in args.models:
         print(f"{name}: preparing", flush=True)
         m = prepare(name, args.calibrator, args.calib_limit, args.eval_limit)
-        rows = [r for r in ROWS if not (args.no_nchw and r.endswith("nchw"))]
-        arts = lower_all(m, args.work / name, args.tune_trials, rows)
+        arts = lower_all(m, args.work / name, seconds, list(ROWS))
         print(f"{name}: numerics", flush=True)
         num = numerics(m, arts)
         print(f"{name}: latency", flush=True)
@@ -261,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".md").write_text(md)
     print(md)
     return 0
+
+
+def _isa() -> str:
+    from quantflow.targets.tvm import host_target
+    from quantflow.targets.tvm_records import isa_class
+
+    return isa_class(host_target())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,259 @@
+"""Tuning records keyed by workload, shared across models, calibrations and runs (issue 18).
+
+What a record is keyed on: MetaSchedule's "anchor-block" module equality. A kernel's workload
+is its reduction block (the conv, matmul, pool or mean: op, shapes, dtypes, layout), not the
+elementwise epilogue fused after it, whose scale and zero-point literals change with every
+calibration. A schedule tuned for conv + requantize(s=0.02) replays on conv +
+requantize(s=0.026): `schedule_using_anchor_trace` applies the anchor's trace and inlines the
+rest. Numerics are untouched: a schedule reorders loops, it does not change what is computed
+(the re-calibration test compares outputs with the simulation).
+
+Kernels without a reduction (pads, a standalone quantize, residual adds) are never tuning
+tasks: their workload would include the literals, so every calibration would bring new tasks
+that re-tune. They get `default_schedule` instead.
+
+Where a kernel looks for a record, first hit wins:
+1. the tuning cache of this target (`tvm_tune.cache_dir_for`): every model tuned for the
+   same target string adds to it;
+2. the database shipped with quantflow for the target's ISA class (`SHIPPED/<class>/`, made
+   by tools/build_tvm_records.py, the best record per workload).
+
+No torch import here (see tvm_tune).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("quantflow.targets.tvm")
+
+EQUALITY = "anchor-block"
+SHIPPED = Path(__file__).resolve().parent / "tvm_records"
+#: per-workload trials measured into a cache directory (anchor key -> trials)
+TRIALS = "trials.json"
+WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
+
+
+def isa_class(target: Any) -> str:
+    """The ISA class a shipped database is made for: the int8 instructions that schedules
+    (tensorized ones especially) may use on this target."""
+    from tvm.target import codegen
+
+    def has(feature: str) -> bool:
+        return bool(codegen.target_has_features(feature, target))
+
+    if "aarch64" in str(target.attrs.get("mtriple", "")):
+        return "aarch64-dotprod" if has("dotprod") else "aarch64-neon"
+    if has("avx512vnni"):
+        return "x86-avx512vnni"
+    return "x86-avx2" if has("avx2") else "x86-sse"
+
+
+def target_key(target: Any) -> str:
+    """Directory name of a target's tuning cache: ISA class + hash of the target string."""
+    text = json.dumps(target.export(), sort_keys=True, default=str)
+    return f"{isa_class(target)}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def _reduction_blocks(func: Any) -> list[Any]:
+    import tvm_ffi
+    from tvm.s_tir import SBlock
+
+    found: list[Any] = []
+
+    def visit(node: Any) -> None:
+        if node.init is not None:
+            found.append(node)
+
+    tvm_ffi.structural_walk(func.body, [(SBlock, visit)], order="pre")
+    return found
+
+
+def anchor_key(func: Any) -> str | None:
+    """A stable key of a kernel's reduction block(s) (None: an elementwise kernel). Used for
+    the per-workload trial counts; the record lookup itself is MetaSchedule's."""
+    import tvm_ffi
+
+    blocks = _reduction_blocks(func)
+    if not blocks:
+        return None
+    h = hashlib.sha256()
+    for b in blocks:
+        h.update(str(tvm_ffi.structural_hash(b, map_free_vars=True)).encode())
+    return h.hexdigest()[:20]
+
+
+def load(path: Path) -> Any:
+    """The best record per workload of the JSON database in `path`, in memory (None if there
+    is none). In memory because querying a JSON database appends to its workload file."""
+    import tvm.s_tir.meta_schedule as ms
+
+    if not (path / RECORDS).is_file() or not (path / WORKLOADS).is_file():
+        return None
+    disk = ms.database.JSONDatabase(str(path / WORKLOADS), str(path / RECORDS),
+                                    allow_missing=False, module_equality=EQUALITY)
+    mem = ms.database.MemoryDatabase(module_equality=EQUALITY)
+    disk.dump_pruned(mem)
+    return mem
+
+
+_SHIPPED: dict[str, Any] = {}
+
+
+def shipped(target: Any) -> tuple[str, Any] | None:
+    """(class, database) shipped for the target's ISA class, or None."""
+    cls = isa_class(target)
+    if cls not in _SHIPPED:
+        _SHIPPED[cls] = load(SHIPPED / cls)
+    return (cls, _SHIPPED[cls]) if _SHIPPED[cls] is not None else None
+
+
+def read_trials(path: Path) -> dict[str, int]:
+    try:
+        return {str(k): int(v) for k, v in json.loads((path / TRIALS).read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def add_trials(path: Path, counts: dict[str, int]) -> None:
+    """Add measured trials per workload; written whole and renamed (never half-written)."""
+    merged = read_trials(path)
+    for k, n in counts.items():
+        merged[k] = merged.get(k, 0) + int(n)
+    tmp = path / f".{TRIALS}.{os.getpid()}"
+    tmp.write_text(json.dumps(merged, sort_keys=True, indent=0) + "\n")
+    os.replace(tmp, path / TRIALS)
+
+
+def apply(mod: Any, target: Any, sources: list[tuple[str, Any]]) -> tuple[Any, dict[str, Any]]:
+    """Schedule every kernel of `mod` (output of `tvm_tune.prepare`): a kernel with a reduction
+    from the first database in `sources` ((name, database) pairs) that has its workload;
+    elementwise kernels with `default_schedule`. Returns the module and, per kernel kind,
+    how many got what: {"records": {source: n}, "no_record": n, "default": n}."""
+    import tvm
+    import tvm_ffi
+    from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
+
+    from quantflow.targets.tvm_tune import skip_gpu_intrinsics
+
+    skip_gpu_intrinsics()  # replaying a trace looks tensor intrinsics up by name
+    out = mod.clone()
+    counts: dict[str, Any] = {"records": {name: 0 for name, _db in sources}, "no_record": 0,
+                              "default": 0}
+    missing: list[str] = []
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled"):
+            continue
+        if not _reduction_blocks(func):
+            scheduled = default_schedule(func)
+            if scheduled is not None:
+                out[gv] = scheduled
+                counts["default"] += 1
+            continue
+        one = tvm.IRModule({"main": func})
+        for name, db in sources:
+            if not db.has_workload(one):
+                continue
+            record = db.query_tuning_record(one, target, gv.name_hint)
+            if record is None:
+                continue
+            sch = tvm.s_tir.Schedule(one)
+            try:
+                with target:
+                    if tvm_ffi.structural_equal(record.workload.mod, one):
+                        record.trace.apply_to_schedule(sch, remove_postproc=False)
+                    else:  # same anchor, other epilogue (literals): replay on the anchor
+                        schedule_using_anchor_trace(sch, record.trace, target)
+            except Exception as exc:  # noqa: BLE001 - a record that does not replay: untuned
+                log.warning("tvm: record from %s does not apply to %s (%s)", name,
+                            gv.name_hint, str(exc).splitlines()[0] if str(exc) else exc)
+                continue
+            out[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            counts["records"][name] += 1
+            break
+        else:
+            counts["no_record"] += 1
+            missing.append(str(gv.name_hint))
+    counts["missing"] = missing
+    return out, counts
+
+
+def default_schedule(func: Any) -> Any:
+    """An elementwise kernel without tuning: its spatial loops fused and split so that the
+    outer part runs on the thread pool and the inner 64 iterations stay one loop LLVM can
+    vectorize. None when the kernel does not have that shape (left as it is)."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
+    try:
+        blocks = list(sch.get_child_blocks(sch.get_sblock("root"))) if _has_root(func) else []
+        if not blocks:
+            return None
+        for b in blocks[:-1]:  # a fused chain (quantize, then pad): one loop nest
+            sch.compute_inline(b)
+        loops = sch.get_loops(blocks[-1])
+        if not loops:
+            return None
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+        extent = int(sch.get(fused).extent)
+        if extent >= 4 * 64 and extent % 64 == 0:
+            outer, _inner = sch.split(fused, factors=[None, 64])
+            sch.parallel(outer)
+        elif extent >= 2:
+            sch.parallel(fused)
+    except Exception:  # noqa: BLE001 - a shape this simple schedule does not handle
+        return None
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _has_root(func: Any) -> bool:
+    return getattr(getattr(func.body, "block", None), "name_hint", "") == "root"
+
+
+def seed(work_dir: Path, target: Any) -> str | None:
+    """Transfer tuning: a new tuning cache starts with the shipped records of its ISA class,
+    so that the evolutionary search starts from them (MetaSchedule samples its first
+    population from the database's best records). A shipped record keeps the time measured on
+    the machine that made it: a local candidate replaces it only by measuring faster (on a
+    much slower machine, a shipped record can stay the best). Returns the class, or None."""
+    import tvm.s_tir.meta_schedule as ms
+
+    if (work_dir / RECORDS).is_file():
+        return None
+    found = shipped(target)
+    if found is None:
+        return None
+    cls, mem = found
+    db = ms.database.JSONDatabase(work_dir=str(work_dir), module_equality=EQUALITY)
+    for rec in mem.get_all_tuning_records():
+        db.commit_tuning_record(ms.database.TuningRecord(
+            rec.trace, db.commit_workload(rec.workload.mod), rec.run_secs, rec.target,
+            rec.args_info))
+    return cls
+
+
+def sources(work_dir: Path, target: Any, *, use_shipped: bool = True
+            ) -> list[tuple[str, Any]]:
+    """The databases a kernel's schedule comes from, first hit wins: the target's tuning cache
+    (`work_dir`), then the records shipped for its ISA class (unless `use_shipped` is False)."""
+    out = []
+    cache = load(work_dir)
+    if cache is not None:
+        out.append(("cache", cache))
+    found = shipped(target) if use_shipped else None
+    if found is not None:
+        out.append((f"shipped:{found[0]}", found[1]))
+    return out
+
+
+def int8_path(target: Any, vnni_convs: int) -> str:
+    """How this artifact's int8 dot products run, for the report."""
+    cls = isa_class(target)
+    if vnni_convs:
+        return f"{cls}: vpdpbusd (u8 x s8 -> s32 in 4-pairs) in {vnni_convs} VNNI-layout convs"
+    return f"{cls}: int8 operands widened to int32 by LLVM (no int8 dot-product instruction)"

@@ -1,0 +1,153 @@
+"""Build the TVM tuning records quantflow ships for one ISA class (targets/tvm_records/<isa>/).
+
+For every model, the same deploy-form graphs as tools/bench_targets.py (the FP32 graph and
+its INT8 simulation) are lowered by the TVM target with a time budget each (`--tune-time`),
+all into one tuning cache (`--work`, kept between runs: a rerun adds trials). The best record
+of every workload that built and ran is then written to `targets/tvm_records/<isa>/` (a
+MetaSchedule JSON database keyed by anchor block, see targets/tvm_records.py) with
+`provenance.json` (models, budget, CPU, commit). A compile for a target of that ISA class
+uses these records when it has none of its own, and a tuning starts from them.
+
+ISA classes and where they are measured:
+  x86-avx512vnni  this CPU (must have AVX512-VNNI), its own LLVM CPU name
+  x86-avx2        this CPU running code built for -mcpu=haswell (AVX2/FMA, no AVX-512), so an
+                  AVX-512 machine measures AVX2 code; its cache is keyed on that target string
+  aarch64-*       needs a board: --rpc-tracker HOST:PORT --rpc-key KEY (docs/tvm_rpc.md)
+
+Usage:
+  nice -n 5 .venv/bin/python tools/build_tvm_records.py --isa x86-avx512vnni \\
+      --models resnet_fmnist mobilenetv2 --tune-time 8m
+  nice -n 5 .venv/bin/python tools/build_tvm_records.py --isa x86-avx2 --models resnet_fmnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+MCPU = {"x86-avx512vnni": None, "x86-avx2": "haswell"}
+FAILED_S = 1e9  # MetaSchedule records a candidate that failed to build or run as 1e10 s
+
+
+def tune_model(name: str, isa: str, seconds: float, work: Path, precisions: list[str],
+               rpc: dict[str, str]) -> list[dict[str, Any]]:
+    from bench_targets import prepare
+
+    from quantflow.targets import get_target
+
+    m = prepare(name, "percentile", 256, 8)
+    device = "aarch64" if isa.startswith("aarch64") else "host"
+    target = get_target("tvm", device=device, tune_seconds=seconds, cache_dir=work / "cache",
+                        mcpu=MCPU.get(isa), shipped_records=False, **rpc)
+    got = target.target()
+    from quantflow.targets.tvm_records import isa_class
+
+    if isa_class(got) != isa:
+        raise SystemExit(f"build_tvm_records: --isa {isa}, but the target is {isa_class(got)} "
+                         f"({got}); run it on a machine of that class")
+    out = []
+    for precision in precisions:
+        graph = m["gm"] if precision == "fp32" else m["qgm"]
+        art = target.lower(graph, m["example"], work / f"{name}_{precision}", precision=precision)
+        tuning = art.meta["tuning"]
+        out.append({"model": name, "precision": precision, "tune_time_s": seconds,
+                    "tasks": tuning["tasks"],
+                    "tuned_tasks": tuning["tuned_tasks"], "trials": tuning.get("trials", 0),
+                    "tuning_s": round(tuning["tuning_s"], 1),
+                    "records": art.meta["records"]["records"],
+                    "latency_ms": {"before": art.meta["untuned_latency"]["median_ms"],
+                                   "after": art.meta["tuned_latency"]["median_ms"]}})
+        print(f"  {name}/{precision}: {out[-1]}", flush=True)
+    return out
+
+
+def write_pruned(cache: Path, dest: Path) -> int:
+    """The best record per workload of `cache` that built and ran, as a JSON database in
+    `dest` (replaced whole: written next to it, then renamed)."""
+    import tvm.s_tir.meta_schedule as ms
+
+    from quantflow.targets.tvm_records import EQUALITY, load
+
+    best = load(cache)
+    if best is None:
+        raise SystemExit(f"build_tvm_records: no tuning records in {cache}")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    db = ms.database.JSONDatabase(work_dir=str(tmp), module_equality=EQUALITY)
+    n = 0
+    for rec in best.get_all_tuning_records():
+        secs = [float(s) for s in (rec.run_secs or [])]
+        if not secs or min(secs) >= FAILED_S:
+            continue
+        db.commit_tuning_record(ms.database.TuningRecord(
+            rec.trace, db.commit_workload(rec.workload.mod), rec.run_secs, rec.target,
+            rec.args_info))
+        n += 1
+    del db
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return n
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--isa", required=True,
+                   choices=["x86-avx512vnni", "x86-avx2", "aarch64-dotprod", "aarch64-neon"])
+    p.add_argument("--models", nargs="+", default=["resnet_fmnist", "mobilenetv2"])
+    p.add_argument("--precisions", nargs="+", default=["int8", "fp32"])
+    p.add_argument("--tune-time", default="8m", help="per model and precision (e.g. 8m, 300s)")
+    p.add_argument("--rpc-tracker")
+    p.add_argument("--rpc-key")
+    p.add_argument("--work", type=Path, default=ROOT / "bench_results" / "tvm_records_work")
+    args = p.parse_args(argv)
+    from quantflow.cli import _duration
+    from quantflow.targets.tvm_records import SHIPPED
+    from quantflow.targets.tvm_tune import cache_dir_for
+
+    seconds = _duration(args.tune_time)
+    rpc = {"rpc_tracker": args.rpc_tracker, "rpc_key": args.rpc_key} if args.rpc_tracker else {}
+    work = args.work / args.isa
+    runs = []
+    t0 = time.perf_counter()
+    for name in args.models:
+        runs += tune_model(name, args.isa, seconds, work, args.precisions, rpc)
+    from quantflow.targets import get_target
+
+    target = get_target("tvm", device="aarch64" if args.isa.startswith("aarch64") else "host",
+                        mcpu=MCPU.get(args.isa), **rpc)
+    cache = cache_dir_for(target.target(), work / "cache", target.rpc)
+    prov = SHIPPED / args.isa / "provenance.json"
+    try:  # runs of earlier invocations into the same cache (e.g. another model's budget)
+        earlier = [r for r in json.loads(prov.read_text())["runs"]
+                   if (r["model"], r["precision"]) not in {(x["model"], x["precision"])
+                                                           for x in runs}]
+    except (OSError, ValueError, KeyError):
+        earlier = []
+    n = write_pruned(cache, SHIPPED / args.isa)
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                            check=False, capture_output=True, text=True).stdout.strip()
+    from quantflow.targets.base import device_description
+
+    prov.write_text(json.dumps({
+        "isa": args.isa, "records": n, "target": str(target.target()),
+        "measured_on": device_description(), "machine": platform.machine(), "commit": commit,
+        "last_command": "python tools/build_tvm_records.py " + " ".join(sys.argv[1:]),
+        "last_total_s": round(time.perf_counter() - t0, 1), "runs": earlier + runs},
+        indent=1) + "\n")
+    print(f"wrote {n} records to {SHIPPED / args.isa}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
