@@ -132,7 +132,8 @@ class CompileConfig:
         None, "--device", "what the artifact is for. --target ort: portable (default: exact "
         "on every CPU), x86-vnni, x86-avx2, arm64, host (this CPU's class); x86-vnni/arm64 "
         "artifacts use full int8 weights and are wrong on AVX2 x86 without VNNI. --target "
-        "tvm: host (default) or aarch64 (a cross-compiled edge bundle)",
+        "tvm: host (default), aarch64 (a cross-compiled edge bundle) or aarch64-dot (one for "
+        "Arm CPUs with the dot-product extension: sdot)",
         choices=tuple(sorted({d for ds in DEVICES.values() for d in ds})))
     verify_isas: tuple[str, ...] = option(
         (), "--verify-on", "--target ort: also check the artifact layer by layer on these "

@@ -2,7 +2,7 @@
 
 - `DEVICES[target]`: what an artifact can be compiled for (`--device`), the default first.
   ort: which CPUs it must compute exactly on (targets/ort_isa.py); tvm: this machine or a
-  cross-compiled aarch64 bundle; trt: the machine with the GPU.
+  cross-compiled aarch64 bundle (aarch64-dot: for CPUs with the dot-product extension, sdot); trt: the machine with the GPU.
 - `ISA_CLASSES`: CPU classes by the int8 kernel family ONNX Runtime's MLAS runs on them
   (quantflow.hostcpu.CpuInfo.isa_class).
 - `EMULATED_ISAS`: the classes targets/emulate.py can run an artifact on from any host
@@ -14,7 +14,7 @@ from __future__ import annotations
 ORT_DEVICES = ("portable", "x86-vnni", "x86-avx2", "arm64", "host")
 DEVICES: dict[str, tuple[str, ...]] = {
     "ort": ORT_DEVICES,
-    "tvm": ("host", "aarch64"),
+    "tvm": ("host", "aarch64", "aarch64-dot"),
     "trt": ("host",),
 }
 ISA_CLASSES = ("x86-sse", "x86-avx2", "x86-avx512", "x86-vnni", "arm64", "arm64-dot",

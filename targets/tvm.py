@@ -8,16 +8,17 @@ Pipeline (`TVMTarget.lower`):
    Why not the QDQ-ONNX route: `relax.frontend.onnx` imports QDQ as fp32 convs between
    quantize/dequantize (simulation only), and the int rewrite would then have to rediscover
    which DQ feeds which conv; the fx graph says it directly.
-   With `vnni` (default on an AVX512-VNNI host: `use_vnni`), uint8 convs with in channels
-   % 4 == 0 and out channels % 16 == 0 become an NHWC conv over a weight packed in 16 x 4
-   blocks (`tvm_int_math.vnni_conv2d_nhwc`), the only form MetaSchedule's x86 VNNI rule can
-   tensorize into vpdpbusd; TVM's NCHW int8 conv tunes to about FP32 speed (docs/benchmarks.md).
+   With `dot` (default: the ISA's int8 dot-product path, `dot_path`, tvm_dot), uint8 convs
+   with in channels % 4 == 0 and out channels % lanes == 0 become an NHWC conv over a weight
+   packed in lanes x 4 blocks (`tvm_int_math.vnni_conv2d_nhwc`), the form that tensorizes into
+   vpdpbusd (VNNI), vpmaddubsw (AVX2), sdot or NEON (Arm); TVM's NCHW int8 conv cannot.
 2. `tvm_tune.prepare` (legalize, fold constants, fuse); with `tune_trials`/`tune_seconds`,
    MetaSchedule tuning into the target's tuning cache (`tvm_tune.tune`); then every kernel
    gets a schedule from the records of its workload, tuned here or shipped for the ISA
    (`tvm_records.apply`: keyed by workload, so shared by models and re-calibrations).
 3. `tvm.compile` for the host CPU (`llvm -mcpu=<this CPU>`, num-cores) or, with
-   `device="aarch64"`, a cross-compiled bundle (`tvm_edge`), and `export_library`.
+   `device="aarch64"` (or "aarch64-dot": with the dot-product extension), a cross-compiled
+   bundle (`tvm_edge`), and `export_library`.
 4. `out_dir/manifest.json` (`tvm_artifact`): inputs/outputs (name, shape, dtype), sha256 of
    every file, target, integer/float layer lists, kernel -> fx layer names (`kernel_layers`,
    read by per-layer profiles), tuning record and untuned/tuned latencies. Like the ort target,
@@ -78,9 +79,9 @@ class TVMTarget:
     tune_seconds: float | None = None
     #: use the tuning records shipped for the target's ISA class (tvm_records)
     shipped_records: bool = True
-    #: integer convs in the VNNI layout (`tvm_int_math.vnni_conv2d_nhwc`); None: on an
-    #: AVX512-VNNI host (`use_vnni`)
-    vnni: bool | None = None
+    #: integer convs in the packed dot-product layout (`dot_path`); None: where the target's
+    #: ISA class has a dot-product path (tvm_dot.PATHS); False: never
+    dot: bool | None = None
     #: a board behind a TVM RPC tracker (`tvm_rpc`): HOST:PORT and the server's key; profile
     #: and tuning measurements then run there
     rpc_tracker: str | None = None
@@ -105,7 +106,7 @@ class TVMTarget:
         if (self.rpc_tracker is None) != (self.rpc_key is None):
             raise ValueError("tvm target: rpc_tracker and rpc_key go together (--rpc-tracker "
                              "HOST:PORT --rpc-key KEY)")
-        if self.device == "aarch64" and self.tuning and self.rpc is None:
+        if self.device.startswith("aarch64") and self.tuning and self.rpc is None:
             # MetaSchedule measures candidates by running them: that needs the board
             raise ValueError("tvm target: tune_trials > 0 with device='aarch64' measures on the "
                              "board (fix: --rpc-tracker HOST:PORT --rpc-key KEY, or "
@@ -130,10 +131,10 @@ class TVMTarget:
 
     # ------------------------------------------------------------------ lower
     def target(self) -> Any:
-        if self.device == "aarch64":
+        if self.device.startswith("aarch64"):
             from quantflow.targets.tvm_edge import aarch64_target
 
-            return aarch64_target(self.num_cores)
+            return aarch64_target(self.num_cores, dot=self.device == "aarch64-dot")
         if self.rpc is not None:  # the board's CPU, as LLVM there names it (None: unknown)
             board_target = self.board().llvm_target(self.num_cores)
             if board_target is not None:
@@ -144,14 +145,15 @@ class TVMTarget:
     def tuning(self) -> bool:
         return self.tune_trials > 0 or self.tune_seconds is not None
 
-    def use_vnni(self, target: Any) -> bool:
-        """On an AVX512-VNNI host, always (`vnni`): one layout whether tuned, untuned or
-        replaying records, so that records tuned in one mode apply in the others."""
-        if self.vnni is not None:
-            return self.vnni
-        from quantflow.targets import tvm_records
+    def dot_path(self, target: Any) -> Any:
+        """The int8 dot-product path for `target` (tvm_dot.DotPath) or None: one layout
+        whether tuned, untuned or replaying records, so records tuned in one mode apply in
+        the others."""
+        from quantflow.targets import tvm_dot, tvm_records
 
-        return self.device == "host" and tvm_records.isa_class(target) == "x86-avx512vnni"
+        if self.dot is False:
+            return None
+        return tvm_dot.path_for(tvm_records.isa_class(target))
 
     def record_sources(self, work_dir: Path) -> list[tuple[str, Any]]:
         from quantflow.targets.tvm_records import sources
@@ -166,7 +168,7 @@ class TVMTarget:
         from quantflow.targets import tvm_kernels, tvm_records, tvm_tune
         from quantflow.targets.tvm_frontend import to_relax
 
-        if self.device == "aarch64":
+        if self.device.startswith("aarch64"):
             from quantflow.targets.tvm_edge import missing_toolchain
 
             why = missing_toolchain()
@@ -179,7 +181,8 @@ class TVMTarget:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         target = self.target()
-        mod, stats = to_relax(gm, example_inputs, vnni=self.use_vnni(target))
+        dot = self.dot_path(target)
+        mod, stats = to_relax(gm, example_inputs, dot=dot)
         fused = tvm_tune.fuse(mod, target)
         kernel_layers = tvm_kernels.kernel_layers(fused, stats.weights)
         mod = tvm_tune.fuse_tir(fused, target)
@@ -189,9 +192,11 @@ class TVMTarget:
             "target_string": str(target),
             "int_layers": stats.int_layers, "float_layers": stats.float_layers,
             "tune_trials": self.tune_trials, "kernel_layers": kernel_layers,
-            "vnni_layers": stats.vnni_layers, "tune_seconds": self.tune_seconds,
+            "dot_layers": stats.dot_layers, "tune_seconds": self.tune_seconds,
+            "pair_bound_layers": stats.pair_bound_layers,
             "isa": tvm_records.isa_class(target),
-            "int8_path": tvm_records.int8_path(target, len(stats.vnni_layers)),
+            "int8_path": tvm_records.int8_path(target, len(stats.dot_layers),
+                                               len(stats.pair_bound_layers)),
             # the debugger's tapped twin (tvm_taps.py) runs here, not on a board
             "layer_taps": self.device == "host",
         }
@@ -200,13 +205,15 @@ class TVMTarget:
             meta["rpc"] = {"tracker": self.rpc_tracker, "key": self.rpc_key}
         work_dir = tvm_tune.cache_dir_for(target, self.cache_dir, self.rpc)
         if self.tuning:  # on this host, or on the board through RPC
-            before, _counts = tvm_records.apply(mod, target, self.record_sources(work_dir))
+            before, _counts = tvm_records.apply(mod, target, self.record_sources(work_dir),
+                                                dot)
             meta["untuned_latency"] = self._quick_latency(tvm.compile(before, target),
                                                           np_inputs, out_dir)
-            meta["tuning"] = tvm_tune.tune(mod, target, work_dir, rpc=self.rpc,
+            meta["tuning"] = tvm_tune.tune(mod, target, work_dir, rpc=self.rpc, path=dot,
                                            trials_per_task=self.tune_trials,
                                            seconds=self.tune_seconds)
-        mod, meta["records"] = tvm_records.apply(mod, target, self.record_sources(work_dir))
+        mod, meta["records"] = tvm_records.apply(mod, target, self.record_sources(work_dir),
+                                                 dot)
         t0 = time.perf_counter()
         ex = tvm.compile(mod, target)
         meta["compile_s"] = time.perf_counter() - t0
@@ -214,7 +221,7 @@ class TVMTarget:
             meta["tuned_latency"] = self._quick_latency(ex, np_inputs, out_dir)
         files: dict[str, str] = {}
         suffix = "_fp32" if precision == "fp32" else ""
-        if self.device == "aarch64":
+        if self.device.startswith("aarch64"):
             from quantflow.targets.tvm_edge import write_bundle
 
             files.update(write_bundle(ex, out_dir, f"model{suffix}.so"))
@@ -260,7 +267,7 @@ class TVMTarget:
 
     def _export(self, ex: Any, lib: Path) -> None:
         """A shared library for the device: cross-compiled for aarch64 (as in the bundle)."""
-        if self.device == "aarch64":
+        if self.device.startswith("aarch64"):
             from tvm.support import cc
 
             from quantflow.targets.tvm_edge import CXX
@@ -285,7 +292,7 @@ class TVMTarget:
     def run(self, artifact: Artifact, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
         if self.rpc is not None:  # on the board: its CPU may not run here (and qemu is slow)
             return self.board().run(Path(artifact.files["model"]), inputs)
-        if artifact.meta.get("device") == "aarch64":
+        if str(artifact.meta.get("device")).startswith("aarch64"):
             from quantflow.targets.tvm_edge import run_bundle
 
             return run_bundle(Path(artifact.files["model"]), Path(artifact.files["manifest"]),
@@ -318,7 +325,7 @@ class TVMTarget:
         if self.rpc is not None:
             return self._profile_remote(artifact, inputs, warmup=warmup, runs=runs,
                                         threads=threads or self.threads, per_layer=per_layer)
-        if artifact.meta.get("device") == "aarch64":
+        if str(artifact.meta.get("device")).startswith("aarch64"):
             raise TargetUnavailableError(
                 "tvm target: an aarch64 bundle cannot be timed on this host (qemu timings are "
                 "meaningless); fix: time it on the board through TVM RPC (--rpc-tracker "
@@ -363,17 +370,18 @@ class TVMTarget:
 def make_target(*, device: str = "host", tune_trials: int = 0,
                 tune_seconds: float | None = None, shipped_records: bool = True,
                 cache_dir: str | Path | None = None, num_cores: int | None = None,
-                mcpu: str | None = None, threads: int | None = None, vnni: bool | None = None,
+                mcpu: str | None = None, threads: int | None = None, dot: bool | None = None,
                 rpc_tracker: str | None = None, rpc_key: str | None = None) -> TVMTarget:
-    """`get_target("tvm", tune_trials=..., cache_dir=..., device="host"|"aarch64", threads=...)`.
+    """`get_target("tvm", tune_trials=..., cache_dir=..., device="host"|"aarch64"|"aarch64-dot",
+    threads=...)`.
 
     num_cores: the `num-cores` the kernels are compiled/tuned for (default: all logical
-    cores here, 4 for aarch64); threads: the runtime thread pool for run/profile; vnni: see
-    `TVMTarget.vnni`; rpc_tracker (HOST:PORT) and rpc_key: profile and tune on the board
+    cores here, 4 for aarch64); threads: the runtime thread pool for run/profile; dot: see
+    `TVMTarget.dot`; rpc_tracker (HOST:PORT) and rpc_key: profile and tune on the board
     behind a TVM RPC tracker (`tvm_rpc`).
     """
     return TVMTarget(device=device, tune_trials=int(tune_trials), tune_seconds=tune_seconds,
                      shipped_records=shipped_records,
                      cache_dir=Path(cache_dir) if cache_dir is not None else None,
-                     num_cores=num_cores, mcpu=mcpu, threads=threads, vnni=vnni,
+                     num_cores=num_cores, mcpu=mcpu, threads=threads, dot=dot,
                      rpc_tracker=rpc_tracker, rpc_key=rpc_key)

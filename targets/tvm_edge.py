@@ -50,11 +50,13 @@ RUNNER_SRC = Path(__file__).resolve().parent / "tvm_host" / "runner.cc"
 APT_PACKAGES = ("g++-aarch64-linux-gnu", "qemu-user")
 
 
-def aarch64_target(num_cores: int | None = None) -> Any:
-    """LLVM target for 64-bit Arm Linux with NEON (any Cortex-A53 or newer)."""
+def aarch64_target(num_cores: int | None = None, *, dot: bool = False) -> Any:
+    """LLVM target for 64-bit Arm Linux with NEON (any Cortex-A53 or newer); `dot`: with the
+    dot-product extension (sdot/udot: Cortex-A55/A75 and newer, Neoverse, Apple M)."""
     import tvm
 
-    return tvm.target.Target({"kind": "llvm", "mtriple": TRIPLE, "mattr": ["+neon"],
+    return tvm.target.Target({"kind": "llvm", "mtriple": TRIPLE,
+                              "mattr": ["+neon", "+dotprod"] if dot else ["+neon"],
                               "num-cores": int(num_cores or 4)})
 
 

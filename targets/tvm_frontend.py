@@ -28,9 +28,9 @@ from torch import fx
 
 from quantflow.errors import UnsupportedOpError
 from quantflow.ir import ConvArgs
+from quantflow.targets.tvm_dot import DOT_K, DotPath, pairs_fit
 from quantflow.targets.tvm_int_math import (
-    VNNI_K,
-    VNNI_LANES,
+    integer_bias,
     pack_vnni_weight,
     vnni_conv2d_nhwc,
 )
@@ -53,17 +53,20 @@ class LoweringStats:
     #: `tvm_tune.kernel_layers` can name each compiled kernel after the layer whose weight it
     #: is called with (the int8 weight for integer layers, the float weight otherwise)
     weights: list[tuple[np.ndarray, str]] = field(default_factory=list)
-    #: integer convs lowered as `vnni_conv2d_nhwc`
-    vnni_layers: list[str] = field(default_factory=list)
+    #: integer convs lowered as `vnni_conv2d_nhwc` with the ISA's dot product (tvm_dot)
+    dot_layers: list[str] = field(default_factory=list)
+    #: integer convs that would fit but whose weights break vpmaddubsw's pair bound
+    pair_bound_layers: list[str] = field(default_factory=list)
 
 
-def make_convert_map(consts: ConstTable, stats: LoweringStats, *, vnni: bool = False
+def make_convert_map(consts: ConstTable, stats: LoweringStats, *, dot: DotPath | None = None
                      ) -> dict[str, Callable[..., Any]]:
     """Converters for `from_exported_program(custom_convert_map=...)`.
 
-    vnni: integer convs that fit the VNNI block (uint8 input, groups 1, in channels % 4, out
-    channels % 16) run as `vnni_conv2d_nhwc` between two transposes, so tuning can use
-    vpdpbusd; the transposes fuse into the pad before and the epilogue after.
+    dot: integer convs that fit the ISA's dot-product block (uint8 input, groups 1, in
+    channels % 4, out channels % lanes; on AVX2 weights within the pair bound) run as
+    `vnni_conv2d_nhwc` between two transposes (tvm_dot); the transposes fuse into the pad
+    before and the epilogue after.
     """
     from tvm import relax
 
@@ -100,9 +103,11 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, vnni: bool = F
         y = bb.emit(relax.op.subtract(y, const(zp)))
         return bb.emit(relax.op.multiply(y, const(scale)))
 
-    def finish(imp: Any, acc: Any, layer: IntLayer, chan_shape: list[int]) -> Any:
+    def finish(imp: Any, acc: Any, layer: IntLayer, chan_shape: list[int],
+               bias_int: np.ndarray | None = None) -> Any:
         bb = imp.block_builder
-        acc = bb.emit(relax.op.add(acc, const(layer.bias_int.reshape(chan_shape))))
+        bias = layer.bias_int if bias_int is None else bias_int
+        acc = bb.emit(relax.op.add(acc, const(bias.reshape(chan_shape))))
         y = bb.emit(relax.op.astype(acc, "float32"))
         mult = (np.float32(layer.x.scale) * layer.sw).reshape(chan_shape)
         y = bb.emit(relax.op.multiply(y, const(mult.astype(np.float32))))
@@ -142,16 +147,25 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, vnni: bool = F
                           name_hint=node.name)
             stats.weights.append((layer.wq, node.name))
             return finish(imp, acc, layer, [1, -1] + [1] * nd)
-        if vnni and c.groups == 1 and layer.x.dtype == torch.uint8 \
-                and o % VNNI_LANES == 0 and i % VNNI_K == 0:
-            wp = pack_vnni_weight(layer.wq)
+        fits = dot is not None and c.groups == 1 and layer.x.dtype == torch.uint8 \
+            and o % dot.lanes == 0 and i % DOT_K == 0
+        if fits and dot is not None and dot.pair_bound and not pairs_fit(layer.wq):
+            stats.pair_bound_layers.append(node.name)
+        elif fits and dot is not None:
+            wp = pack_vnni_weight(layer.wq, dot.lanes)
             stats.weights.append((wp, node.name))
-            stats.vnni_layers.append(node.name)
+            stats.dot_layers.append(node.name)
             x_nhwc = bb.emit(relax.op.permute_dims(xq, [0, 2, 3, 1]))
+            bias = None
+            if dot.act == "int8":  # Arm: s8 x s8 only; shift the codes, and the zero point
+                x_nhwc = bb.emit(relax.op.astype(relax.op.subtract(
+                    relax.op.astype(x_nhwc, "int16"), relax.const(128, "int16")), "int8"))
+                # (x - 128) - (zx - 128) = x - zx: the correction gains 128 * sum(w)
+                bias = integer_bias(layer.bias_int, layer.wq, -128)
             acc = bb.emit(bb.call_te(vnni_conv2d_nhwc, x_nhwc, const(wp), list(c.stride),
                                      list(c.dilation), primfunc_name_hint="conv2d_vnni"),
                           name_hint=node.name)
-            y = finish(imp, acc, layer, [1, 1, 1, -1])
+            y = finish(imp, acc, layer, [1, 1, 1, -1], bias)
             return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
         acc = bb.emit(relax.op.nn.conv2d(xq, wq, strides=list(c.stride), padding=[0, 0],
                                          dilation=list(c.dilation), groups=c.groups,
@@ -251,10 +265,10 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, vnni: bool = F
     }
 
 
-def to_relax(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, vnni: bool = False
-             ) -> tuple[Any, LoweringStats]:
+def to_relax(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *,
+             dot: DotPath | None = None) -> tuple[Any, LoweringStats]:
     """Export `gm` and import it into a Relax IRModule (integer layers where possible;
-    `vnni`: see `make_convert_map`)."""
+    `dot`: see `make_convert_map`)."""
     from tvm.relax.frontend.torch import from_exported_program
 
     ep = torch.export.export(gm, tuple(example_inputs))
@@ -262,7 +276,7 @@ def to_relax(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], *, vnni
     try:
         mod = from_exported_program(ep, run_ep_decomposition=False,
                                     custom_convert_map=make_convert_map(ConstTable(ep), stats,
-                                                                       vnni=vnni))
+                                                                       dot=dot))
     except (AssertionError, KeyError, ValueError) as exc:
         culprits = [n.name for n in ep.graph.nodes if n.op == "call_function"
                     and getattr(n.target, "__name__", "\0") in str(exc)]

@@ -58,20 +58,22 @@ def bias_matches_scale(bias_scale: np.ndarray, sx: float, sw: np.ndarray) -> boo
 VNNI_LANES, VNNI_K = 16, 4
 
 
-def pack_vnni_weight(wq: np.ndarray) -> np.ndarray:
-    """OIHW int8 -> [O/16, KH, KW, I/4, 16, 4]: each 16 (out) x 4 (in) block contiguous, the
-    operand layout of TVM's `dot_16x4_vnni` intrinsic (needs O % 16 == 0, I % 4 == 0)."""
+def pack_vnni_weight(wq: np.ndarray, lanes: int = VNNI_LANES) -> np.ndarray:
+    """OIHW int8 -> [O/lanes, KH, KW, I/4, lanes, 4]: each lanes (out) x 4 (in) block
+    contiguous, the operand layout of the dot-product intrinsics (TVM's `dot_16x4_vnni`,
+    16 lanes; tvm_dot's other paths: 8 or 4). Needs O % lanes == 0, I % 4 == 0."""
     o, i, kh, kw = wq.shape
-    w = wq.reshape(o // VNNI_LANES, VNNI_LANES, i // VNNI_K, VNNI_K, kh, kw)
+    w = wq.reshape(o // lanes, lanes, i // VNNI_K, VNNI_K, kh, kw)
     return np.ascontiguousarray(w.transpose(0, 4, 5, 2, 1, 3))
 
 
 def vnni_conv2d_nhwc(data: Any, wp: Any, strides: Sequence[int], dilation: Sequence[int]) -> Any:
-    """TE: int32 NHWC conv of padded uint8 NHWC `data` with a `pack_vnni_weight` weight.
+    """TE: int32 NHWC conv of padded uint8 (or int8) NHWC `data` with a `pack_vnni_weight`
+    weight of any lane count.
 
-    The innermost reduction (4 input channels) and the 16 output channels of one weight block
-    are separate iterators over contiguous memory, which is what MetaSchedule's x86 VNNI rule
-    needs to tensorize the block into vpdpbusd (TVM's own NCHW conv cannot be).
+    The innermost reduction (4 input channels) and the output channels of one weight block
+    are separate iterators over contiguous memory, which is what tensorizing needs
+    (MetaSchedule's x86 VNNI rule; tvm_dot.schedule_packed_conv); TVM's NCHW conv cannot be.
     """
     from tvm import te
 
@@ -88,6 +90,6 @@ def vnni_conv2d_nhwc(data: Any, wp: Any, strides: Sequence[int], dilation: Seque
         (n, oh, ow, o0 * o1),
         lambda b, h, w, oc: te.sum(
             data[b, h * sh + kh * dh, w * sw + kw * dw, c0 * VNNI_K + c1].astype("int32")
-            * wp[oc // VNNI_LANES, kh, kw, c0, oc % VNNI_LANES, c1].astype("int32"),
+            * wp[oc // o1, kh, kw, c0, oc % o1, c1].astype("int32"),
             axis=[kh, kw, c0, c1]),
         name="conv2d_vnni")

@@ -40,17 +40,17 @@ WORKLOADS, RECORDS = "database_workload.json", "database_tuning_record.json"
 
 
 def isa_class(target: Any) -> str:
-    """The ISA class a shipped database is made for: the int8 instructions that schedules
-    (tensorized ones especially) may use on this target."""
+    """The target's CPU class by its int8 instructions (quantflow.devices.ISA_CLASSES names):
+    what a shipped database is made for and which dot-product path (tvm_dot) kernels use."""
     from tvm.target import codegen
 
     def has(feature: str) -> bool:
         return bool(codegen.target_has_features(feature, target))
 
     if "aarch64" in str(target.attrs.get("mtriple", "")):
-        return "aarch64-dotprod" if has("dotprod") else "aarch64-neon"
+        return "arm64-dot" if has("dotprod") else "arm64"
     if has("avx512vnni"):
-        return "x86-avx512vnni"
+        return "x86-vnni"
     return "x86-avx2" if has("avx2") else "x86-sse"
 
 
@@ -130,46 +130,40 @@ def add_trials(path: Path, counts: dict[str, int]) -> None:
     os.replace(tmp, path / TRIALS)
 
 
-def apply(mod: Any, target: Any, sources: list[tuple[str, Any]]) -> tuple[Any, dict[str, Any]]:
+def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = None
+          ) -> tuple[Any, dict[str, Any]]:
     """Schedule every kernel of `mod` (output of `tvm_tune.prepare`): a kernel with a reduction
     from the first database in `sources` ((name, database) pairs) that has its workload;
-    elementwise kernels with `default_schedule`. Returns the module and, per kernel kind,
-    how many got what: {"records": {source: n}, "no_record": n, "default": n}."""
+    the others with `tvm_schedules.default_schedule` (`path`: the ISA's int8 dot product,
+    tvm_dot). Returns the module and how many kernels got what: {"records": {source: n},
+    "tensorized": n, "reduction": n, "elementwise": n, "none": n, "no_record": [names]}."""
     import tvm
-    import tvm_ffi
     from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
 
+    from quantflow.targets.tvm_schedules import default_schedule
     from quantflow.targets.tvm_tune import skip_gpu_intrinsics
 
     skip_gpu_intrinsics()  # replaying a trace looks tensor intrinsics up by name
     out = mod.clone()
-    counts: dict[str, Any] = {"records": {name: 0 for name, _db in sources}, "no_record": 0,
-                              "default": 0}
+    counts: dict[str, Any] = {"records": {name: 0 for name, _db in sources}, "tensorized": 0,
+                              "reduction": 0, "elementwise": 0, "none": 0}
     missing: list[str] = []
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled"):
             continue
-        if not _reduction_blocks(func):
-            scheduled = default_schedule(func)
-            if scheduled is not None:
-                out[gv] = scheduled
-                counts["default"] += 1
-            continue
         one = tvm.IRModule({"main": func})
-        for name, db in sources:
+        for name, db in sources if _reduction_blocks(func) else ():
             if not db.has_workload(one):
                 continue
             record = db.query_tuning_record(one, target, gv.name_hint)
             if record is None:
                 continue
             sch = tvm.s_tir.Schedule(one)
-            try:
+            try:  # replayed on the anchor block, the epilogue scheduled around it: the same
+                # for this kernel and for another calibration's (other literals)
                 with target:
-                    if tvm_ffi.structural_equal(record.workload.mod, one):
-                        record.trace.apply_to_schedule(sch, remove_postproc=False)
-                    else:  # same anchor, other epilogue (literals): replay on the anchor
-                        schedule_using_anchor_trace(sch, record.trace, target)
-            except Exception as exc:  # noqa: BLE001 - a record that does not replay: untuned
+                    schedule_using_anchor_trace(sch, record.trace, target)
+            except Exception as exc:  # noqa: BLE001 - a record that does not replay: default
                 log.warning("tvm: record from %s does not apply to %s (%s)", name,
                             gv.name_hint, str(exc).splitlines()[0] if str(exc) else exc)
                 continue
@@ -177,42 +171,14 @@ def apply(mod: Any, target: Any, sources: list[tuple[str, Any]]) -> tuple[Any, d
             counts["records"][name] += 1
             break
         else:
-            counts["no_record"] += 1
-            missing.append(str(gv.name_hint))
-    counts["missing"] = missing
+            if _reduction_blocks(func):
+                missing.append(str(gv.name_hint))
+            scheduled, kind = default_schedule(func, path)
+            counts[kind] += 1
+            if scheduled is not None:
+                out[gv] = scheduled
+    counts["no_record"] = missing
     return out, counts
-
-
-def default_schedule(func: Any) -> Any:
-    """An elementwise kernel without tuning: its spatial loops fused and split so that the
-    outer part runs on the thread pool and the inner 64 iterations stay one loop LLVM can
-    vectorize. None when the kernel does not have that shape (left as it is)."""
-    import tvm
-
-    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
-    try:
-        blocks = list(sch.get_child_blocks(sch.get_sblock("root"))) if _has_root(func) else []
-        if not blocks:
-            return None
-        for b in blocks[:-1]:  # a fused chain (quantize, then pad): one loop nest
-            sch.compute_inline(b)
-        loops = sch.get_loops(blocks[-1])
-        if not loops:
-            return None
-        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
-        extent = int(sch.get(fused).extent)
-        if extent >= 4 * 64 and extent % 64 == 0:
-            outer, _inner = sch.split(fused, factors=[None, 64])
-            sch.parallel(outer)
-        elif extent >= 2:
-            sch.parallel(fused)
-    except Exception:  # noqa: BLE001 - a shape this simple schedule does not handle
-        return None
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
-
-
-def _has_root(func: Any) -> bool:
-    return getattr(getattr(func.body, "block", None), "name_hint", "") == "root"
 
 
 def seed(work_dir: Path, target: Any) -> str | None:
@@ -251,9 +217,17 @@ def sources(work_dir: Path, target: Any, *, use_shipped: bool = True
     return out
 
 
-def int8_path(target: Any, vnni_convs: int) -> str:
+def int8_path(target: Any, dot_convs: int, pair_bound_convs: int = 0) -> str:
     """How this artifact's int8 dot products run, for the report."""
+    from quantflow.targets.tvm_dot import path_for
+
     cls = isa_class(target)
-    if vnni_convs:
-        return f"{cls}: vpdpbusd (u8 x s8 -> s32 in 4-pairs) in {vnni_convs} VNNI-layout convs"
-    return f"{cls}: int8 operands widened to int32 by LLVM (no int8 dot-product instruction)"
+    path = path_for(cls)
+    widen = "int8 operands widened to int32 by LLVM"
+    if not dot_convs or path is None:
+        return f"{cls}: {widen} (no conv in the dot-product layout)"
+    out = f"{cls}: {path.instruction} in {dot_convs} packed convs ({path.lanes} x 4 blocks)"
+    if pair_bound_convs:
+        out += (f"; {pair_bound_convs} convs whose weights exceed the int16 pair bound: "
+                f"{widen}")
+    return out + "; other integer layers: " + widen

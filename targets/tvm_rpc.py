@@ -365,7 +365,7 @@ def runs_here(meta: dict[str, Any]) -> bool:
 
     from tvm.target import codegen
 
-    if meta.get("device") == "aarch64":
+    if str(meta.get("device")).startswith("aarch64"):
         return False
     # meta["target"] is the target's export as text (a JSON string of the Map's repr)
     mcpu = re.search(r'\\?"mcpu\\?": \\?"([\w.+-]+)', str(meta.get("target", "")))

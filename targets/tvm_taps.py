@@ -47,7 +47,7 @@ def layer_codes(target: Any, artifact: Artifact, qgm: fx.GraphModule, names: Seq
     import tvm
     from tvm import relax
 
-    from quantflow.targets import tvm_tune
+    from quantflow.targets import tvm_records, tvm_tune
     from quantflow.targets.tvm_frontend import to_relax
 
     if not artifact.meta.get("layer_taps", True):
@@ -55,8 +55,10 @@ def layer_codes(target: Any, artifact: Artifact, qgm: fx.GraphModule, names: Seq
     example = [torch.from_numpy(np.ascontiguousarray(x)) for x in feeds[0]]
     gm = tapped_graph(qgm, names)
     host = target.target()
-    mod, _ = to_relax(gm, example, vnni=target.use_vnni(host))
-    mod = tvm_tune.fuse_tir(tvm_tune.fuse(mod, host), host)
+    dot = target.dot_path(host)
+    mod, _ = to_relax(gm, example, dot=dot)
+    # the default schedules (no tuning records: the taps change the kernels' workloads)
+    mod, _ = tvm_records.apply(tvm_tune.fuse_tir(tvm_tune.fuse(mod, host), host), host, [], dot)
     vm = relax.VirtualMachine(tvm.compile(mod, host), tvm.cpu())
     n_out = len(artifact.output_names)
     results = []

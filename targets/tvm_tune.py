@@ -86,6 +86,9 @@ def skip_gpu_intrinsics() -> None:
         for sub in ("x86", "arm_cpu"):
             importlib.import_module(f"{name}.{sub}")
     register_vnni_dot()
+    from quantflow.targets.tvm_dot import register_avx2_dot
+
+    register_avx2_dot()
 
 
 _VNNI_FIXED = False
@@ -191,12 +194,14 @@ def tuning_tasks(mod: Any, target: Any) -> list[tuple[Any, str]]:
 
 
 def tune(mod: Any, target: Any, work_dir: Path, *, trials_per_task: int,
-         seconds: float | None = None, rpc: Any = None) -> dict[str, Any]:
+         seconds: float | None = None, rpc: Any = None, path: Any = None) -> dict[str, Any]:
     """Tune the workloads of `mod` (output of `prepare`) that `work_dir` (`cache_dir_for`) has
     not yet tuned for `trials_per_task` trials (or TIME_TRIALS_CAP with only a time budget);
     stop after `seconds` if given. Records are appended to the JSON database in `work_dir`
     (keyed by workload: tvm_records); apply them with `tvm_records.apply`. With `rpc` (a
-    `tvm_rpc.RPCDevice`) candidates are measured on that board."""
+    `tvm_rpc.RPCDevice`) candidates are measured on that board. First, each new workload's
+    default schedule (tvm_schedules; `path`: the ISA's dot product) is measured into the
+    database, so that the tuned result is never slower than no tuning."""
     import tvm.s_tir.meta_schedule as ms
 
     from quantflow.targets.tvm_records import EQUALITY, add_trials, read_trials, seed
@@ -231,6 +236,14 @@ def tune(mod: Any, target: Any, work_dir: Path, *, trials_per_task: int,
     builder = ms.builder.LocalBuilder(max_workers=min(cores, os.cpu_count() or 1),
                                       timeout_sec=120.0, f_export=export,
                                       initializer=skip_gpu_intrinsics)
+    t0 = time.perf_counter()
+    fresh = [(t, k) for t, k in todo if done.get(k, 0) == 0]
+    if fresh:
+        from quantflow.targets.tvm_schedules import measure_defaults
+
+        db = ms.database.JSONDatabase(work_dir=str(work_dir), module_equality=EQUALITY)
+        info["defaults_measured"] = measure_defaults(fresh, target, path, builder, runner, db)
+        del db  # tune_tasks opens the same files
 
     def run(part: list[tuple[Any, str]], trials: int, per_iter: int, seed: int) -> None:
         if not log.isEnabledFor(logging.DEBUG):
@@ -248,7 +261,6 @@ def tune(mod: Any, target: Any, work_dir: Path, *, trials_per_task: int,
             measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
                                counter], module_equality=EQUALITY)
 
-    t0 = time.perf_counter()
     try:
         with TrialWatch(work_dir, per_task * len(todo), seconds), _named_handlers_only():
             if seconds is None:

@@ -311,6 +311,8 @@ def test_recalibration_reuses_every_tuning_record(tmp_path: Path) -> None:
     first = target.lower(first_gm, (x,), tmp_path / "a", precision="int8")
     tuning = first.meta["tuning"]
     assert tuning["cache_hit"] is False and tuning["tuned_tasks"] == tuning["tasks"] >= 2
+    # each workload's default schedule was measured into the database before tuning
+    assert tuning["defaults_measured"] == tuning["tasks"]
     assert first.meta["records"]["records"] == {"cache": tuning["tasks"]}
     recal_gm = capture(TwoConvs(0.031, 0.043), (x,))  # other scales: other TIR literals
     recal = target.lower(recal_gm, (x,), tmp_path / "b", precision="int8")
@@ -319,7 +321,7 @@ def test_recalibration_reuses_every_tuning_record(tmp_path: Path) -> None:
     assert recal.meta["tuning"]["reused_tasks"] == tuning["tasks"]
     assert recal.meta["tuning"]["work_dir"] == tuning["work_dir"]
     assert recal.meta["records"]["records"] == {"cache": tuning["tasks"]}
-    assert recal.meta["records"]["no_record"] == 0
+    assert recal.meta["records"]["no_record"] == []
     for art, gm, step in ((first, first_gm, 0.05), (recal, recal_gm, 0.043)):
         (got,) = target.run(art, [x.numpy()])
         assert steps_apart(got, gm(x).detach().numpy(), step).max() <= 1.0 + 1e-4

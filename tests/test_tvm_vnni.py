@@ -20,6 +20,7 @@ from test_target_tvm import MIN_EXACT, OneConv, QConv, QNet, q, steps_apart  # s
 from quantflow.ir import capture
 from quantflow.targets import get_target
 from quantflow.targets.tvm import host_target
+from quantflow.targets.tvm_dot import PATHS, pairs_fit
 from quantflow.targets.tvm_int_math import pack_vnni_weight
 
 pytestmark = pytest.mark.tvm
@@ -57,9 +58,16 @@ class Mixed(nn.Module):
 def test_vnni_convs_match_simulation_and_keep_their_names(tmp_path: Path) -> None:
     x = torch.randn(1, 8, 20, 20, generator=torch.Generator().manual_seed(0))
     gm = capture(Mixed(), (x,))
-    target = get_target("tvm", vnni=True)
+    target = get_target("tvm", dot=True)
     art = target.lower(gm, (x,), tmp_path, precision="int8")
-    assert art.meta["vnni_layers"] == ["conv2d", "conv2d_3"]
+    # which convs take this host's dot-product path: VNNI (16 lanes) conv2d and conv2d_3;
+    # AVX2 (8 lanes) also conv2d_2, each only if its weights keep vpmaddubsw's pair bound
+    path = target.dot_path(host_target())
+    net = Mixed()
+    fits = [name for name, c in (("conv2d", net.a), ("conv2d_2", net.c), ("conv2d_3", net.d))
+            if path is not None and c.wq.shape[0] % path.lanes == 0
+            and (not path.pair_bound or pairs_fit(c.wq.numpy()))]
+    assert art.meta["dot_layers"] == fits
     assert sorted(art.meta["int_layers"]) == ["conv2d", "conv2d_1", "conv2d_2", "conv2d_3"]
     g = torch.Generator().manual_seed(1)
     for scale in (1.0, 3.0):
@@ -74,7 +82,7 @@ def test_vnni_convs_match_simulation_and_keep_their_names(tmp_path: Path) -> Non
         sorted(lat.per_layer_ms)
 
 
-def test_vnni_is_on_by_default_for_a_vnni_host_tuned_or_not() -> None:
+def test_dot_path_follows_the_isa_class_tuned_or_not() -> None:
     """One layout in every mode, so that records tuned in one apply in the others."""
     from tvm.target import codegen
 
@@ -82,12 +90,17 @@ def test_vnni_is_on_by_default_for_a_vnni_host_tuned_or_not() -> None:
 
     host = host_target()
     has = bool(codegen.target_has_features("avx512vnni", host))
-    assert get_target("tvm").use_vnni(host) == has
-    assert get_target("tvm", tune_trials=4).use_vnni(host) == has
-    assert get_target("tvm", tune_trials=4, vnni=False).use_vnni(host) is False
+    lanes = {"x86-vnni": 16, "x86-avx2": 8, "arm64-dot": 4, "arm64": 4}
+    assert (get_target("tvm").dot_path(host).isa == "x86-vnni") == has
+    assert get_target("tvm", tune_trials=4).dot_path(host) == get_target("tvm").dot_path(host)
+    assert get_target("tvm", tune_trials=4, dot=False).dot_path(host) is None
     haswell = tvm.target.Target({"kind": "llvm", "mcpu": "haswell"})
-    assert get_target("tvm").use_vnni(haswell) is False
-    assert get_target("tvm", device="aarch64").use_vnni(aarch64_target()) is False
+    assert get_target("tvm").dot_path(haswell).isa == "x86-avx2"
+    sandy = tvm.target.Target({"kind": "llvm", "mcpu": "sandybridge"})
+    assert get_target("tvm").dot_path(sandy) is None  # no AVX2: the widening path
+    arm = get_target("tvm", device="aarch64").dot_path(aarch64_target())
+    assert arm.isa == "arm64" and arm.act == "int8"
+    assert {p.isa: p.lanes for p in PATHS.values()} == lanes
 
 
 @pytest.mark.slow
@@ -102,9 +115,9 @@ def test_tuned_vnni_conv_runs_vpdpbusd(tmp_path: Path) -> None:
         pytest.skip("objdump not installed")
     x = torch.randn(1, 32, 14, 14, generator=torch.Generator().manual_seed(3))
     gm = capture(OneConv(32), (x,))
-    target = get_target("tvm", tune_trials=8, cache_dir=tmp_path / "cache", vnni=True)
+    target = get_target("tvm", tune_trials=8, cache_dir=tmp_path / "cache", dot=True)
     art = target.lower(gm, (x,), tmp_path / "out", precision="int8")
-    assert art.meta["vnni_layers"] == ["conv2d"]
+    assert art.meta["dot_layers"] == ["conv2d"]
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", art.files["model"]],
                          check=True, capture_output=True, text=True).stdout
     assert asm.count("vpdpbusd") >= 16, "the tuned conv does not use VNNI"

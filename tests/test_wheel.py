@@ -26,7 +26,7 @@ SOURCES = ("pyproject.toml", "README.md", "quantflow", "passes", "targets")
 PACKAGES = {"quantflow": "quantflow", "passes": "quantflow/passes", "targets": "quantflow/targets"}
 #: non-Python files the features read at run time (wheel paths)
 DATA_FILES = ("quantflow/report.schema.json", "quantflow/targets/tvm_host/runner.cc",
-              "quantflow/targets/tvm_records/x86-avx512vnni/database_tuning_record.json",
+              "quantflow/targets/tvm_records/x86-vnni/database_tuning_record.json",
               "quantflow/targets/tvm_records/x86-avx2/database_tuning_record.json",
               "quantflow/zoo/weights/resnet_fmnist.pt", "quantflow/zoo/weights/resnet_fmnist.json")
 #: each step runs pip or a compile; generous, the machine is shared
@@ -116,7 +116,7 @@ def test_wheel_installs_and_compiles_outside_the_repo(tmp_path: Path) -> None:
     assert found["schema"] and found["runner_cc"] and found["ort_runner"] \
         and found["trt_build_engine"], found
     assert found["paths"] == []
-    assert {"x86-avx2", "x86-avx512vnni"} <= set(found["tvm_records"]), found["tvm_records"]
+    assert {"x86-avx2", "x86-vnni"} <= set(found["tvm_records"]), found["tvm_records"]
     assert {"resnet_fmnist.pt", "resnet_fmnist.json"} <= set(found["weights"])
 
     out = elsewhere / "out"

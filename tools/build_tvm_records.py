@@ -9,14 +9,14 @@ MetaSchedule JSON database keyed by anchor block, see targets/tvm_records.py) wi
 uses these records when it has none of its own, and a tuning starts from them.
 
 ISA classes and where they are measured:
-  x86-avx512vnni  this CPU (must have AVX512-VNNI), its own LLVM CPU name
-  x86-avx2        this CPU running code built for -mcpu=haswell (AVX2/FMA, no AVX-512), so an
-                  AVX-512 machine measures AVX2 code; its cache is keyed on that target string
-  aarch64-*       needs a board: --rpc-tracker HOST:PORT --rpc-key KEY (docs/tvm_rpc.md)
+  x86-vnni    this CPU (must have AVX512-VNNI), its own LLVM CPU name
+  x86-avx2    this CPU running code built for -mcpu=haswell (AVX2/FMA, no AVX-512), so an
+              AVX-512 machine measures AVX2 code; its cache is keyed on that target string
+  arm64-dot, arm64  need a board: --rpc-tracker HOST:PORT --rpc-key KEY (docs/tvm_rpc.md)
 
 Usage:
-  nice -n 5 .venv/bin/python tools/build_tvm_records.py --isa x86-avx512vnni \\
-      --models resnet_fmnist mobilenetv2 --tune-time 8m
+  nice -n 5 .venv/bin/python tools/build_tvm_records.py --isa x86-vnni \\
+      --models resnet_fmnist mobilenet_v2_imagenet --tune-time 8m
   nice -n 5 .venv/bin/python tools/build_tvm_records.py --isa x86-avx2 --models resnet_fmnist
 """
 
@@ -35,7 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
-MCPU = {"x86-avx512vnni": None, "x86-avx2": "haswell"}
+MCPU = {"x86-vnni": None, "x86-avx2": "haswell"}
 FAILED_S = 1e9  # MetaSchedule records a candidate that failed to build or run as 1e10 s
 
 
@@ -46,7 +46,7 @@ def tune_model(name: str, isa: str, seconds: float, work: Path, precisions: list
     from quantflow.targets import get_target
 
     m = prepare(name, "percentile", 256, 8)
-    device = "aarch64" if isa.startswith("aarch64") else "host"
+    device = "aarch64" if isa.startswith("arm64") else "host"
     target = get_target("tvm", device=device, tune_seconds=seconds, cache_dir=work / "cache",
                         mcpu=MCPU.get(isa), shipped_records=False, **rpc)
     got = target.target()
@@ -103,8 +103,8 @@ def write_pruned(cache: Path, dest: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--isa", required=True,
-                   choices=["x86-avx512vnni", "x86-avx2", "aarch64-dotprod", "aarch64-neon"])
-    p.add_argument("--models", nargs="+", default=["resnet_fmnist", "mobilenetv2"])
+                   choices=["x86-vnni", "x86-avx2", "arm64-dot", "arm64"])
+    p.add_argument("--models", nargs="+", default=["resnet_fmnist", "mobilenet_v2_imagenet"])
     p.add_argument("--precisions", nargs="+", default=["int8", "fp32"])
     p.add_argument("--tune-time", default="8m", help="per model and precision (e.g. 8m, 300s)")
     p.add_argument("--rpc-tracker")
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         runs += tune_model(name, args.isa, seconds, work, args.precisions, rpc)
     from quantflow.targets import get_target
 
-    target = get_target("tvm", device="aarch64" if args.isa.startswith("aarch64") else "host",
+    target = get_target("tvm", device="aarch64" if args.isa.startswith("arm64") else "host",
                         mcpu=MCPU.get(args.isa), **rpc)
     cache = cache_dir_for(target.target(), work / "cache", target.rpc)
     prov = SHIPPED / args.isa / "provenance.json"

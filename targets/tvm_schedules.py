@@ -1,0 +1,190 @@
+"""Schedules for kernels that no tuning record covers: TVM's default is naive loop nests.
+
+Three shapes, by what the kernel computes (`default_schedule` picks):
+- packed int8 conv (`tvm_dot.PACKED_BLOCK`): tensorized with the ISA's dot product
+  (`tvm_dot.schedule_packed_conv`);
+- any other reduction (NCHW/depthwise/grouped conv, float conv, matmul, pool, mean): the
+  reduction loops moved outside the innermost spatial loop, which is then vectorized (each
+  step updates a vector of outputs instead of one horizontal sum), the outer spatial loops on
+  the thread pool, the elementwise epilogue inlined into one loop;
+- elementwise (pads, quantize, residual adds): fused into one loop, split for the thread pool
+  and vectorized.
+Each is tried on a copy; a kernel whose loops do not have the expected shape keeps TVM's
+default (`None`). A schedule reorders loops; it does not change what is computed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from quantflow.targets.tvm_dot import PACKED_BLOCK, DotPath, schedule_packed_conv
+
+log = logging.getLogger("quantflow.targets.tvm")
+
+#: vector width (elements) for the innermost spatial loop of a reduction or elementwise kernel
+VECTOR = 16
+#: parallel chunks wanted at least (the thread pool has a few cores)
+MIN_PARALLEL = 8
+
+
+def default_schedule(func: Any, path: DotPath | None) -> tuple[Any, str]:
+    """(scheduled PrimFunc, kind) with kind "tensorized" | "reduction" | "elementwise", or
+    (None, "none") when no rule applies."""
+    import tvm
+
+    for kind, rule in (("tensorized", _packed), ("reduction", _reduction),
+                       ("elementwise", _elementwise)):
+        sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
+        try:
+            done = rule(sch, path)
+        except Exception as exc:  # noqa: BLE001 - TVM raises many error types: next rule
+            log.debug("tvm: %s schedule does not fit %s: %s", kind, func.attrs.get(
+                "global_symbol", "a kernel"), str(exc).splitlines()[0] if str(exc) else exc)
+            continue
+        if done:
+            return sch.mod["main"].with_attr("tirx.is_scheduled", True), kind
+    return None, "none"
+
+
+def _blocks(sch: Any) -> list[Any]:
+    return list(sch.get_child_blocks(sch.get_sblock("root")))
+
+
+def _is_reduction(sch: Any, block: Any) -> bool:
+    return sch.get(block).init is not None
+
+
+def _packed(sch: Any, path: DotPath | None, epilogue: bool = True) -> bool:
+    if path is None:
+        return False
+    found = [b for b in _blocks(sch) if sch.get(b).name_hint == PACKED_BLOCK]
+    if len(found) != 1:
+        return False
+    if path.intrin.startswith("quantflow_"):
+        from quantflow.targets.tvm_dot import register_avx2_dot
+
+        register_avx2_dot()
+    schedule_packed_conv(sch, found[0], path, epilogue)
+    return True
+
+
+def _reduction(sch: Any, path: DotPath | None, epilogue: bool = True) -> bool:
+    blocks = _blocks(sch)
+    reds = [b for b in blocks if _is_reduction(sch, b)]
+    if len(reds) != 1:
+        return False
+    block = reds[0]
+    loops = sch.get_loops(block)
+    ivs = sch.get(block).iter_vars
+    if len(loops) != len(ivs):
+        return False
+    spatial = [lp for lp, iv in zip(loops, ivs, strict=True) if int(iv.iter_type) == 0]
+    reduce = [lp for lp, iv in zip(loops, ivs, strict=True) if int(iv.iter_type) == 2]
+    if not spatial or not reduce or len(spatial) + len(reduce) != len(loops):
+        return False
+    inner = spatial[-1]
+    extent = int(sch.get(inner).extent)
+    outer = spatial[:-1]
+    if extent > 4 * VECTOR and extent % VECTOR == 0:
+        split_o, inner = sch.split(inner, [None, VECTOR])
+        outer = [*outer, split_o]
+    sch.reorder(*outer, *reduce, inner)
+    _parallel_prefix(sch, outer)
+    name = str(sch.get(block).name_hint)
+    if int(sch.get(inner).extent) > 1:  # before the decomposition: the init copies the loop
+        sch.vectorize(inner)
+    sch.decompose_reduction(block, reduce[0])
+    if not epilogue:
+        return True
+    rest = [b for b in _blocks(sch)
+            if str(sch.get(b).name_hint) not in (name, f"{name}_init", f"{name}_update")]
+    _epilogue(sch, rest)
+    return True
+
+
+def _elementwise(sch: Any, path: DotPath | None) -> bool:
+    blocks = _blocks(sch)
+    if not blocks or any(_is_reduction(sch, b) for b in blocks):
+        return False
+    _epilogue(sch, blocks)
+    return True
+
+
+def _epilogue(sch: Any, blocks: list[Any]) -> None:
+    """Inline all but the last block into it; one fused loop, parallel outside, vectorized
+    inside when the extent divides."""
+    if not blocks:
+        return
+    for b in blocks[:-1]:
+        sch.compute_inline(b)
+    loops = sch.get_loops(blocks[-1])
+    if not loops:
+        return
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    extent = int(sch.get(fused).extent)
+    if extent >= MIN_PARALLEL * VECTOR and extent % VECTOR == 0:
+        outer, inner = sch.split(fused, [None, VECTOR])
+        sch.parallel(outer)
+        sch.vectorize(inner)
+    elif extent >= 2:
+        sch.parallel(fused)
+
+
+def _parallel_prefix(sch: Any, loops: list[Any]) -> None:
+    """Parallelize the fewest leading loops whose product reaches MIN_PARALLEL (all of them
+    if it never does)."""
+    take, product = 0, 1
+    for lp in loops:
+        take += 1
+        product *= int(sch.get(lp).extent)
+        if product >= MIN_PARALLEL:
+            break
+    if take and product > 1:
+        sch.parallel(sch.fuse(*loops[:take]) if take > 1 else loops[0])
+
+
+def measure_defaults(tasks: list[tuple[Any, str]], target: Any, path: DotPath | None,
+                     builder: Any, runner: Any, db: Any) -> int:
+    """Measure each task's default schedule and commit it to `db` as a tuning record, so that
+    it competes with tuned candidates: tuning then never ends slower than no tuning, and the
+    evolutionary search can start from it. `tasks`: (ExtractedTask, anchor key) pairs.
+    Returns how many were committed (a default that fails to build or run is skipped)."""
+    import tvm.s_tir.meta_schedule as ms
+
+    measured = []
+    for task, _key in tasks:
+        mod = task.dispatched[0]
+        (func,) = [f for _gv, f in mod.functions_items()]
+        scheduled, kind = default_schedule(func, path)
+        if scheduled is None or kind == "elementwise":
+            continue
+        sch = _traced(func, path, kind)
+        if sch is None:
+            continue
+        args = ms.arg_info.ArgInfo.from_prim_func(func)
+        (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+        if built.error_msg:
+            continue
+        (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args)])
+        result = future.result()
+        if result.error_msg or not result.run_secs:
+            continue
+        measured.append(ms.database.TuningRecord(sch.trace, db.commit_workload(mod),
+                                                 result.run_secs, target, args))
+    for record in measured:
+        db.commit_tuning_record(record)
+    return len(measured)
+
+
+def _traced(func: Any, path: DotPath | None, kind: str) -> Any:
+    """The default schedule of `kind` again, without the epilogue: its trace is the record,
+    replayed on the anchor block (tvm_records.apply), whatever the epilogue around it."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
+    rule = {"tensorized": _packed, "reduction": _reduction}[kind]
+    try:
+        return sch if rule(sch, path, False) else None
+    except Exception:  # noqa: BLE001 - the same rule succeeded on an untraced copy
+        return None
