@@ -19,16 +19,13 @@ Arm has no u8 x s8 dot product before i8mm, so there the uint8 codes are shifted
 (x - 128, exact) and the zero-point correction uses zx - 128 (tvm_int_math's algebra with a
 shifted zero point: `integer_bias(bq, wq, zx - 128)`).
 
-`schedule_packed_conv`: the schedule a packed conv gets when no tuning record has its
-workload: the output row split so that several accumulators share one weight block, the
-lanes x 4 block tensorized with the ISA's intrinsic, the epilogue (bias, scale) inlined into
-one vectorized loop, outer loops on the thread pool.
+The schedule a packed conv gets when no tuning record has its workload is
+`tvm_schedules.packed_conv`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -120,38 +117,6 @@ def register_avx2_dot() -> None:
 
     TensorIntrin.register(AVX2_INTRIN, desc, impl, override=True)
     _REGISTERED = True
-
-
-#: output-row tiles tried in order: several accumulators per weight block (the first that
-#: divides the row; measured on a 64-channel 28x28 conv: 7 > 14 > 4 > whole row)
-ROW_TILES = (7, 8, 4, 2, 1)
-
-
-def schedule_packed_conv(sch: Any, block: Any, path: DotPath, epilogue: bool = True) -> None:
-    """See the module docstring. `sch` holds one kernel whose `block` is the
-    `packed_conv2d_nhwc` reduction; the other blocks are its elementwise epilogue, left alone
-    with `epilogue=False` (a tuning record's trace: replaying it on another calibration's
-    kernel schedules that kernel's own epilogue, tvm_records.apply)."""
-    b, h, w, oc, kh, kw, c0, c1 = sch.get_loops(block)
-    ow = int(sch.get(w).extent)
-    wo, wi = sch.split(w, [None, next(f for f in ROW_TILES if ow % f == 0)])
-    oco, oci = sch.split(oc, [None, path.lanes])
-    sch.reorder(b, h, wo, oco, kh, kw, c0, wi, oci, c1)
-    sch.parallel(sch.fuse(b, h, wo, oco))
-    init = sch.decompose_reduction(block, kh)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(oci, path.intrin)
-    if not epilogue:
-        return
-    rest = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
-            if not str(sch.get(b).name_hint).startswith(PACKED_BLOCK)]
-    for b in rest[:-1]:
-        sch.compute_inline(b)
-    if rest:
-        fused = sch.fuse(*sch.get_loops(rest[-1]))
-        outer, inner = sch.split(fused, [None, path.lanes])
-        sch.parallel(outer)
-        sch.vectorize(inner)
 
 
 #: the name of the packed conv's TE block (tvm_int_math.packed_conv2d_nhwc)

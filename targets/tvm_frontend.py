@@ -30,10 +30,12 @@ from quantflow.errors import UnsupportedOpError
 from quantflow.ir import ConvArgs
 from quantflow.targets.tvm_dot import DOT_K, DotPath, pairs_fit
 from quantflow.targets.tvm_int_math import (
+    depthwise_conv2d_nhwc,
     integer_bias,
     pack_vnni_weight,
     vnni_conv2d_nhwc,
 )
+from quantflow.targets.tvm_layout import Twins
 from quantflow.targets.tvm_match import (
     ConstTable,
     IntLayer,
@@ -69,6 +71,8 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, dot: DotPath |
     before and the epilogue after.
     """
     from tvm import relax
+
+    twins = Twins()
 
     def const(a: np.ndarray) -> Any:
         return relax.const(np.ascontiguousarray(a))
@@ -121,6 +125,56 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, dot: DotPath |
         if t is not None:  # a weight dequantized in the graph folds to an unknown constant
             stats.weights.append((t.numpy(), name))
 
+    def nhwc_conv(node: fx.Node, imp: Any, c: ConvArgs, layer: IntLayer, o: int, i: int,
+                  zx: float) -> Any:
+        """A 2-D uint8 conv in NHWC (tvm_layout): packed for the ISA's dot product (tvm_dot)
+        or depthwise; its input's NHWC twin if there is one, and its output recorded as a
+        twin. None: neither form fits (the caller lowers the NCHW conv)."""
+        assert dot is not None
+        depthwise = c.groups == o and i == 1 and o > 1
+        # channels padded with zero weights to whole blocks (the extra outputs are sliced
+        # off): e.g. MobileNetV2's 24-channel projections, a 3-channel RGB stem
+        o_pad, i_pad = -(-o // dot.lanes) * dot.lanes, -(-i // DOT_K) * DOT_K
+        wq = np.zeros((o_pad, i_pad, *layer.wq.shape[2:]), np.int8)
+        wq[:o, :i] = layer.wq
+        fits = c.groups == 1
+        if fits and dot.pair_bound and not pairs_fit(wq):
+            stats.pair_bound_layers.append(node.name)
+            fits = False
+        if not (fits or depthwise):
+            return None
+        bb = imp.block_builder
+        x = twins.nhwc.get(layer.x.q)
+        if x is None:
+            x = bb.emit(relax.op.permute_dims(imp.env[layer.x.q], [0, 2, 3, 1]))
+        extra_c = 0 if depthwise else i_pad - i
+        if any(c.padding) or extra_c:  # zero point at the border, as in NCHW
+            widths = [0, 0] + [p for p in c.padding for _ in (0, 1)] + [0, extra_c]
+            x = bb.emit(relax.op.nn.pad(x, widths, "constant", zx), name_hint=f"{node.name}_pad")
+        bias = None
+        if depthwise:  # int32 widening, vectorized over channels (tvm_schedules)
+            w = np.ascontiguousarray(layer.wq[:, 0].transpose(1, 2, 0))
+            stats.weights.append((w, node.name))
+            acc = bb.emit(bb.call_te(depthwise_conv2d_nhwc, x, const(w), list(c.stride),
+                                     list(c.dilation), primfunc_name_hint="dwconv2d_nhwc"),
+                          name_hint=node.name)
+        else:
+            wp = pack_vnni_weight(wq, dot.lanes)
+            stats.weights.append((wp, node.name))
+            stats.dot_layers.append(node.name)
+            if dot.act == "int8":  # Arm: s8 x s8 only; shift the codes, and the zero point
+                x = bb.emit(relax.op.astype(relax.op.subtract(
+                    relax.op.astype(x, "int16"), relax.const(128, "int16")), "int8"))
+                # (x - 128) - (zx - 128) = x - zx: the correction gains 128 * sum(w)
+                bias = integer_bias(layer.bias_int, layer.wq, -128)
+            acc = bb.emit(bb.call_te(vnni_conv2d_nhwc, x, const(wp), list(c.stride),
+                                     list(c.dilation), primfunc_name_hint="conv2d_vnni"),
+                          name_hint=node.name)
+            if o_pad != o:
+                acc = bb.emit(relax.op.strided_slice(acc, axes=[3], begin=[0], end=[o]))
+        y = finish(imp, acc, layer, [1, 1, 1, -1], bias)
+        return twins.to_nchw(node, bb, y)
+
     def conv(node: fx.Node, imp: Any) -> Any:
         """conv1d/2d/3d: the same integer algebra over any number of spatial dims."""
         c = ConvArgs.of(node)  # export drops trailing defaults; this normalizes them
@@ -132,14 +186,18 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, dot: DotPath |
             return {1: imp._conv1d, 2: imp._conv2d, 3: imp._conv3d}[nd](node)
         bb = imp.block_builder
         xq, wq = imp.env[layer.x.q], imp.env[layer.w.q]
+        stats.int_layers.append(node.name)
+        o, i = layer.wq.shape[:2]
+        zx = float(int(layer.x.zero_point))
+        if nd == 2 and dot is not None and layer.x.dtype == torch.uint8:
+            nhwc = nhwc_conv(node, imp, c, layer, o, i, zx)
+            if nhwc is not None:
+                return nhwc
         if any(c.padding):
             # pad with the input zero point: real-valued zero at the border (tvm_int_math)
             widths = [0, 0, 0, 0] + [p for p in c.padding for _ in (0, 1)]
-            xq = bb.emit(relax.op.nn.pad(xq, widths, "constant",
-                                         float(int(layer.x.zero_point))),
+            xq = bb.emit(relax.op.nn.pad(xq, widths, "constant", zx),
                          name_hint=f"{node.name}_pad")
-        stats.int_layers.append(node.name)
-        o, i = layer.wq.shape[:2]
         if nd != 2:
             op = relax.op.nn.conv1d if nd == 1 else relax.op.nn.conv3d
             acc = bb.emit(op(xq, wq, strides=list(c.stride), padding=[0] * nd,
@@ -147,26 +205,6 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, dot: DotPath |
                           name_hint=node.name)
             stats.weights.append((layer.wq, node.name))
             return finish(imp, acc, layer, [1, -1] + [1] * nd)
-        fits = dot is not None and c.groups == 1 and layer.x.dtype == torch.uint8 \
-            and o % dot.lanes == 0 and i % DOT_K == 0
-        if fits and dot is not None and dot.pair_bound and not pairs_fit(layer.wq):
-            stats.pair_bound_layers.append(node.name)
-        elif fits and dot is not None:
-            wp = pack_vnni_weight(layer.wq, dot.lanes)
-            stats.weights.append((wp, node.name))
-            stats.dot_layers.append(node.name)
-            x_nhwc = bb.emit(relax.op.permute_dims(xq, [0, 2, 3, 1]))
-            bias = None
-            if dot.act == "int8":  # Arm: s8 x s8 only; shift the codes, and the zero point
-                x_nhwc = bb.emit(relax.op.astype(relax.op.subtract(
-                    relax.op.astype(x_nhwc, "int16"), relax.const(128, "int16")), "int8"))
-                # (x - 128) - (zx - 128) = x - zx: the correction gains 128 * sum(w)
-                bias = integer_bias(layer.bias_int, layer.wq, -128)
-            acc = bb.emit(bb.call_te(vnni_conv2d_nhwc, x_nhwc, const(wp), list(c.stride),
-                                     list(c.dilation), primfunc_name_hint="conv2d_vnni"),
-                          name_hint=node.name)
-            y = finish(imp, acc, layer, [1, 1, 1, -1], bias)
-            return bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
         acc = bb.emit(relax.op.nn.conv2d(xq, wq, strides=list(c.stride), padding=[0, 0],
                                          dilation=list(c.dilation), groups=c.groups,
                                          out_dtype="int32"), name_hint=node.name)
@@ -183,11 +221,47 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, dot: DotPath |
             return imp._linear(node)
         bb = imp.block_builder
         xq, wq = imp.env[layer.x.q], imp.env[layer.w.q]
+        stats.int_layers.append(node.name)
+        shape = node.meta["val"].shape if "val" in node.meta else None
+        if dot is not None and layer.x.dtype == torch.uint8 and shape is not None:
+            packed = packed_linear(node, imp, layer, [int(d) for d in shape])
+            if packed is not None:
+                return packed
         wt = bb.emit(relax.op.permute_dims(wq, [1, 0]))
         acc = bb.emit(relax.op.matmul(xq, wt, out_dtype="int32"), name_hint=node.name)
-        stats.int_layers.append(node.name)
         stats.weights.append((layer.wq, node.name))
         return finish(imp, acc, layer, [-1])
+
+    def packed_linear(node: fx.Node, imp: Any, layer: IntLayer, out_shape: list[int]) -> Any:
+        """An int8 linear as a 1x1 packed conv over the rows (tvm_dot): [.., K] codes as
+        NHWC [1, 1, rows, K], the weight [N, K] as [N, K, 1, 1]; None if the pair bound
+        fails (AVX2)."""
+        assert dot is not None
+        bb = imp.block_builder
+        n, k = layer.wq.shape
+        rows = int(np.prod(out_shape[:-1]))
+        n_pad, k_pad = -(-n // dot.lanes) * dot.lanes, -(-k // DOT_K) * DOT_K
+        wq = np.zeros((n_pad, k_pad, 1, 1), np.int8)
+        wq[:n, :k, 0, 0] = layer.wq
+        if dot.pair_bound and not pairs_fit(wq):
+            stats.pair_bound_layers.append(node.name)
+            return None
+        x = bb.emit(relax.op.reshape(imp.env[layer.x.q], [1, 1, rows, k]))
+        if k_pad != k:  # zero weights: any code works
+            x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 0, 0, 0, k_pad - k], "constant", 0.0))
+        bias = None
+        if dot.act == "int8":  # Arm: as in the conv (nhwc_conv)
+            x = bb.emit(relax.op.astype(relax.op.subtract(
+                relax.op.astype(x, "int16"), relax.const(128, "int16")), "int8"))
+            bias = integer_bias(layer.bias_int, layer.wq[:, :, None, None], -128)
+        wp = pack_vnni_weight(wq, dot.lanes)
+        stats.weights.append((wp, node.name))
+        stats.dot_layers.append(node.name)
+        acc = bb.emit(bb.call_te(vnni_conv2d_nhwc, x, const(wp), [1, 1], [1, 1],
+                                 primfunc_name_hint="conv2d_vnni"), name_hint=node.name)
+        acc = bb.emit(relax.op.reshape(relax.op.strided_slice(acc, axes=[3], begin=[0],
+                                                              end=[n]), out_shape))
+        return finish(imp, acc, layer, [-1], bias)
 
     def matmul(node: fx.Node, imp: Any) -> Any:
         """Activation × activation (attention's Q·Kᵀ and P·V) from two per-tensor DQs: an
@@ -252,9 +326,10 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, dot: DotPath |
         return y
 
     return {
+        **(twins.defaults() if dot is not None else {}),
         "batch_norm.default": batch_norm,
-        "quantize_per_tensor.default": quantize,
-        "dequantize_per_tensor.default": dequantize,
+        "quantize_per_tensor.default": twins.follow(quantize),
+        "dequantize_per_tensor.default": twins.follow(dequantize),
         "dequantize_per_channel.default": dequantize,
         "conv1d.default": conv,
         "conv2d.default": conv,

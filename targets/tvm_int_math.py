@@ -73,7 +73,7 @@ def vnni_conv2d_nhwc(data: Any, wp: Any, strides: Sequence[int], dilation: Seque
 
     The innermost reduction (4 input channels) and the output channels of one weight block
     are separate iterators over contiguous memory, which is what tensorizing needs
-    (MetaSchedule's x86 VNNI rule; tvm_dot.schedule_packed_conv); TVM's NCHW conv cannot be.
+    (MetaSchedule's x86 VNNI rule; tvm_schedules._packed); TVM's NCHW conv cannot be.
     """
     from tvm import te
 
@@ -93,3 +93,25 @@ def vnni_conv2d_nhwc(data: Any, wp: Any, strides: Sequence[int], dilation: Seque
             * wp[oc // o1, kh, kw, c0, oc % o1, c1].astype("int32"),
             axis=[kh, kw, c0, c1]),
         name="conv2d_vnni")
+
+
+def depthwise_conv2d_nhwc(data: Any, w: Any, strides: Sequence[int], dilation: Sequence[int]
+                          ) -> Any:
+    """TE: int32 NHWC depthwise conv of padded uint8 NHWC `data` with an [KH, KW, C] int8
+    weight (OIHW [C, 1, KH, KW] transposed): channels innermost, so that the default schedule
+    vectorizes over them (tvm_schedules) and the input needs no transpose (tvm_layout)."""
+    from tvm import te
+
+    n, hp, wdp, ch = data.shape
+    kh_, kw_, _c = w.shape
+    (sh, sw), (dh, dw) = strides, dilation
+    oh = (hp - dh * (kh_ - 1) - 1) // sh + 1
+    ow = (wdp - dw * (kw_ - 1) - 1) // sw + 1
+    kh = te.reduce_axis((0, kh_), "kh")
+    kw = te.reduce_axis((0, kw_), "kw")
+    return te.compute(
+        (n, oh, ow, ch),
+        lambda b, h, x, c: te.sum(
+            data[b, h * sh + kh * dh, x * sw + kw * dw, c].astype("int32")
+            * w[kh, kw, c].astype("int32"), axis=[kh, kw]),
+        name="dwconv2d_nhwc")

@@ -60,7 +60,7 @@ def target_key(target: Any) -> str:
     return f"{isa_class(target)}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def _reduction_blocks(func: Any) -> list[Any]:
+def reduction_blocks(func: Any) -> list[Any]:
     import tvm_ffi
     from tvm.s_tir import SBlock
 
@@ -79,7 +79,7 @@ def anchor_key(func: Any) -> str | None:
     the per-workload trial counts; the record lookup itself is MetaSchedule's."""
     import tvm_ffi
 
-    blocks = _reduction_blocks(func)
+    blocks = reduction_blocks(func)
     if not blocks:
         return None
     h = hashlib.sha256()
@@ -95,6 +95,9 @@ def load(path: Path) -> Any:
 
     if not (path / RECORDS).is_file() or not (path / WORKLOADS).is_file():
         return None
+    from quantflow.targets.tvm_tune import skip_gpu_intrinsics
+
+    skip_gpu_intrinsics()  # parsing a trace looks its tensor intrinsics up by name
     disk = ms.database.JSONDatabase(str(path / WORKLOADS), str(path / RECORDS),
                                     allow_missing=False, module_equality=EQUALITY)
     mem = ms.database.MemoryDatabase(module_equality=EQUALITY)
@@ -152,7 +155,7 @@ def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = Non
         if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled"):
             continue
         one = tvm.IRModule({"main": func})
-        for name, db in sources if _reduction_blocks(func) else ():
+        for name, db in sources if reduction_blocks(func) else ():
             if not db.has_workload(one):
                 continue
             record = db.query_tuning_record(one, target, gv.name_hint)
@@ -171,7 +174,7 @@ def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = Non
             counts["records"][name] += 1
             break
         else:
-            if _reduction_blocks(func):
+            if reduction_blocks(func):
                 missing.append(str(gv.name_hint))
             scheduled, kind = default_schedule(func, path)
             counts[kind] += 1
@@ -181,12 +184,13 @@ def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = Non
     return out, counts
 
 
-def seed(work_dir: Path, target: Any) -> str | None:
+def seed(work_dir: Path, target: Any) -> tuple[str, int] | None:
     """Transfer tuning: a new tuning cache starts with the shipped records of its ISA class,
     so that the evolutionary search starts from them (MetaSchedule samples its first
     population from the database's best records). A shipped record keeps the time measured on
     the machine that made it: a local candidate replaces it only by measuring faster (on a
-    much slower machine, a shipped record can stay the best). Returns the class, or None."""
+    much slower machine, a shipped record can stay the best). Returns (class, records copied)
+    or None."""
     import tvm.s_tir.meta_schedule as ms
 
     if (work_dir / RECORDS).is_file():
@@ -196,11 +200,12 @@ def seed(work_dir: Path, target: Any) -> str | None:
         return None
     cls, mem = found
     db = ms.database.JSONDatabase(work_dir=str(work_dir), module_equality=EQUALITY)
-    for rec in mem.get_all_tuning_records():
+    records = mem.get_all_tuning_records()
+    for rec in records:
         db.commit_tuning_record(ms.database.TuningRecord(
             rec.trace, db.commit_workload(rec.workload.mod), rec.run_secs, rec.target,
             rec.args_info))
-    return cls
+    return cls, len(records)
 
 
 def sources(work_dir: Path, target: Any, *, use_shipped: bool = True

@@ -220,7 +220,8 @@ def tune(mod: Any, target: Any, work_dir: Path, *, trials_per_task: int,
         return info
     work_dir.mkdir(parents=True, exist_ok=True)
     skip_gpu_intrinsics()  # the tuning process itself imports them too (TuneContext)
-    info["seeded_from"] = seed(work_dir, target)  # transfer tuning: start from shipped records
+    seeded = seed(work_dir, target)  # transfer tuning: start from the shipped records
+    info["seeded_from"], info["seeded_records"] = seeded if seeded else (None, 0)
     cores = int(target.attrs.get("num-cores", 1))
     if rpc is not None:
         from quantflow.targets.tvm_rpc import tuning_runner

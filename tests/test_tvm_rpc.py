@@ -271,7 +271,8 @@ def test_tuning_measures_on_the_server(rpc: LocalRPC, tmp_path: Path) -> None:
     run_secs = [float(s) for r in records for s in r[1][1]]
     assert records and all(0 < s < 1.0 for s in run_secs), run_secs  # 1e10 marks a failure
     candidates = [p for p in rpc.loads()[before:] if "tvm_tmp_mod" in p]
-    assert len(candidates) >= len(records), rpc.loads()[before:]
+    # every record but those copied from the shipped database was measured on the server
+    assert len(candidates) >= len(records) - tuning["seeded_records"], rpc.loads()[before:]
     for when in ("untuned_latency", "tuned_latency"):  # timed on the server too
         assert 0 < art.meta[when]["median_ms"] < 1000
     assert any(".quick_latency" in p for p in rpc.loads()[before:])
