@@ -32,7 +32,13 @@ from typing import Any
 
 log = logging.getLogger("quantflow.targets.tvm")
 
-EQUALITY = "anchor-block"
+#: task extraction groups kernels by anchor block (one tuning task per conv shape, whatever
+#: its epilogue); databases store each record with the exact kernel it was measured on
+#: ("ignore-tensor": anchor-equal kernels sharing one workload entry would replay a trace on
+#: another kernel when the database is read back, which fails), and `load` indexes them by
+#: `anchor_key` for `apply`
+TASKS = "anchor-block"
+EQUALITY = "ignore-tensor"
 SHIPPED = Path(__file__).resolve().parent / "tvm_records"
 #: per-workload trials measured into a cache directory (anchor key -> trials)
 TRIALS = "trials.json"
@@ -88,9 +94,13 @@ def anchor_key(func: Any) -> str | None:
     return h.hexdigest()[:20]
 
 
-def load(path: Path) -> Any:
-    """The best record per workload of the JSON database in `path`, in memory (None if there
-    is none). In memory because querying a JSON database appends to its workload file."""
+#: run time MetaSchedule records for a candidate that failed to build or run (1e10 s)
+FAILED_S = 1e9
+
+
+def load(path: Path) -> dict[str, Any] | None:
+    """The best valid record per anchor (`anchor_key`) of the JSON database in `path`, or None
+    if there is none or it cannot be read (a warning: the compile goes on without it)."""
     import tvm.s_tir.meta_schedule as ms
 
     if not (path / RECORDS).is_file() or not (path / WORKLOADS).is_file():
@@ -98,11 +108,25 @@ def load(path: Path) -> Any:
     from quantflow.targets.tvm_tune import skip_gpu_intrinsics
 
     skip_gpu_intrinsics()  # parsing a trace looks its tensor intrinsics up by name
-    disk = ms.database.JSONDatabase(str(path / WORKLOADS), str(path / RECORDS),
-                                    allow_missing=False, module_equality=EQUALITY)
-    mem = ms.database.MemoryDatabase(module_equality=EQUALITY)
-    disk.dump_pruned(mem)
-    return mem
+    try:
+        disk = ms.database.JSONDatabase(str(path / WORKLOADS), str(path / RECORDS),
+                                        allow_missing=False, module_equality=EQUALITY)
+        records = disk.get_all_tuning_records()
+    except Exception as exc:  # noqa: BLE001 - TVM raises RuntimeError/TVMError/ValueError
+        log.warning("tvm: tuning records in %s cannot be read (%s); compiling without them "
+                    "(fix: delete that folder)", path, str(exc).splitlines()[0])
+        return None
+    best: dict[str, tuple[float, Any]] = {}
+    for rec in records:
+        secs = [float(x) for x in (rec.run_secs or [])]
+        if not secs or max(secs) >= FAILED_S:
+            continue
+        (func,) = [f for _gv, f in rec.workload.mod.functions_items()]
+        key = anchor_key(func)
+        mean = sum(secs) / len(secs)
+        if key is not None and (key not in best or mean < best[key][0]):
+            best[key] = (mean, rec)
+    return {k: rec for k, (_mean, rec) in best.items()} or None
 
 
 _SHIPPED: dict[str, Any] = {}
@@ -136,7 +160,7 @@ def add_trials(path: Path, counts: dict[str, int]) -> None:
 def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = None
           ) -> tuple[Any, dict[str, Any]]:
     """Schedule every kernel of `mod` (output of `tvm_tune.prepare`): a kernel with a reduction
-    from the first database in `sources` ((name, database) pairs) that has its workload;
+    from the first source in `sources` ((name, `load` result) pairs) that has its anchor;
     the others with `tvm_schedules.default_schedule` (`path`: the ISA's int8 dot product,
     tvm_dot). Returns the module and how many kernels got what: {"records": {source: n},
     "tensorized": n, "reduction": n, "elementwise": n, "none": n, "no_record": [names]}."""
@@ -155,10 +179,9 @@ def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = Non
         if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled"):
             continue
         one = tvm.IRModule({"main": func})
-        for name, db in sources if reduction_blocks(func) else ():
-            if not db.has_workload(one):
-                continue
-            record = db.query_tuning_record(one, target, gv.name_hint)
+        key = anchor_key(func)
+        for name, records in sources if key is not None else ():
+            record = records.get(key)
             if record is None:
                 continue
             sch = tvm.s_tir.Schedule(one)
@@ -198,9 +221,9 @@ def seed(work_dir: Path, target: Any) -> tuple[str, int] | None:
     found = shipped(target)
     if found is None:
         return None
-    cls, mem = found
+    cls, index = found
     db = ms.database.JSONDatabase(work_dir=str(work_dir), module_equality=EQUALITY)
-    records = mem.get_all_tuning_records()
+    records = list(index.values())
     for rec in records:
         db.commit_tuning_record(ms.database.TuningRecord(
             rec.trace, db.commit_workload(rec.workload.mod), rec.run_secs, rec.target,

@@ -182,10 +182,10 @@ def tuning_tasks(mod: Any, target: Any) -> list[tuple[Any, str]]:
     each with its `tvm_records.anchor_key`; elementwise kernels are not tuned (tvm_records)."""
     import tvm.s_tir.meta_schedule as ms
 
-    from quantflow.targets.tvm_records import EQUALITY, anchor_key
+    from quantflow.targets.tvm_records import TASKS, anchor_key
 
     out = []
-    for task in ms.relax_integration.extract_tasks(mod, target, module_equality=EQUALITY):
+    for task in ms.relax_integration.extract_tasks(mod, target, module_equality=TASKS):
         (func,) = [f for _gv, f in task.dispatched[0].functions_items()]
         key = anchor_key(func)
         if key is not None:

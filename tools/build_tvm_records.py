@@ -36,7 +36,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 MCPU = {"x86-vnni": None, "x86-avx2": "haswell"}
-FAILED_S = 1e9  # MetaSchedule records a candidate that failed to build or run as 1e10 s
 
 
 def tune_model(name: str, isa: str, seconds: float, work: Path, precisions: list[str],
@@ -72,8 +71,8 @@ def tune_model(name: str, isa: str, seconds: float, work: Path, precisions: list
 
 
 def write_pruned(cache: Path, dest: Path) -> int:
-    """The best record per workload of `cache` that built and ran, as a JSON database in
-    `dest` (replaced whole: written next to it, then renamed)."""
+    """The best record per workload (anchor) of `cache` that built and ran, as a JSON
+    database in `dest` (replaced whole: written next to it, then renamed)."""
     import tvm.s_tir.meta_schedule as ms
 
     from quantflow.targets.tvm_records import EQUALITY, load
@@ -85,19 +84,14 @@ def write_pruned(cache: Path, dest: Path) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     db = ms.database.JSONDatabase(work_dir=str(tmp), module_equality=EQUALITY)
-    n = 0
-    for rec in best.get_all_tuning_records():
-        secs = [float(s) for s in (rec.run_secs or [])]
-        if not secs or min(secs) >= FAILED_S:
-            continue
+    for rec in best.values():
         db.commit_tuning_record(ms.database.TuningRecord(
             rec.trace, db.commit_workload(rec.workload.mod), rec.run_secs, rec.target,
             rec.args_info))
-        n += 1
     del db
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
-    return n
+    return len(best)
 
 
 def main(argv: list[str] | None = None) -> int:
