@@ -77,7 +77,7 @@ def register_avx2_dot() -> None:
     """Register `quantflow_dot_8x4_avx2`: C[8] += A[4] . B[8, 4] (u8 x s8 -> s32) with 256-bit
     vpmaddubsw (pairs summed in int16, saturating: see `pairs_fit`) then vpmaddwd by ones
     (the two pair sums of a lane added in int32). Called wherever schedules are built or
-    replayed (tvm_tune.skip_gpu_intrinsics)."""
+    replayed (tvm_intrin.skip_gpu_intrinsics)."""
     global _REGISTERED
     if _REGISTERED:
         return

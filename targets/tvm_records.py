@@ -30,6 +30,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from quantflow.targets.tvm_anchor import anchor_key, reduction_blocks
+
 log = logging.getLogger("quantflow.targets.tvm")
 
 #: task extraction groups kernels by anchor block (one tuning task per conv shape, whatever
@@ -66,34 +68,6 @@ def target_key(target: Any) -> str:
     return f"{isa_class(target)}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
-def reduction_blocks(func: Any) -> list[Any]:
-    import tvm_ffi
-    from tvm.s_tir import SBlock
-
-    found: list[Any] = []
-
-    def visit(node: Any) -> None:
-        if node.init is not None:
-            found.append(node)
-
-    tvm_ffi.structural_walk(func.body, [(SBlock, visit)], order="pre")
-    return found
-
-
-def anchor_key(func: Any) -> str | None:
-    """A stable key of a kernel's reduction block(s) (None: an elementwise kernel). Used for
-    the per-workload trial counts; the record lookup itself is MetaSchedule's."""
-    import tvm_ffi
-
-    blocks = reduction_blocks(func)
-    if not blocks:
-        return None
-    h = hashlib.sha256()
-    for b in blocks:
-        h.update(str(tvm_ffi.structural_hash(b, map_free_vars=True)).encode())
-    return h.hexdigest()[:20]
-
-
 #: run time MetaSchedule records for a candidate that failed to build or run (1e10 s)
 FAILED_S = 1e9
 
@@ -105,7 +79,7 @@ def load(path: Path) -> dict[str, Any] | None:
 
     if not (path / RECORDS).is_file() or not (path / WORKLOADS).is_file():
         return None
-    from quantflow.targets.tvm_tune import skip_gpu_intrinsics
+    from quantflow.targets.tvm_intrin import skip_gpu_intrinsics
 
     skip_gpu_intrinsics()  # parsing a trace looks its tensor intrinsics up by name
     try:
@@ -167,8 +141,8 @@ def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = Non
     import tvm
     from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
 
+    from quantflow.targets.tvm_intrin import skip_gpu_intrinsics
     from quantflow.targets.tvm_schedules import default_schedule
-    from quantflow.targets.tvm_tune import skip_gpu_intrinsics
 
     skip_gpu_intrinsics()  # replaying a trace looks tensor intrinsics up by name
     out = mod.clone()

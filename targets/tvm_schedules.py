@@ -62,7 +62,7 @@ def _is_reduction(sch: Any, block: Any) -> bool:
 def _reduction_names(sch: Any) -> list[str]:
     """Names of the blocks with an init, read from the IR (not through the schedule, whose
     trace would record the lookup)."""
-    from quantflow.targets.tvm_records import reduction_blocks
+    from quantflow.targets.tvm_anchor import reduction_blocks
 
     return [str(b.name_hint) for b in reduction_blocks(sch.mod["main"])]
 

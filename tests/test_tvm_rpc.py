@@ -301,7 +301,7 @@ def _arm64_skip_reason() -> str | None:
 def test_aarch64_board_under_qemu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An aarch64 "board": TVM's Python RPC server run by the aarch64 CPython under
     qemu-aarch64. `--device aarch64` with RPC: MetaSchedule tunes on it (candidates
-    cross-compiled here, `tvm_tune.export_aarch64`), the evaluate path runs the cross-compiled
+    cross-compiled here, `tvm_intrin.export_aarch64`), the evaluate path runs the cross-compiled
     library there (= torch within 1e-5 relative) and profile times it there; the device names
     the board's aarch64 triple. (qemu times mean nothing: only their sanity is checked.)"""
     import torch

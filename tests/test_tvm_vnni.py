@@ -105,7 +105,7 @@ def test_dot_path_follows_the_isa_class_tuned_or_not() -> None:
 
 @pytest.mark.slow
 def test_tuned_vnni_conv_runs_vpdpbusd(tmp_path: Path) -> None:
-    """TVM 0.27's own dot_16x4_vnni fails LLVM verification (tvm_tune.register_vnni_dot);
+    """TVM 0.27's own dot_16x4_vnni fails LLVM verification (tvm_intrin.register_vnni_dot);
     with the fixed intrinsic, 8 trials per task already pick a tensorized schedule."""
     from tvm.target import codegen
 

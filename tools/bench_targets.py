@@ -85,15 +85,17 @@ def prepare(name: str, calibrator: str, calib_limit: int, eval_limit: int) -> di
                       "sqnr_db": scores}, "eval": {"set": eval_set, "samples": int(x_ev.shape[0])}}
 
 
-def lower_all(m: dict[str, Any], work: Path, seconds: float, rows: list[str]
-              ) -> dict[str, tuple[Any, Any, dict]]:
+def lower_all(m: dict[str, Any], work: Path, seconds: float, rows: list[str],
+              mcpu: str | None = None) -> dict[str, tuple[Any, Any, dict]]:
     """row -> (target, artifact, lowering info)."""
     from quantflow.targets import get_target
 
     ort = get_target("ort")
-    tvm = {"bare": get_target("tvm", shipped_records=False, cache_dir=work / "no_cache"),
-           "": get_target("tvm", cache_dir=work / "no_cache"),
-           "tuned": get_target("tvm", tune_seconds=seconds, cache_dir=work / "tvm_cache")}
+    tvm = {"bare": get_target("tvm", shipped_records=False, cache_dir=work / "no_cache",
+                              mcpu=mcpu),
+           "": get_target("tvm", cache_dir=work / "no_cache", mcpu=mcpu),
+           "tuned": get_target("tvm", tune_seconds=seconds, cache_dir=work / "tvm_cache",
+                               mcpu=mcpu)}
     out: dict[str, tuple[Any, Any, dict]] = {}
     for row in rows:
         backend, kind = row.split("/")
@@ -194,7 +196,9 @@ def markdown(results: dict[str, Any]) -> str:
               f"{results['config']['rounds']} interleaved rounds); max |Δ| of the logits vs the "
               f"torch reference (FP32 model for fp32 rows, the INT8 simulation for int8 rows); "
               f"tuned = `--tune-time {results['config']['tune_time']}` from the shipped "
-              f"records. {results['device']}, commit {results.get('commit', '?')}."), ""]
+              f"records. {results['device']}; TVM rows for ISA class {results.get('isa')}"
+              f"{' (-mcpu ' + results['config']['mcpu'] + ', ORT rows on the host)' if results['config'].get('mcpu') else ''}"
+              f"; commit {results.get('commit', '?')}."), ""]
     head = "| model | artifact | " + " | ".join(f"{n} thread{'s' if n > 1 else ''}"
                                                 for n in threads)
     head += " | max abs diff vs ref | agreement | accuracy | tuning | schedules | vpdpbusd |"
@@ -252,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "bench_results" / "targets_work")
     p.add_argument("--out", type=Path, default=ROOT / "bench_results" / "tvm_records.json")
     p.add_argument("--quick", action="store_true", help="smoke run: 20 s tuning, tiny sizes")
+    p.add_argument("--no-tune", action="store_true", help="skip the -tuned rows")
+    p.add_argument("--mcpu", help="TVM rows for this LLVM CPU instead of the host's (e.g. "
+                   "haswell: the AVX2 path, run here); the ORT rows stay on the host's kernels")
     args = p.parse_args(argv)
     if args.quick:
         args.tune_time, args.calib_limit, args.eval_limit = "20s", 32, 16
@@ -265,14 +272,16 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, Any] = {
         "device": device_description(), "python": platform.python_version(),
-        "commit": commit, "isa": _isa(),
+        "commit": commit, "isa": _isa(args.mcpu),
         "date": time.strftime("%Y-%m-%d %H:%M"), "config": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "models": {}}
     for name in args.models:
         print(f"{name}: preparing", flush=True)
         m = prepare(name, args.calibrator, args.calib_limit, args.eval_limit)
-        arts = lower_all(m, args.work / name, seconds, list(ROWS))
+        rows = [r for r in ROWS if not (args.no_tune and r.endswith("tuned"))]
+        arts = lower_all(m, args.work / (name + (f"_{args.mcpu}" if args.mcpu else "")),
+                         seconds, rows, args.mcpu)
         print(f"{name}: numerics", flush=True)
         num = numerics(m, arts)
         print(f"{name}: latency", flush=True)
@@ -288,11 +297,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _isa() -> str:
+def _isa(mcpu: str | None) -> str:
     from quantflow.targets.tvm import host_target
     from quantflow.targets.tvm_records import isa_class
 
-    return isa_class(host_target())
+    return isa_class(host_target(mcpu=mcpu))
 
 
 if __name__ == "__main__":
