@@ -107,11 +107,38 @@ _SHIPPED: dict[str, Any] = {}
 
 
 def shipped(target: Any) -> tuple[str, Any] | None:
-    """(class, database) shipped for the target's ISA class, or None."""
+    """(class, records) shipped for the target's ISA class, or None. The database ships
+    gzipped (the JSON of 80 kernels is ~10 MB); it is unpacked once per content into the
+    user cache (`unpacked`)."""
     cls = isa_class(target)
     if cls not in _SHIPPED:
-        _SHIPPED[cls] = load(SHIPPED / cls)
+        where = unpacked(SHIPPED / cls)
+        _SHIPPED[cls] = load(where) if where is not None else None
     return (cls, _SHIPPED[cls]) if _SHIPPED[cls] is not None else None
+
+
+def unpacked(folder: Path) -> Path | None:
+    """`folder`'s gzipped JSON database as plain files in the user cache (the package folder
+    may be read-only); unpacked next to the target, then renamed: never half-written."""
+    import gzip
+    import shutil
+
+    from quantflow.cache import cache_dir
+
+    packed = [folder / f"{name}.gz" for name in (WORKLOADS, RECORDS)]
+    if not all(p.is_file() for p in packed):
+        return None
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in packed)).hexdigest()[:16]
+    out = cache_dir("tvm_shipped", f"{folder.name}-{digest}")
+    if not (out / RECORDS).is_file():
+        tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        for p in packed:
+            with gzip.open(p, "rb") as src, (tmp / p.name[:-3]).open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    return out
 
 
 def read_trials(path: Path) -> dict[str, int]:
@@ -139,7 +166,6 @@ def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = Non
     tvm_dot). Returns the module and how many kernels got what: {"records": {source: n},
     "tensorized": n, "reduction": n, "elementwise": n, "none": n, "no_record": [names]}."""
     import tvm
-    from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
 
     from quantflow.targets.tvm_intrin import skip_gpu_intrinsics
     from quantflow.targets.tvm_schedules import default_schedule
@@ -158,14 +184,10 @@ def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = Non
             record = records.get(key)
             if record is None:
                 continue
-            sch = tvm.s_tir.Schedule(one)
-            try:  # replayed on the anchor block, the epilogue scheduled around it: the same
-                # for this kernel and for another calibration's (other literals)
-                with target:
-                    schedule_using_anchor_trace(sch, record.trace, target)
-            except Exception as exc:  # noqa: BLE001 - a record that does not replay: default
+            sch = _replay(one, record, target)
+            if isinstance(sch, Exception):  # a record that does not replay: next source
                 log.warning("tvm: record from %s does not apply to %s (%s)", name,
-                            gv.name_hint, str(exc).splitlines()[0] if str(exc) else exc)
+                            gv.name_hint, str(sch).splitlines()[0] if str(sch) else sch)
                 continue
             out[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
             counts["records"][name] += 1
@@ -179,6 +201,45 @@ def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = Non
                 out[gv] = scheduled
     counts["no_record"] = missing
     return out, counts
+
+
+def _replay(one: Any, record: Any, target: Any) -> Any:
+    """The record's trace replayed on the anchor block of `one`, the epilogue scheduled
+    around it (the same for this kernel and for another calibration's, other literals).
+    MetaSchedule's replay leaves at most one spatial block to itself, so a trace that does
+    not inline the kernel's pad (quantflow's default-schedule records) is replayed again
+    after inlining it. Returns the schedule, or the error."""
+    import tvm
+    from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
+
+    error: Exception = RuntimeError("no attempt")
+    for inline_producers in (False, True):
+        sch = tvm.s_tir.Schedule(one)
+        try:
+            with target:
+                if inline_producers:
+                    anchor = str(reduction_blocks(one["main"])[0].name_hint)
+                    for name in _blocks_before(one["main"], anchor):
+                        sch.compute_inline(sch.get_sblock(name))
+                schedule_using_anchor_trace(sch, record.trace, target)
+            return sch
+        except Exception as exc:  # noqa: BLE001 - TVM raises many error types
+            error = exc
+    return error
+
+
+def _blocks_before(func: Any, anchor: str) -> list[str]:
+    import tvm_ffi
+    from tvm.s_tir import SBlock
+
+    names: list[str] = []
+
+    def visit(node: Any) -> None:
+        names.append(str(node.name_hint))
+
+    tvm_ffi.structural_walk(func.body, [(SBlock, visit)], order="pre")
+    names = [n for n in names if n != "root"]
+    return names[:names.index(anchor)] if anchor in names else []
 
 
 def seed(work_dir: Path, target: Any) -> tuple[str, int] | None:

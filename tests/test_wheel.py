@@ -26,8 +26,8 @@ SOURCES = ("pyproject.toml", "README.md", "quantflow", "passes", "targets")
 PACKAGES = {"quantflow": "quantflow", "passes": "quantflow/passes", "targets": "quantflow/targets"}
 #: non-Python files the features read at run time (wheel paths)
 DATA_FILES = ("quantflow/report.schema.json", "quantflow/targets/tvm_host/runner.cc",
-              "quantflow/targets/tvm_records/x86-vnni/database_tuning_record.json",
-              "quantflow/targets/tvm_records/x86-avx2/database_tuning_record.json",
+              "quantflow/targets/tvm_records/x86-vnni/database_tuning_record.json.gz",
+              "quantflow/targets/tvm_records/x86-avx2/database_tuning_record.json.gz",
               "quantflow/zoo/weights/resnet_fmnist.pt", "quantflow/zoo/weights/resnet_fmnist.json")
 #: each step runs pip or a compile; generous, the machine is shared
 STEP_TIMEOUT_S = 1500

@@ -4,7 +4,7 @@ For every model, the same deploy-form graphs as tools/bench_targets.py (the FP32
 its INT8 simulation) are lowered by the TVM target with a time budget each (`--tune-time`),
 all into one tuning cache (`--work`, kept between runs: a rerun adds trials). The best record
 of every workload that built and ran is then written to `targets/tvm_records/<isa>/` (a
-MetaSchedule JSON database keyed by anchor block, see targets/tvm_records.py) with
+MetaSchedule JSON database, gzipped, indexed by anchor block: targets/tvm_records.py) with
 `provenance.json` (models, budget, CPU, commit). A compile for a target of that ISA class
 uses these records when it has none of its own, and a tuning starts from them.
 
@@ -23,6 +23,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import platform
 import shutil
@@ -75,7 +76,7 @@ def write_pruned(cache: Path, dest: Path) -> int:
     database in `dest` (replaced whole: written next to it, then renamed)."""
     import tvm.s_tir.meta_schedule as ms
 
-    from quantflow.targets.tvm_records import EQUALITY, load
+    from quantflow.targets.tvm_records import EQUALITY, RECORDS, WORKLOADS, load
 
     best = load(cache)
     if best is None:
@@ -89,6 +90,10 @@ def write_pruned(cache: Path, dest: Path) -> int:
             rec.trace, db.commit_workload(rec.workload.mod), rec.run_secs, rec.target,
             rec.args_info))
     del db
+    for name in (WORKLOADS, RECORDS):  # shipped gzipped (tvm_records.unpacked)
+        with (tmp / name).open("rb") as src, gzip.open(tmp / f"{name}.gz", "wb", 9) as dst:
+            shutil.copyfileobj(src, dst)
+        (tmp / name).unlink()
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return len(best)
