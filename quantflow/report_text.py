@@ -155,7 +155,8 @@ def render(d: dict[str, Any]) -> str:
 
 
 def _render_tvm_kernels(rt: dict[str, Any]) -> list[str]:
-    """TVM: the int8 path and target string, and where each kernel's schedule came from."""
+    """TVM: the int8 path and target string, and where each kernel's schedule came from
+    (tuning records by source, else quantflow's default schedules: targets/tvm_schedules)."""
     if "int8_path" not in rt:
         return []
     out = [f"  int8 path   {rt['int8_path']}",
@@ -163,9 +164,10 @@ def _render_tvm_kernels(rt: dict[str, Any]) -> list[str]:
     rec = rt.get("records") or {}
     if rec:
         found = ", ".join(f"{n} from {src}" for src, n in (rec.get("records") or {}).items())
-        out.append(f"  schedules   {found or 'no tuning records'}; {rec.get('no_record', 0)} "
-                   f"kernels without a record (untuned loops), {rec.get('default', 0)} "
-                   "elementwise (default schedule)")
+        out.append(f"  schedules   {found or 'no tuning records'}; default schedules: "
+                   f"{rec.get('packed', 0)} packed int8, {rec.get('reduction', 0)} other "
+                   f"reductions, {rec.get('elementwise', 0)} elementwise, "
+                   f"{rec.get('none', 0)} left to TVM")
     return out
 
 

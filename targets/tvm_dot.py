@@ -11,7 +11,8 @@ products (u8 or s8 activations x s8 weights). Per ISA class (`tvm_records.isa_cl
                                  every same-sign pair of consecutive input channels of an
                                  output channel (`pairs_fit`: quantflow.pair_limit's rule, the
                                  bound ORT's AVX2 kernels have too). A conv whose weights
-                                 break it keeps the widening int32 path.
+                                 break it keeps the layout but widens the products to int32
+                                 (`WIDE_BLOCK`: exact, vectorized over the 8 lanes).
   arm64-dot   4 lanes, s8 x s8   sdot (TVM's `dot_4x4_i8i8s32_sdot`)
   arm64       4 lanes, s8 x s8   NEON smull + saddlp + addp (TVM's `dot_4x4_i8i8s32_neon`)
 
@@ -119,5 +120,8 @@ def register_avx2_dot() -> None:
     _REGISTERED = True
 
 
-#: the name of the packed conv's TE block (tvm_int_math.packed_conv2d_nhwc)
+#: the name of the packed conv's TE block (tvm_int_math.vnni_conv2d_nhwc)
 PACKED_BLOCK = "conv2d_vnni"
+#: the same layout for AVX2 weights past the pair bound: products widened to int32 (exact),
+#: vectorized over the output lanes instead of tensorized
+WIDE_BLOCK = "conv2d_packed_wide"

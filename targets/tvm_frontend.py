@@ -28,7 +28,7 @@ from torch import fx
 
 from quantflow.errors import UnsupportedOpError
 from quantflow.ir import ConvArgs
-from quantflow.targets.tvm_dot import DOT_K, DotPath, pairs_fit
+from quantflow.targets.tvm_dot import DOT_K, PACKED_BLOCK, WIDE_BLOCK, DotPath, pairs_fit
 from quantflow.targets.tvm_int_math import (
     depthwise_conv2d_nhwc,
     integer_bias,
@@ -137,11 +137,11 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, dot: DotPath |
         o_pad, i_pad = -(-o // dot.lanes) * dot.lanes, -(-i // DOT_K) * DOT_K
         wq = np.zeros((o_pad, i_pad, *layer.wq.shape[2:]), np.int8)
         wq[:o, :i] = layer.wq
-        fits = c.groups == 1
-        if fits and dot.pair_bound and not pairs_fit(wq):
+        # AVX2 weights past vpmaddubsw's pair bound: the same layout, widened to int32
+        wide = c.groups == 1 and dot.pair_bound and not pairs_fit(wq)
+        if wide:
             stats.pair_bound_layers.append(node.name)
-            fits = False
-        if not (fits or depthwise):
+        if not (c.groups == 1 or depthwise):
             return None
         bb = imp.block_builder
         x = twins.nhwc.get(layer.x.q)
@@ -161,14 +161,16 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, dot: DotPath |
         else:
             wp = pack_vnni_weight(wq, dot.lanes)
             stats.weights.append((wp, node.name))
-            stats.dot_layers.append(node.name)
+            if not wide:
+                stats.dot_layers.append(node.name)
             if dot.act == "int8":  # Arm: s8 x s8 only; shift the codes, and the zero point
                 x = bb.emit(relax.op.astype(relax.op.subtract(
                     relax.op.astype(x, "int16"), relax.const(128, "int16")), "int8"))
                 # (x - 128) - (zx - 128) = x - zx: the correction gains 128 * sum(w)
                 bias = integer_bias(layer.bias_int, layer.wq, -128)
+            block = WIDE_BLOCK if wide else PACKED_BLOCK
             acc = bb.emit(bb.call_te(vnni_conv2d_nhwc, x, const(wp), list(c.stride),
-                                     list(c.dilation), primfunc_name_hint="conv2d_vnni"),
+                                     list(c.dilation), block, primfunc_name_hint=block),
                           name_hint=node.name)
             if o_pad != o:
                 acc = bb.emit(relax.op.strided_slice(acc, axes=[3], begin=[0], end=[o]))
@@ -243,9 +245,9 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, dot: DotPath |
         n_pad, k_pad = -(-n // dot.lanes) * dot.lanes, -(-k // DOT_K) * DOT_K
         wq = np.zeros((n_pad, k_pad, 1, 1), np.int8)
         wq[:n, :k, 0, 0] = layer.wq
-        if dot.pair_bound and not pairs_fit(wq):
+        wide = dot.pair_bound and not pairs_fit(wq)  # as in nhwc_conv
+        if wide:
             stats.pair_bound_layers.append(node.name)
-            return None
         x = bb.emit(relax.op.reshape(imp.env[layer.x.q], [1, 1, rows, k]))
         if k_pad != k:  # zero weights: any code works
             x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 0, 0, 0, k_pad - k], "constant", 0.0))
@@ -256,9 +258,11 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, dot: DotPath |
             bias = integer_bias(layer.bias_int, layer.wq[:, :, None, None], -128)
         wp = pack_vnni_weight(wq, dot.lanes)
         stats.weights.append((wp, node.name))
-        stats.dot_layers.append(node.name)
-        acc = bb.emit(bb.call_te(vnni_conv2d_nhwc, x, const(wp), [1, 1], [1, 1],
-                                 primfunc_name_hint="conv2d_vnni"), name_hint=node.name)
+        if not wide:
+            stats.dot_layers.append(node.name)
+        block = WIDE_BLOCK if wide else PACKED_BLOCK
+        acc = bb.emit(bb.call_te(vnni_conv2d_nhwc, x, const(wp), [1, 1], [1, 1], block,
+                                 primfunc_name_hint=block), name_hint=node.name)
         acc = bb.emit(relax.op.reshape(relax.op.strided_slice(acc, axes=[3], begin=[0],
                                                               end=[n]), out_shape))
         return finish(imp, acc, layer, [-1], bias)

@@ -67,7 +67,8 @@ def pack_vnni_weight(wq: np.ndarray, lanes: int = VNNI_LANES) -> np.ndarray:
     return np.ascontiguousarray(w.transpose(0, 4, 5, 2, 1, 3))
 
 
-def vnni_conv2d_nhwc(data: Any, wp: Any, strides: Sequence[int], dilation: Sequence[int]) -> Any:
+def vnni_conv2d_nhwc(data: Any, wp: Any, strides: Sequence[int], dilation: Sequence[int],
+                     name: str = "conv2d_vnni") -> Any:
     """TE: int32 NHWC conv of padded uint8 (or int8) NHWC `data` with a `pack_vnni_weight`
     weight of any lane count.
 
@@ -92,7 +93,7 @@ def vnni_conv2d_nhwc(data: Any, wp: Any, strides: Sequence[int], dilation: Seque
             data[b, h * sh + kh * dh, w * sw + kw * dw, c0 * VNNI_K + c1].astype("int32")
             * wp[oc // o1, kh, kw, c0, oc % o1, c1].astype("int32"),
             axis=[kh, kw, c0, c1]),
-        name="conv2d_vnni")
+        name=name)
 
 
 def depthwise_conv2d_nhwc(data: Any, w: Any, strides: Sequence[int], dilation: Sequence[int]

@@ -164,7 +164,7 @@ def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = Non
     from the first source in `sources` ((name, `load` result) pairs) that has its anchor;
     the others with `tvm_schedules.default_schedule` (`path`: the ISA's int8 dot product,
     tvm_dot). Returns the module and how many kernels got what: {"records": {source: n},
-    "tensorized": n, "reduction": n, "elementwise": n, "none": n, "no_record": [names]}."""
+    "packed": n, "reduction": n, "elementwise": n, "none": n, "no_record": [names]}."""
     import tvm
 
     from quantflow.targets.tvm_intrin import skip_gpu_intrinsics
@@ -172,7 +172,7 @@ def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = Non
 
     skip_gpu_intrinsics()  # replaying a trace looks tensor intrinsics up by name
     out = mod.clone()
-    counts: dict[str, Any] = {"records": {name: 0 for name, _db in sources}, "tensorized": 0,
+    counts: dict[str, Any] = {"records": {name: 0 for name, _db in sources}, "packed": 0,
                               "reduction": 0, "elementwise": 0, "none": 0}
     missing: list[str] = []
     for gv, func in list(mod.functions_items()):

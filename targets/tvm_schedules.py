@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from quantflow.targets.tvm_dot import PACKED_BLOCK, DotPath
+from quantflow.targets.tvm_dot import PACKED_BLOCK, WIDE_BLOCK, DotPath
 
 log = logging.getLogger("quantflow.targets.tvm")
 
@@ -33,11 +33,11 @@ MIN_PARALLEL = 8
 
 
 def default_schedule(func: Any, path: DotPath | None) -> tuple[Any, str]:
-    """(scheduled PrimFunc, kind) with kind "tensorized" | "reduction" | "elementwise", or
+    """(scheduled PrimFunc, kind) with kind "packed" | "reduction" | "elementwise", or
     (None, "none") when no rule applies."""
     import tvm
 
-    for kind, rule in (("tensorized", _packed), ("reduction", _reduction),
+    for kind, rule in (("packed", _packed), ("reduction", _reduction),
                        ("elementwise", _elementwise)):
         sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
         try:
@@ -77,7 +77,9 @@ def _packed(sch: Any, path: DotPath | None, epilogue: bool = True) -> bool:
     calibration's kernel, tvm_records.apply schedules that kernel's own epilogue)."""
     if path is None:
         return False
-    if PACKED_BLOCK not in _reduction_names(sch):
+    names = _reduction_names(sch)
+    name = PACKED_BLOCK if PACKED_BLOCK in names else WIDE_BLOCK if WIDE_BLOCK in names else None
+    if name is None:
         return False
     if path.intrin.startswith("quantflow_"):
         from quantflow.targets.tvm_dot import register_avx2_dot
@@ -85,18 +87,23 @@ def _packed(sch: Any, path: DotPath | None, epilogue: bool = True) -> bool:
         register_avx2_dot()
     # blocks by name only: a record's trace is replayed on other kernels (tvm_records.apply),
     # where a list of all blocks (GetChildBlocks) would have another length
-    block = sch.get_sblock(PACKED_BLOCK)
-    before, after = _around(sch, PACKED_BLOCK) if epilogue else ([], [])
+    block = sch.get_sblock(name)
+    before, after = _around(sch, name) if epilogue else ([], [])
     b, h, w, oc, kh, kw, c0, c1 = sch.get_loops(block)
     ow = int(sch.get(w).extent)
     wo, wi = sch.split(w, [None, next(f for f in ROW_TILES if ow % f == 0)])
     oco, oci = sch.split(oc, [None, path.lanes])
-    sch.reorder(b, h, wo, oco, kh, kw, c0, wi, oci, c1)
+    sch.reorder(b, h, wo, oco, kh, kw, c0, wi, *((oci, c1) if name == PACKED_BLOCK
+                                                  else (c1, oci)))
     outer = sch.fuse(b, h, wo, oco)
     sch.parallel(outer)
+    if name == WIDE_BLOCK:  # int32 products, one vector per lane group, 4 inputs unrolled
+        sch.vectorize(oci)  # before the decomposition, as in _reduction
+        sch.unroll(c1)
     init = sch.decompose_reduction(block, kh)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(oci, path.intrin)
+    if name == PACKED_BLOCK:
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.tensorize(oci, path.intrin)
     if epilogue:
         _producers(sch, before)
         _consumers(sch, after, outer)
@@ -236,7 +243,7 @@ def _traced(func: Any, path: DotPath | None, kind: str) -> Any:
     import tvm
 
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
-    rule = {"tensorized": _packed, "reduction": _reduction}[kind]
+    rule = {"packed": _packed, "reduction": _reduction}[kind]
     try:
         return sch if rule(sch, path, False) else None
     except Exception:  # noqa: BLE001 - the same rule succeeded on an untraced copy

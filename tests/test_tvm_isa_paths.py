@@ -73,7 +73,7 @@ def test_avx2_path_uses_vpmaddubsw_where_pairs_fit(tmp_path: Path) -> None:
     assert art.meta["dot_layers"] == ["conv2d"]
     assert art.meta["pair_bound_layers"] == ["conv2d_1"]
     assert art.meta["int8_path"].startswith("x86-avx2: vpmaddubsw")
-    assert art.meta["records"]["tensorized"] == 1
+    assert art.meta["records"]["packed"] == 2  # conv2d tensorized, conv2d_1 widened
     found = _count("objdump", art.files["model"], "vpmaddubsw", "vpdpbusd", "zmm")
     assert found["vpmaddubsw"] >= 1 and found["vpdpbusd"] == found["zmm"] == 0, found
     g = torch.Generator().manual_seed(4)
