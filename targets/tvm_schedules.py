@@ -248,3 +248,17 @@ def _traced(func: Any, path: DotPath | None, kind: str) -> Any:
         return sch if rule(sch, path, False) else None
     except Exception:  # noqa: BLE001 - the same rule succeeded on an untraced copy
         return None
+
+
+def has_naive_epilogue(sch: Any) -> bool:
+    """True if a block other than the reduction's still runs in plain serial loops (a trace
+    replayed as is that scheduled only the anchor: quantflow's default-schedule records)."""
+    import tvm
+
+    for b in _blocks(sch):
+        if _is_reduction(sch, b) or str(sch.get(b).name_hint).endswith(("_init", "_update")):
+            continue
+        loops = sch.get_loops(b)
+        if loops and all(sch.get(lp).kind == tvm.tirx.ForKind.SERIAL for lp in loops):
+            return True
+    return False
