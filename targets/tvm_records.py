@@ -189,7 +189,7 @@ def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = Non
                 log.warning("tvm: record from %s does not apply to %s (%s)", name,
                             gv.name_hint, str(sch).splitlines()[0] if str(sch) else sch)
                 continue
-            out[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+            out[gv] = sch.with_attr("tirx.is_scheduled", True)
             counts["records"][name] += 1
             break
         else:
@@ -210,20 +210,23 @@ def _replay(one: Any, record: Any, target: Any) -> Any:
     scheduled around it (another calibration's kernel: other literals).
     MetaSchedule's replay leaves at most one spatial block to itself, so a trace that does
     not inline the kernel's pad (quantflow's default-schedule records) is replayed again
-    after inlining it. Returns the schedule, or the error."""
+    after inlining it. Returns the scheduled function, or the error."""
     import tvm
     import tvm_ffi
     from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
 
     from quantflow.targets.tvm_schedules import has_naive_epilogue
 
-    if tvm_ffi.structural_equal(record.workload.mod, one):  # the kernel it was measured on:
-        sch = tvm.s_tir.Schedule(one)  # its own full trace, as measured
+    (measured,) = [f for _gv, f in record.workload.mod.functions_items()]
+    # the database's copy carries a global_symbol the kernel in the module does not
+    if tvm_ffi.structural_equal(measured.without_attr("global_symbol"), one["main"]):
+        sch = tvm.s_tir.Schedule(record.workload.mod)  # its own full trace, as measured
         try:
             with target:
                 record.trace.apply_to_schedule(sch, remove_postproc=False)
             if not has_naive_epilogue(sch):
-                return sch
+                (func,) = [f for _gv, f in sch.mod.functions_items()]
+                return func.without_attr("global_symbol")
         except Exception as exc:  # noqa: BLE001 - fall back to the anchor replay below
             log.debug("tvm: exact replay failed (%s); replaying on the anchor", exc)
     error: Exception = RuntimeError("no attempt")
@@ -236,7 +239,7 @@ def _replay(one: Any, record: Any, target: Any) -> Any:
                     for name in _blocks_before(one["main"], anchor):
                         sch.compute_inline(sch.get_sblock(name))
                 schedule_using_anchor_trace(sch, record.trace, target)
-            return sch
+            return sch.mod["main"]
         except Exception as exc:  # noqa: BLE001 - TVM raises many error types
             error = exc
     return error
