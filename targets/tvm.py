@@ -155,10 +155,10 @@ class TVMTarget:
             return None
         return tvm_dot.path_for(tvm_records.isa_class(target))
 
-    def record_sources(self, work_dir: Path) -> list[tuple[str, Any]]:
+    def record_sources(self, work_dir: Path, target: Any) -> list[tuple[str, Any]]:
         from quantflow.targets.tvm_records import sources
 
-        return sources(work_dir, self.target(), use_shipped=self.shipped_records)
+        return sources(work_dir, target, use_shipped=self.shipped_records)
 
     def lower(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
               out_dir: Path, *, precision: str = "int8") -> Artifact:
@@ -205,14 +205,14 @@ class TVMTarget:
             meta["rpc"] = {"tracker": self.rpc_tracker, "key": self.rpc_key}
         work_dir = tvm_tune.cache_dir_for(target, self.cache_dir, self.rpc)
         if self.tuning:  # on this host, or on the board through RPC
-            before, _counts = tvm_records.apply(mod, target, self.record_sources(work_dir),
+            before, _counts = tvm_records.apply(mod, target, self.record_sources(work_dir, target),
                                                 dot)
             meta["untuned_latency"] = self._quick_latency(tvm.compile(before, target),
                                                           np_inputs, out_dir)
             meta["tuning"] = tvm_tune.tune(mod, target, work_dir, rpc=self.rpc, path=dot,
                                            trials_per_task=self.tune_trials,
                                            seconds=self.tune_seconds)
-        mod, meta["records"] = tvm_records.apply(mod, target, self.record_sources(work_dir),
+        mod, meta["records"] = tvm_records.apply(mod, target, self.record_sources(work_dir, target),
                                                  dot)
         t0 = time.perf_counter()
         ex = tvm.compile(mod, target)

@@ -125,6 +125,13 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, dot: DotPath |
         if t is not None:  # a weight dequantized in the graph folds to an unknown constant
             stats.weights.append((t.numpy(), name))
 
+    def shift_to_int8(bb: Any, x: Any, layer: IntLayer, wq: np.ndarray) -> tuple[Any, Any]:
+        """Arm multiplies s8 x s8 only: the uint8 codes shifted to int8, and the zero point
+        with them, (x - 128) - (zx - 128) = x - zx: the correction gains 128 * sum(w)."""
+        x = bb.emit(relax.op.astype(relax.op.subtract(
+            relax.op.astype(x, "int16"), relax.const(128, "int16")), "int8"))
+        return x, integer_bias(layer.bias_int, wq, -128)
+
     def nhwc_conv(node: fx.Node, imp: Any, c: ConvArgs, layer: IntLayer, o: int, i: int,
                   zx: float) -> Any:
         """A 2-D uint8 conv in NHWC (tvm_layout): packed for the ISA's dot product (tvm_dot)
@@ -163,11 +170,8 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, dot: DotPath |
             stats.weights.append((wp, node.name))
             if not wide:
                 stats.dot_layers.append(node.name)
-            if dot.act == "int8":  # Arm: s8 x s8 only; shift the codes, and the zero point
-                x = bb.emit(relax.op.astype(relax.op.subtract(
-                    relax.op.astype(x, "int16"), relax.const(128, "int16")), "int8"))
-                # (x - 128) - (zx - 128) = x - zx: the correction gains 128 * sum(w)
-                bias = integer_bias(layer.bias_int, layer.wq, -128)
+            if dot.act == "int8":
+                x, bias = shift_to_int8(bb, x, layer, layer.wq)
             block = WIDE_BLOCK if wide else PACKED_BLOCK
             acc = bb.emit(bb.call_te(vnni_conv2d_nhwc, x, const(wp), list(c.stride),
                                      list(c.dilation), block, primfunc_name_hint=block),
@@ -252,10 +256,8 @@ def make_convert_map(consts: ConstTable, stats: LoweringStats, *, dot: DotPath |
         if k_pad != k:  # zero weights: any code works
             x = bb.emit(relax.op.nn.pad(x, [0, 0, 0, 0, 0, 0, 0, k_pad - k], "constant", 0.0))
         bias = None
-        if dot.act == "int8":  # Arm: as in the conv (nhwc_conv)
-            x = bb.emit(relax.op.astype(relax.op.subtract(
-                relax.op.astype(x, "int16"), relax.const(128, "int16")), "int8"))
-            bias = integer_bias(layer.bias_int, layer.wq[:, :, None, None], -128)
+        if dot.act == "int8":
+            x, bias = shift_to_int8(bb, x, layer, layer.wq[:, :, None, None])
         wp = pack_vnni_weight(wq, dot.lanes)
         stats.weights.append((wp, node.name))
         if not wide:
