@@ -1,18 +1,20 @@
 """Schedules for kernels that no tuning record covers: TVM's default is naive loop nests.
 
 Three shapes, by what the kernel computes (`default_schedule` picks):
-- packed int8 conv (`tvm_dot.PACKED_BLOCK`, `packed_conv`): the output row split so that
-  several accumulators share one weight block, the lanes x 4 block tensorized with the ISA's
-  dot product, the outer loops on the thread pool;
+- packed int8 conv (`tvm_dot.PACKED_BLOCK`): the output row split so that several
+  accumulators share one weight block (or, for a short reduction, each pixel accumulates
+  the whole reduction in turn), the lanes x 4 block tensorized with the ISA's dot product,
+  rows (or, for a linear, channel blocks) on the thread pool;
 - any other reduction (depthwise, grouped or float conv, matmul, pool, mean): the reduction
   loops moved outside the innermost spatial loop, which is then vectorized (each step updates
   a vector of outputs instead of one horizontal sum), the outer spatial loops on the thread
   pool.
-  In both, what the kernel computes before the reduction (a pad, a shift) is materialized
-  by one parallel vectorized loop, and the elementwise epilogue after it (bias, requantize)
-  is inlined into another;
-- elementwise (pads, quantize, residual adds): fused into one loop, split for the thread pool
-  and vectorized.
+  In both, what the reduction reads (a pad, a shift) is materialized by one parallel
+  vectorized loop, and the epilogue (bias, requantize, a residual add) is inlined into one
+  block computed inside the reduction's parallel loop on the tile just produced, so that
+  the int32 tile is read back from cache;
+- elementwise (pads, quantize, residual adds): one parallel loop over rows, vectorized over
+  each pixel's channels.
 Each is tried on a copy; a kernel whose loops do not have the expected shape keeps TVM's
 default (`None`). A schedule reorders loops; it does not change what is computed.
 """
@@ -30,6 +32,8 @@ log = logging.getLogger("quantflow.targets.tvm")
 VECTOR = 16
 #: parallel chunks wanted at least (the thread pool has a few cores)
 MIN_PARALLEL = 8
+#: an innermost loop this short is unrolled rather than vectorized (elementwise kernels)
+NARROW = 4
 
 
 def default_schedule(func: Any, path: DotPath | None) -> tuple[Any, str]:
@@ -67,9 +71,12 @@ def _reduction_names(sch: Any) -> list[str]:
     return [str(b.name_hint) for b in reduction_blocks(sch.mod["main"])]
 
 
-#: output-row tiles tried in order: several accumulators per weight block (the first that
-#: divides the row; measured on a 64-channel 28x28 conv: 7 > 14 > 4 > whole row)
-ROW_TILES = (7, 8, 4, 2, 1)
+#: output-row tiles tried in order (the first that divides the row): a tile's int32
+#: accumulators stay in cache until the fused epilogue turns them into the output codes
+#: (measured on MobileNetV2's 16->96 1x1 conv at 112x112: 14 ~ 16 < 8 < 7)
+ROW_TILES = (14, 16, 8, 7, 4, 2, 1)
+#: reductions of at most this many 4-channel steps run pixel by pixel
+SHORT_REDUCTION = 8
 
 
 def _packed(sch: Any, path: DotPath | None, epilogue: bool = True) -> bool:
@@ -88,15 +95,22 @@ def _packed(sch: Any, path: DotPath | None, epilogue: bool = True) -> bool:
     # blocks by name only: a record's trace is replayed on other kernels (tvm_records.apply),
     # where a list of all blocks (GetChildBlocks) would have another length
     block = sch.get_sblock(name)
-    before, after = _around(sch, name) if epilogue else ([], [])
+    before, rest = _split_around(sch, name) if epilogue else ([], [])
     b, h, w, oc, kh, kw, c0, c1 = sch.get_loops(block)
     ow = int(sch.get(w).extent)
     wo, wi = sch.split(w, [None, next(f for f in ROW_TILES if ow % f == 0)])
     oco, oci = sch.split(oc, [None, path.lanes])
-    sch.reorder(b, h, wo, oco, kh, kw, c0, wi, *((oci, c1) if name == PACKED_BLOCK
-                                                  else (c1, oci)))
-    outer = sch.fuse(b, h, wo, oco)
+    lanes = (oci, c1) if name == PACKED_BLOCK else (c1, oci)
+    steps = int(sch.get(kh).extent) * int(sch.get(kw).extent) * int(sch.get(c0).extent)
+    if steps <= SHORT_REDUCTION:  # one pixel's lanes accumulate over the whole reduction
+        sch.reorder(b, h, wo, oco, wi, kh, kw, c0, *lanes)
+    else:  # each weight block serves the row tile's pixels in turn
+        sch.reorder(b, h, wo, oco, kh, kw, c0, wi, *lanes)
+    rows = int(sch.get(b).extent) * int(sch.get(h).extent) * int(sch.get(wo).extent)
+    # a linear (one pixel) or a small map: channel blocks in parallel too
+    outer = sch.fuse(b, h, wo, oco) if rows < MIN_PARALLEL else sch.fuse(b, h, wo)
     sch.parallel(outer)
+    _fuse_epilogue(sch, rest, outer)  # before the decomposition: it needs the whole block
     if name == WIDE_BLOCK:  # int32 products, one vector per lane group, 4 inputs unrolled
         sch.vectorize(oci)  # before the decomposition, as in _reduction
         sch.unroll(c1)
@@ -104,26 +118,46 @@ def _packed(sch: Any, path: DotPath | None, epilogue: bool = True) -> bool:
     if name == PACKED_BLOCK:
         sch.vectorize(sch.get_loops(init)[-1])
         sch.tensorize(oci, path.intrin)
-    if epilogue:
-        _around_reduction(sch, before, after)
+    _epilogue(sch, before)
     return True
 
 
-def _around(sch: Any, name: str) -> tuple[list[Any], list[Any]]:
-    """The blocks before and after the reduction block `name` (its producers, its epilogue)."""
-    blocks = _blocks(sch)
-    names = [str(sch.get(b).name_hint) for b in blocks]
-    i = names.index(name)
-    return blocks[:i], blocks[i + 1:]
+def _split_around(sch: Any, name: str) -> tuple[list[Any], list[Any]]:
+    """(the reduction `name`'s producers, transitively: a pad, a shift; every other block
+    but the reduction: bias, requantize, a residual add with its dequantize), in program
+    order."""
+    seen: set[str] = set()
+    todo = [sch.get_sblock(name)]
+    while todo:
+        for p in sch.get_producers(todo.pop()):
+            key = str(sch.get(p).name_hint)
+            if key not in seen:
+                seen.add(key)
+                todo.append(p)
+    before: list[Any] = []
+    rest: list[Any] = []
+    for b in _blocks(sch):
+        key = str(sch.get(b).name_hint)
+        if key != name:
+            (before if key in seen else rest).append(b)
+    return before, rest
 
 
-def _around_reduction(sch: Any, before: list[Any], after: list[Any]) -> None:
-    """The producers (a pad, a shift) as one parallel, vectorized loop of their own, the
-    epilogue as another. (Computing the epilogue under the reduction's parallel loop, on the
-    tile just produced, measured faster on a lone 64-channel conv but 2.5x slower on
-    MobileNetV2 and 1.9x on resnet_fmnist.)"""
-    _epilogue(sch, before)
-    _epilogue(sch, after)
+def _fuse_epilogue(sch: Any, rest: list[Any], at: Any) -> None:
+    """The blocks after a reduction (`_split_around`) inlined into the kernel's last block,
+    computed under the reduction's parallel loop `at` on the tile just produced and
+    vectorized over channels: the int32 tile is read back from cache, not memory
+    (MobileNetV2's 16->96 1x1 conv at 112x112: 0.60 -> 0.35 ms)."""
+    if not rest:
+        return
+    for b in rest[:-1]:
+        sch.compute_inline(b)
+    last = rest[-1]
+    sch.reverse_compute_at(last, at)
+    inner = sch.get_loops(last)[-1]
+    # a one-element tile has no loop of its own: its innermost loop is `at` (parallel)
+    if not sch.get(inner).same_as(sch.get(at)) and int(sch.get(inner).extent) > 1:
+        sch.vectorize(inner)
 
 
 def _reduction(sch: Any, path: DotPath | None, epilogue: bool = True) -> bool:
@@ -146,14 +180,17 @@ def _reduction(sch: Any, path: DotPath | None, epilogue: bool = True) -> bool:
         split_o, inner = sch.split(inner, [None, VECTOR])
         outer = [*outer, split_o]
     sch.reorder(*outer, *reduce, inner)
-    _parallel_prefix(sch, outer)
     name = names[0]
-    before, after = _around(sch, name) if epilogue else ([], [])
+    before, rest = _split_around(sch, name) if epilogue else ([], [])
+    par = _parallel_prefix(sch, outer)
+    if par is not None:
+        _fuse_epilogue(sch, rest, par)
+    else:
+        _epilogue(sch, rest)
     if int(sch.get(inner).extent) > 1:  # before the decomposition: the init copies the loop
         sch.vectorize(inner)
     sch.decompose_reduction(block, reduce[0])
-    if epilogue:
-        _around_reduction(sch, before, after)
+    _epilogue(sch, before)
     return True
 
 
@@ -166,14 +203,29 @@ def _elementwise(sch: Any, path: DotPath | None) -> bool:
 
 
 def _epilogue(sch: Any, blocks: list[Any]) -> None:
-    """Inline all but the last block into it; one fused loop, parallel outside, vectorized
-    inside when the extent divides."""
+    """Inline all but the last block into it. A 3-d or deeper nest (an NHWC image): rows in
+    parallel, each pixel's channels vectorized, or with at most `NARROW` channels (an RGB
+    input being transposed) unrolled in scalar code; flat indices over the whole image
+    (div/mod per lane) measured 3x-20x slower on MobileNetV2's pads.
+    Otherwise one fused loop, parallel outside, vectorized inside when the extent divides."""
     if not blocks:
         return
     for b in blocks[:-1]:
         sch.compute_inline(b)
     loops = sch.get_loops(blocks[-1])
     if not loops:
+        return
+    extents = [int(sch.get(lp).extent) for lp in loops]
+    last = extents[-1]
+    if (len(loops) >= 3 and _product(extents[:-2]) >= 2
+            and (last % VECTOR == 0 or last <= NARROW)):
+        sch.parallel(sch.fuse(*loops[:-2]) if len(loops) > 3 else loops[0])
+        # one pixel's channels per vector (a vector spanning two pixels through a reshape
+        # got wrong codes from TVM 0.27 on MiniLM's attention heads)
+        if last % VECTOR == 0:
+            sch.vectorize(sch.split(loops[-1], [None, VECTOR])[1])
+        else:
+            sch.unroll(loops[-1])
         return
     fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     extent = int(sch.get(fused).extent)
@@ -185,17 +237,27 @@ def _epilogue(sch: Any, blocks: list[Any]) -> None:
         sch.parallel(fused)
 
 
-def _parallel_prefix(sch: Any, loops: list[Any]) -> None:
+def _product(values: list[int]) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def _parallel_prefix(sch: Any, loops: list[Any]) -> Any:
     """Parallelize the fewest leading loops whose product reaches MIN_PARALLEL (all of them
-    if it never does)."""
+    if it never does); returns the parallel loop (None: nothing to parallelize)."""
     take, product = 0, 1
     for lp in loops:
         take += 1
         product *= int(sch.get(lp).extent)
         if product >= MIN_PARALLEL:
             break
-    if take and product > 1:
-        sch.parallel(sch.fuse(*loops[:take]) if take > 1 else loops[0])
+    if not take or product <= 1:
+        return None
+    par = sch.fuse(*loops[:take]) if take > 1 else loops[0]
+    sch.parallel(par)
+    return par
 
 
 def measure_defaults(tasks: list[tuple[Any, str]], target: Any, path: DotPath | None,
