@@ -16,7 +16,12 @@ Where a kernel looks for a record, first hit wins:
 1. the tuning cache of this target (`tvm_tune.cache_dir_for`): every model tuned for the
    same target string adds to it;
 2. the database shipped with quantflow for the target's ISA class (`SHIPPED/<class>/`, made
-   by tools/build_tvm_records.py, the best record per workload).
+   by tools/build_tvm_records.py, the best record per workload); a shipped record replays
+   only on the kernel it was measured on (the same model and calibration), other kernels of
+   its workload keep the default schedule.
+A record that is the kernel's measured default schedule (`tvm_schedules.measure_defaults`:
+tuning found nothing faster) means "keep the default schedule" for every kernel of its
+workload.
 
 No torch import here (see tvm_tune).
 """
@@ -31,9 +36,6 @@ from pathlib import Path
 from typing import Any
 
 from quantflow.targets.tvm_anchor import anchor_key, reduction_blocks
-from quantflow.targets.tvm_dot import PACKED_BLOCK, WIDE_BLOCK
-
-PACKED_NAMES = {PACKED_BLOCK, WIDE_BLOCK}
 
 log = logging.getLogger("quantflow.targets.tvm")
 
@@ -171,7 +173,7 @@ def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = Non
     import tvm
 
     from quantflow.targets.tvm_intrin import skip_gpu_intrinsics
-    from quantflow.targets.tvm_schedules import default_schedule
+    from quantflow.targets.tvm_schedules import default_schedule, is_default_record
 
     skip_gpu_intrinsics()  # replaying a trace looks tensor intrinsics up by name
     out = mod.clone()
@@ -181,17 +183,22 @@ def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = Non
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled"):
             continue
-        one = tvm.IRModule({"main": func})
         key = anchor_key(func)
-        packed = PACKED_NAMES & {str(b.name_hint) for b in reduction_blocks(func)}
+        source = None  # the source whose record decided this kernel's schedule
         for name, records in sources if key is not None else ():
             record = records.get(key)
-            if record is None or (packed and name.startswith("shipped")):
-                # measured: the shipped packed-conv records (tuned on a loaded machine) ran
-                # 1.2x-3x slower than the default tensorized schedule; a user's own tuning
-                # measures that default first and only keeps what beats it
+            if record is None:
                 continue
-            sch = _replay(one, record, target)
+            if is_default_record(record, path):  # tuning kept the default: this kernel's own
+                source = name
+                break
+            # another calibration's kernel replays only the user's own records: anchor replay
+            # schedules the epilogue MetaSchedule's way, measured up to 3x slower than the
+            # default schedule, which shipped records were only kept for beating as measured
+            sch = _replay(tvm.IRModule({"main": func}), record, target,
+                          anchor=not name.startswith("shipped"))
+            if sch is None:
+                continue
             if isinstance(sch, Exception):  # a record that does not replay: next source
                 log.warning("tvm: record from %s does not apply to %s (%s)", name,
                             gv.name_hint, str(sch).splitlines()[0] if str(sch) else sch)
@@ -202,22 +209,27 @@ def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = Non
         else:
             if reduction_blocks(func):
                 missing.append(str(gv.name_hint))
-            scheduled, kind = default_schedule(func, path)
+        if out[gv].attrs.get("tirx.is_scheduled"):
+            continue
+        scheduled, kind = default_schedule(func, path)
+        if source is not None:
+            counts["records"][source] += 1
+        else:
             counts[kind] += 1
-            if scheduled is not None:
-                out[gv] = scheduled
+        if scheduled is not None:
+            out[gv] = scheduled
     counts["no_record"] = missing
     return out, counts
 
 
-def _replay(one: Any, record: Any, target: Any) -> Any:
+def _replay(one: Any, record: Any, target: Any, anchor: bool = True) -> Any:
     """The record's trace replayed as measured when `one` is the kernel it was measured on
     (MetaSchedule's replay on the anchor schedules the rest its own way, measured up to 3x
-    slower on resnet_fmnist's convs); else on the anchor block of `one`, the epilogue
-    scheduled around it (another calibration's kernel: other literals).
+    slower on resnet_fmnist's convs); else, if `anchor`, on the anchor block of `one`, the
+    epilogue scheduled around it (another calibration's kernel: other literals), else None.
     MetaSchedule's replay leaves at most one spatial block to itself, so a trace that does
-    not inline the kernel's pad (quantflow's default-schedule records) is replayed again
-    after inlining it. Returns the scheduled function, or the error."""
+    not inline the kernel's pad is replayed again after inlining it. Returns the scheduled
+    function, the error, or None."""
     import tvm
     import tvm_ffi
     from tvm.s_tir.meta_schedule.trace_apply import schedule_using_anchor_trace
@@ -236,14 +248,16 @@ def _replay(one: Any, record: Any, target: Any) -> Any:
                 return func.without_attr("global_symbol")
         except Exception as exc:  # noqa: BLE001 - fall back to the anchor replay below
             log.debug("tvm: exact replay failed (%s); replaying on the anchor", exc)
+    if not anchor:
+        return None
     error: Exception = RuntimeError("no attempt")
     for inline_producers in (False, True):
         sch = tvm.s_tir.Schedule(one)
         try:
             with target:
                 if inline_producers:
-                    anchor = str(reduction_blocks(one["main"])[0].name_hint)
-                    for name in _blocks_before(one["main"], anchor):
+                    anchor_name = str(reduction_blocks(one["main"])[0].name_hint)
+                    for name in _blocks_before(one["main"], anchor_name):
                         sch.compute_inline(sch.get_sblock(name))
                 schedule_using_anchor_trace(sch, record.trace, target)
             return sch.mod["main"]

@@ -39,6 +39,14 @@ NARROW = 4
 def default_schedule(func: Any, path: DotPath | None) -> tuple[Any, str]:
     """(scheduled PrimFunc, kind) with kind "packed" | "reduction" | "elementwise", or
     (None, "none") when no rule applies."""
+    sch, kind = _default(func, path)
+    if sch is None:
+        return None, kind
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True), kind
+
+
+def _default(func: Any, path: DotPath | None) -> tuple[Any, str]:
+    """(the schedule, with its trace, kind) of the first rule that fits, or (None, "none")."""
     import tvm
 
     for kind, rule in (("packed", _packed), ("reduction", _reduction),
@@ -51,8 +59,16 @@ def default_schedule(func: Any, path: DotPath | None) -> tuple[Any, str]:
                 "global_symbol", "a kernel"), str(exc).splitlines()[0] if str(exc) else exc)
             continue
         if done:
-            return sch.mod["main"].with_attr("tirx.is_scheduled", True), kind
+            return sch, kind
     return None, "none"
+
+
+def is_default_record(record: Any, path: DotPath | None) -> bool:
+    """True if `record` is its kernel's default schedule (`measure_defaults`): tuning found
+    nothing faster, so any kernel of that workload keeps its own default schedule."""
+    (func,) = [f for _gv, f in record.workload.mod.functions_items()]
+    sch, _kind = _default(func, path)
+    return sch is not None and str(sch.trace) == str(record.trace)
 
 
 def _blocks(sch: Any) -> list[Any]:
@@ -79,9 +95,7 @@ ROW_TILES = (14, 16, 8, 7, 4, 2, 1)
 SHORT_REDUCTION = 8
 
 
-def _packed(sch: Any, path: DotPath | None, epilogue: bool = True) -> bool:
-    """`epilogue=False`: only the conv block (a tuning record's trace: replayed on another
-    calibration's kernel, tvm_records.apply schedules that kernel's own epilogue)."""
+def _packed(sch: Any, path: DotPath | None) -> bool:
     if path is None:
         return False
     names = _reduction_names(sch)
@@ -95,7 +109,7 @@ def _packed(sch: Any, path: DotPath | None, epilogue: bool = True) -> bool:
     # blocks by name only: a record's trace is replayed on other kernels (tvm_records.apply),
     # where a list of all blocks (GetChildBlocks) would have another length
     block = sch.get_sblock(name)
-    before, rest = _split_around(sch, name) if epilogue else ([], [])
+    before, rest = _split_around(sch, name)
     b, h, w, oc, kh, kw, c0, c1 = sch.get_loops(block)
     ow = int(sch.get(w).extent)
     wo, wi = sch.split(w, [None, next(f for f in ROW_TILES if ow % f == 0)])
@@ -160,7 +174,7 @@ def _fuse_epilogue(sch: Any, rest: list[Any], at: Any) -> None:
         sch.vectorize(inner)
 
 
-def _reduction(sch: Any, path: DotPath | None, epilogue: bool = True) -> bool:
+def _reduction(sch: Any, path: DotPath | None) -> bool:
     names = _reduction_names(sch)
     if len(names) != 1:
         return False
@@ -181,7 +195,7 @@ def _reduction(sch: Any, path: DotPath | None, epilogue: bool = True) -> bool:
         outer = [*outer, split_o]
     sch.reorder(*outer, *reduce, inner)
     name = names[0]
-    before, rest = _split_around(sch, name) if epilogue else ([], [])
+    before, rest = _split_around(sch, name)
     par = _parallel_prefix(sch, outer)
     if par is not None:
         _fuse_epilogue(sch, rest, par)
@@ -262,21 +276,19 @@ def _parallel_prefix(sch: Any, loops: list[Any]) -> Any:
 
 def measure_defaults(tasks: list[tuple[Any, str]], target: Any, path: DotPath | None,
                      builder: Any, runner: Any, db: Any) -> int:
-    """Measure each task's default schedule and commit it to `db` as a tuning record, so that
-    it competes with tuned candidates: tuning then never ends slower than no tuning, and the
-    evolutionary search can start from it. `tasks`: (ExtractedTask, anchor key) pairs.
-    Returns how many were committed (a default that fails to build or run is skipped)."""
+    """Measure each task's default schedule (epilogue included) and commit it to `db` as a
+    tuning record, so that it competes with tuned candidates: tuning then never ends slower
+    than no tuning, and the evolutionary search can start from it. `tasks`: (ExtractedTask,
+    anchor key) pairs. Returns how many were committed (a default that fails to build or run
+    is skipped)."""
     import tvm.s_tir.meta_schedule as ms
 
     measured = []
     for task, _key in tasks:
         mod = task.dispatched[0]
         (func,) = [f for _gv, f in mod.functions_items()]
-        scheduled, kind = default_schedule(func, path)
-        if scheduled is None or kind == "elementwise":
-            continue
-        sch = _traced(func, path, kind)
-        if sch is None:
+        sch, kind = _default(func, path)
+        if sch is None or kind == "elementwise":
             continue
         args = ms.arg_info.ArgInfo.from_prim_func(func)
         (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
@@ -293,22 +305,10 @@ def measure_defaults(tasks: list[tuple[Any, str]], target: Any, path: DotPath | 
     return len(measured)
 
 
-def _traced(func: Any, path: DotPath | None, kind: str) -> Any:
-    """The default schedule of `kind` again, without the epilogue: its trace is the record,
-    replayed on the anchor block (tvm_records.apply), whatever the epilogue around it."""
-    import tvm
-
-    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
-    rule = {"packed": _packed, "reduction": _reduction}[kind]
-    try:
-        return sch if rule(sch, path, False) else None
-    except Exception:  # noqa: BLE001 - the same rule succeeded on an untraced copy
-        return None
-
-
 def has_naive_epilogue(sch: Any) -> bool:
     """True if a block other than the reduction's still runs in plain serial loops (a trace
-    replayed as is that scheduled only the anchor: quantflow's default-schedule records)."""
+    replayed as is that scheduled only the anchor: default-schedule records of caches
+    written before the default schedule covered the epilogue)."""
     import tvm
 
     for b in _blocks(sch):

@@ -314,6 +314,17 @@ def test_recalibration_reuses_every_tuning_record(tmp_path: Path) -> None:
     # each workload's default schedule was measured into the database before tuning
     assert tuning["defaults_measured"] == tuning["tasks"]
     assert first.meta["records"]["records"] == {"cache": tuning["tasks"]}
+    # the measured defaults read back as such (a kernel whose best record is one keeps its
+    # own default schedule, epilogue included); the tuned candidates do not
+    import tvm.s_tir.meta_schedule as ms
+
+    from quantflow.targets.tvm_records import EQUALITY
+    from quantflow.targets.tvm_schedules import is_default_record
+
+    db = ms.database.JSONDatabase(work_dir=tuning["work_dir"], module_equality=EQUALITY)
+    path = target.dot_path(target.target())
+    kept = [is_default_record(r, path) for r in db.get_all_tuning_records()]
+    assert sum(kept) == tuning["tasks"] and len(kept) > sum(kept)
     recal_gm = capture(TwoConvs(0.031, 0.043), (x,))  # other scales: other TIR literals
     recal = target.lower(recal_gm, (x,), tmp_path / "b", precision="int8")
     assert recal.meta["tuning"]["cache_hit"] is True
