@@ -207,8 +207,8 @@ class TVMTarget:
         if self.tuning:  # on this host, or on the board through RPC
             before, _counts = tvm_records.apply(mod, target, self.record_sources(work_dir, target),
                                                 dot)
-            meta["untuned_latency"] = self._quick_latency(tvm.compile(before, target),
-                                                          np_inputs, out_dir)
+            ex_before = tvm.compile(before, target)
+            meta["untuned_latency"] = self._quick_latency(ex_before, np_inputs, out_dir)
             meta["tuning"] = tvm_tune.tune(mod, target, work_dir, rpc=self.rpc, path=dot,
                                            trials_per_task=self.tune_trials,
                                            seconds=self.tune_seconds)
@@ -216,6 +216,13 @@ class TVMTarget:
                                                  dot)
         t0 = time.perf_counter()
         ex = tvm.compile(mod, target)
+        if self.tuning and self.rpc is None and not self.device.startswith("aarch64"):
+            from quantflow.targets.tvm_profile import keep_faster
+
+            mod, kept = keep_faster(before, mod, ex_before, ex, np_inputs)
+            meta["tuning"]["kept_untuned"] = kept
+            if kept:
+                ex = tvm.compile(mod, target)
         meta["compile_s"] = time.perf_counter() - t0
         if self.tuning:
             meta["tuned_latency"] = self._quick_latency(ex, np_inputs, out_dir)

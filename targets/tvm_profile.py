@@ -55,3 +55,53 @@ def by_layer(kernel_ms: dict[str, float], kernel_layers: dict[str, str]) -> dict
         name = kernel_layers.get(kernel, kernel)
         out[name] = out.get(name, 0.0) + ms
     return out
+
+
+def kernel_totals(vm: Any, args: list[Any], *, runs: int) -> dict[str, float]:
+    """`per_kernel_ms` summed per kernel function over its calls in one run."""
+    out: dict[str, float] = {}
+    for key, ms in per_kernel_ms(vm, args, runs=runs).items():
+        name = key.split("#")[0]
+        out[name] = out.get(name, 0.0) + ms
+    return out
+
+
+def slower_kernels(ex_a: Any, ex_b: Any, inputs: list[np.ndarray], *, runs: int = 20,
+                   rounds: int = 3) -> dict[str, tuple[float, float]]:
+    """Kernels that took longer in executable `ex_b` than in `ex_a` (the same model, other
+    schedules), timed in the model (the caches and the thread pool as the model leaves them,
+    which a kernel measured alone, as tuning does, does not see): {name: (ms in a, ms in b)},
+    medians over `rounds` alternating rounds."""
+    import tvm
+    from tvm import relax
+
+    vms = [relax.VirtualMachine(ex, tvm.cpu()) for ex in (ex_a, ex_b)]
+    args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]
+    samples: list[list[dict[str, float]]] = [[], []]
+    for _ in range(rounds):
+        for i, vm in enumerate(vms):
+            samples[i].append(kernel_totals(vm, args, runs=runs))
+    a, b = ({k: float(np.median([s.get(k, np.nan) for s in runs_]))
+             for k in runs_[0]} for runs_ in samples)
+    return {k: (a[k], b[k]) for k in b if k in a and b[k] > a[k]}
+
+
+def keep_faster(untuned: Any, tuned: Any, ex_untuned: Any, ex_tuned: Any,
+                inputs: list[np.ndarray]) -> tuple[Any, dict[str, str | None]]:
+    """`tuned` with every kernel that ran slower in the tuned model than before tuning put
+    back as it was (tuning measures each kernel alone: measured here, records 1.2x-3x faster
+    alone ran slower in MobileNetV2). Returns the module and the kernels put back
+    ({name: anchor key}: tools/build_tvm_records.py leaves their records out)."""
+    import tvm_ffi
+
+    from quantflow.targets.tvm_anchor import anchor_key
+
+    slower = slower_kernels(ex_untuned, ex_tuned, inputs)
+    out = tuned.clone()
+    kept: dict[str, str | None] = {}
+    for gv, func in untuned.functions_items():
+        name = str(gv.name_hint)
+        if name in slower and not tvm_ffi.structural_equal(func, tuned[gv]):
+            out[gv] = func
+            kept[name] = anchor_key(func)
+    return out, kept

@@ -2,10 +2,13 @@
 
 For every model, the same deploy-form graphs as tools/bench_targets.py (the FP32 graph and
 its INT8 simulation) are lowered by the TVM target with a time budget each (`--tune-time`),
-all into one tuning cache (`--work`, kept between runs: a rerun adds trials). The best record
-of every workload that built and ran is then written to `targets/tvm_records/<isa>/` (a
-MetaSchedule JSON database, gzipped, indexed by anchor block: targets/tvm_records.py) with
-`provenance.json` (models, budget, CPU, commit). A compile for a target of that ISA class
+all into one tuning cache (`--work`, kept between runs: a rerun adds trials). Then every
+model is compiled with the cache's records and with the default schedules only, and each
+kernel timed inside the model: a record slower there than the default schedule is left out
+(tuning times kernels alone). The best record of every other workload that built and ran is
+written to `targets/tvm_records/<isa>/` (a MetaSchedule JSON database, gzipped, indexed by
+anchor block: targets/tvm_records.py) with `provenance.json` (models, budget, CPU, commit,
+the records left out). A compile for a target of that ISA class
 uses these records when it has none of its own, and a tuning starts from them.
 
 ISA classes and where they are measured:
@@ -71,9 +74,45 @@ def tune_model(name: str, isa: str, seconds: float, work: Path, precisions: list
     return out
 
 
-def write_pruned(cache: Path, dest: Path) -> int:
-    """The best record per workload (anchor) of `cache` that built and ran, as a JSON
-    database in `dest` (replaced whole: written next to it, then renamed)."""
+def losing_anchors(name: str, isa: str, cache: Path, precisions: list[str]) -> dict[str, Any]:
+    """Workloads whose record ran slower inside the model than the default schedule (tuning
+    times each kernel alone), per model and precision: {"model/precision": {kernel: anchor}}.
+    The model compiled twice, with the records of `cache` and with default schedules only;
+    every kernel timed in the model (tvm_profile.slower_kernels)."""
+    import tvm
+    from bench_targets import prepare
+
+    from quantflow.targets import get_target, tvm_records, tvm_tune
+    from quantflow.targets.tvm_anchor import anchor_key
+    from quantflow.targets.tvm_frontend import to_relax
+    from quantflow.targets.tvm_profile import slower_kernels
+
+    m = prepare(name, "percentile", 256, 8)
+    target = get_target("tvm", mcpu=MCPU.get(isa), shipped_records=False)
+    llvm = target.target()
+    path = target.dot_path(llvm)
+    records = tvm_records.load(cache) or {}
+    inputs = [t.numpy() for t in m["example"]]
+    out: dict[str, Any] = {}
+    for precision in precisions:
+        graph = m["gm"] if precision == "fp32" else m["qgm"]
+        mod, _stats = to_relax(graph, m["example"], dot=path)
+        mod = tvm_tune.fuse_tir(tvm_tune.fuse(mod, llvm), llvm)
+        plain, _ = tvm_records.apply(mod, llvm, [], path)
+        tuned, _ = tvm_records.apply(mod, llvm, [("cache", records)], path)
+        slower = slower_kernels(tvm.compile(plain, llvm), tvm.compile(tuned, llvm), inputs)
+        out[f"{name}/{precision}"] = {
+            k: anchor_key(f) for gv, f in mod.functions_items()
+            if (k := str(gv.name_hint)) in slower and anchor_key(f) is not None}
+        print(f"  {name}/{precision}: {len(out[f'{name}/{precision}'])} records slower in the "
+              "model than the default schedule (left out)", flush=True)
+    return out
+
+
+def write_pruned(cache: Path, dest: Path, leave_out: set[str]) -> int:
+    """The best record per workload (anchor) of `cache` that built and ran, except the
+    anchors in `leave_out`, as a JSON database in `dest` (replaced whole: written next to
+    it, then renamed)."""
     import tvm.s_tir.meta_schedule as ms
 
     from quantflow.targets.tvm_records import EQUALITY, RECORDS, WORKLOADS, load
@@ -81,6 +120,7 @@ def write_pruned(cache: Path, dest: Path) -> int:
     best = load(cache)
     if best is None:
         raise SystemExit(f"build_tvm_records: no tuning records in {cache}")
+    best = {k: v for k, v in best.items() if k not in leave_out}
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -105,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                    choices=["x86-vnni", "x86-avx2", "arm64-dot", "arm64"])
     p.add_argument("--models", nargs="+", default=["resnet_fmnist", "mobilenet_v2_imagenet"])
     p.add_argument("--precisions", nargs="+", default=["int8", "fp32"])
-    p.add_argument("--tune-time", default="8m", help="per model and precision (e.g. 8m, 300s)")
+    p.add_argument("--tune-time", default="8m",
+                   help="per model and precision (e.g. 8m, 300s; 0: no tuning, only check "
+                        "the records in the cache against the default schedules and write)")
     p.add_argument("--rpc-tracker")
     p.add_argument("--rpc-key")
     p.add_argument("--work", type=Path, default=ROOT / "bench_results" / "tvm_records_work")
@@ -119,13 +161,16 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work / args.isa
     runs = []
     t0 = time.perf_counter()
-    for name in args.models:
+    for name in args.models if seconds else ():
         runs += tune_model(name, args.isa, seconds, work, args.precisions, rpc)
     from quantflow.targets import get_target
 
     target = get_target("tvm", device="aarch64" if args.isa.startswith("arm64") else "host",
                         mcpu=MCPU.get(args.isa), **rpc)
     cache = cache_dir_for(target.target(), work / "cache", target.rpc)
+    losing: dict[str, Any] = {}
+    for name in args.models if not rpc else ():  # a board's kernels cannot be timed here
+        losing.update(losing_anchors(name, args.isa, cache, args.precisions))
     prov = SHIPPED / args.isa / "provenance.json"
     try:  # runs of earlier invocations into the same cache (e.g. another model's budget)
         earlier = [r for r in json.loads(prov.read_text())["runs"]
@@ -133,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                                                            for x in runs}]
     except (OSError, ValueError, KeyError):
         earlier = []
-    n = write_pruned(cache, SHIPPED / args.isa)
+    n = write_pruned(cache, SHIPPED / args.isa,
+                     {a for kernels in losing.values() for a in kernels.values()})
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                             check=False, capture_output=True, text=True).stdout.strip()
     from quantflow.targets.base import device_description
@@ -142,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         "isa": args.isa, "records": n, "target": str(target.target()),
         "measured_on": device_description(), "machine": platform.machine(), "commit": commit,
         "last_command": "python tools/build_tvm_records.py " + " ".join(sys.argv[1:]),
-        "last_total_s": round(time.perf_counter() - t0, 1), "runs": earlier + runs},
+        "last_total_s": round(time.perf_counter() - t0, 1), "runs": earlier + runs,
+        "left_out_slower_in_model": losing},
         indent=1) + "\n")
     print(f"wrote {n} records to {SHIPPED / args.isa}")
     return 0
