@@ -211,7 +211,8 @@ class TVMTarget:
             meta["untuned_latency"] = self._quick_latency(ex_before, np_inputs, out_dir)
             meta["tuning"] = tvm_tune.tune(mod, target, work_dir, rpc=self.rpc, path=dot,
                                            trials_per_task=self.tune_trials,
-                                           seconds=self.tune_seconds)
+                                           seconds=self.tune_seconds,
+                                           shipped=self.shipped_records)
         mod, meta["records"] = tvm_records.apply(mod, target, self.record_sources(work_dir, target),
                                                  dot)
         t0 = time.perf_counter()

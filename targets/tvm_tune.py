@@ -106,14 +106,16 @@ def tuning_tasks(mod: Any, target: Any) -> list[tuple[Any, str]]:
 
 
 def tune(mod: Any, target: Any, work_dir: Path, *, trials_per_task: int,
-         seconds: float | None = None, rpc: Any = None, path: Any = None) -> dict[str, Any]:
+         seconds: float | None = None, rpc: Any = None, path: Any = None,
+         shipped: bool = True) -> dict[str, Any]:
     """Tune the workloads of `mod` (output of `prepare`) that `work_dir` (`cache_dir_for`) has
     not yet tuned for `trials_per_task` trials (or TIME_TRIALS_CAP with only a time budget);
     stop after `seconds` if given. Records are appended to the JSON database in `work_dir`
     (keyed by workload: tvm_records); apply them with `tvm_records.apply`. With `rpc` (a
     `tvm_rpc.RPCDevice`) candidates are measured on that board. First, each new workload's
     default schedule (tvm_schedules; `path`: the ISA's dot product) is measured into the
-    database, so that the tuned result is never slower than no tuning."""
+    database, so that the tuned result is never slower than no tuning. `shipped`: seed a
+    new cache with the records shipped for the target's ISA class (transfer tuning)."""
     import tvm.s_tir.meta_schedule as ms
 
     from quantflow.targets.tvm_records import EQUALITY, add_trials, read_trials, seed
@@ -132,7 +134,8 @@ def tune(mod: Any, target: Any, work_dir: Path, *, trials_per_task: int,
         return info
     work_dir.mkdir(parents=True, exist_ok=True)
     skip_gpu_intrinsics()  # the tuning process itself imports them too (TuneContext)
-    seeded = seed(work_dir, target)  # transfer tuning: start from the shipped records
+    # transfer tuning: start from the shipped records
+    seeded = seed(work_dir, target) if shipped else None
     info["seeded_from"], info["seeded_records"] = seeded if seeded else (None, 0)
     cores = int(target.attrs.get("num-cores", 1))
     if rpc is not None:
