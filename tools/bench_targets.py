@@ -67,7 +67,8 @@ def prepare(name: str, calibrator: str, calib_limit: int, eval_limit: int) -> di
     from quantflow.zoo import MODELS, get_model
 
     entry = MODELS[name]
-    calib_set, eval_set = {"fashion-mnist": ("fashion-mnist-calib", "fashion-mnist")}.get(
+    calib_set, eval_set = {"fashion-mnist": ("fashion-mnist-calib", "fashion-mnist"),
+                           "sentences": ("sentences-calib", "sentences")}.get(
         entry.dataset, ("natural-images-calib", "natural-images"))
     x_cal, _ = builtin_dataset(calib_set)
     x_ev, y_ev = builtin_dataset(eval_set)

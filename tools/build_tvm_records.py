@@ -172,10 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models if not rpc else ():  # a board's kernels cannot be timed here
         losing.update(losing_anchors(name, args.isa, cache, args.precisions))
     prov = SHIPPED / args.isa / "provenance.json"
+    checked = {f"{m}/{p}" for m in args.models for p in args.precisions}
     try:  # runs of earlier invocations into the same cache (e.g. another model's budget)
-        earlier = [r for r in json.loads(prov.read_text())["runs"]
+        before = json.loads(prov.read_text())
+        earlier = [r for r in before["runs"]
                    if (r["model"], r["precision"]) not in {(x["model"], x["precision"])
                                                            for x in runs}]
+        losing = {k: v for k, v in before.get("left_out_slower_in_model", {}).items()
+                  if k not in checked} | losing
     except (OSError, ValueError, KeyError):
         earlier = []
     n = write_pruned(cache, SHIPPED / args.isa,
