@@ -134,6 +134,7 @@ def tune(mod: Any, target: Any, work_dir: Path, *, trials_per_task: int,
         return info
     work_dir.mkdir(parents=True, exist_ok=True)
     skip_gpu_intrinsics()  # the tuning process itself imports them too (TuneContext)
+    _check_readable(work_dir)
     # transfer tuning: start from the shipped records
     seeded = seed(work_dir, target) if shipped else None
     info["seeded_from"], info["seeded_records"] = seeded if seeded else (None, 0)
@@ -314,3 +315,22 @@ def search_strategy(trials_per_task: int) -> Any:
     pop = max(32, 16 * trials_per_task)
     return ms.search_strategy.EvolutionarySearch(
         population_size=pop, init_min_unmeasured=min(50, pop // 2), genetic_num_iters=2)
+
+
+def _check_readable(work_dir: Path) -> None:
+    """TargetRuntimeError unless TVM can read the tuning database in `work_dir` back: reading
+    replays every record's trace, and tuning MiniLM left records whose traces do not replay
+    (TVM's "parallel_for_dynamic error"), which would fail every later tuning with a
+    traceback."""
+    import tvm.s_tir.meta_schedule as ms
+
+    from quantflow.errors import TargetRuntimeError
+    from quantflow.targets.tvm_records import EQUALITY
+
+    try:
+        ms.database.JSONDatabase(work_dir=str(work_dir), module_equality=EQUALITY)
+    except Exception as exc:  # noqa: BLE001 - TVM raises its own error types
+        raise TargetRuntimeError(
+            f"tvm tuning: the tuning cache {work_dir} cannot be read back by TVM "
+            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); fix: delete "
+            "that folder (its records are lost) or tune into another cache folder") from None

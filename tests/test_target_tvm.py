@@ -390,6 +390,26 @@ def test_a_kernel_slower_in_the_model_is_put_back(tmp_path: Path) -> None:
         assert tvm_ffi.structural_equal(out[gv], default[gv])
 
 
+def test_an_unreadable_tuning_cache_is_a_clear_error(tmp_path: Path) -> None:
+    """TVM replays every record when it reads a tuning database; a record whose trace does
+    not replay (seen after tuning MiniLM) makes the next tuning into that cache fail. That is
+    a TargetRuntimeError naming the folder and the fix, not TVM's traceback."""
+    from quantflow.errors import TargetRuntimeError
+
+    x = torch.randn(1, 16, 12, 12, generator=torch.Generator().manual_seed(3))
+    target = get_target("tvm", tune_trials=1, cache_dir=tmp_path / "cache",
+                        shipped_records=False)
+    art = target.lower(capture(OneConv(), (x,)), (x,), tmp_path / "a", precision="int8")
+    records = Path(art.meta["tuning"]["work_dir"]) / "database_tuning_record.json"
+    first = json.loads(records.read_text().splitlines()[0])
+    first[1][0][0][0] = ["GetSBlock", [], ["no_such_block", "main"], ["b0"]]
+    with records.open("a") as f:
+        f.write(json.dumps(first) + "\n")
+    with pytest.raises(TargetRuntimeError, match="cannot be read back.*fix: delete"):
+        target.lower(capture(OneConv(8), (x[:, :8],)), (x[:, :8],), tmp_path / "b",
+                     precision="int8")
+
+
 @pytest.mark.slow
 def test_tune_time_budget_ends_tuning(tmp_path: Path) -> None:
     """--tune-time alone: up to 512 trials per workload, ended by the clock (short rounds
