@@ -180,39 +180,27 @@ def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = Non
     counts: dict[str, Any] = {"records": {name: 0 for name, _db in sources}, "packed": 0,
                               "reduction": 0, "elementwise": 0, "none": 0}
     missing: list[str] = []
+    default_records: dict[int, bool] = {}  # per record: kernels of one workload share it
+
+    def is_default(record: Any) -> bool:
+        if id(record) not in default_records:
+            default_records[id(record)] = is_default_record(record, path)
+        return default_records[id(record)]
+
     for gv, func in list(mod.functions_items()):
         if not isinstance(func, tvm.tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled"):
             continue
         key = anchor_key(func)
-        source = None  # the source whose record decided this kernel's schedule
-        for name, records in sources if key is not None else ():
-            record = records.get(key)
-            if record is None:
-                continue
-            if is_default_record(record, path):  # tuning kept the default: this kernel's own
-                source = name
-                break
-            # another calibration's kernel replays only the user's own records: anchor replay
-            # schedules the epilogue MetaSchedule's way, measured up to 3x slower than the
-            # default schedule, which shipped records were only kept for beating as measured
-            sch = _replay(tvm.IRModule({"main": func}), record, target,
-                          anchor=not name.startswith("shipped"))
-            if sch is None:
-                continue
-            if isinstance(sch, Exception):  # a record that does not replay: next source
-                log.warning("tvm: record from %s does not apply to %s (%s)", name,
-                            gv.name_hint, str(sch).splitlines()[0] if str(sch) else sch)
-                continue
-            out[gv] = sch.with_attr("tirx.is_scheduled", True)
-            counts["records"][name] += 1
-            break
-        else:
-            if reduction_blocks(func):
-                missing.append(str(gv.name_hint))
-        if out[gv].attrs.get("tirx.is_scheduled"):
+        source, replayed = (None, None) if key is None else _from_records(
+            func, str(gv.name_hint), key, sources, target, is_default)
+        if replayed is not None:
+            out[gv] = replayed.with_attr("tirx.is_scheduled", True)
+            counts["records"][source] += 1
             continue
+        if source is None and reduction_blocks(func):
+            missing.append(str(gv.name_hint))
         scheduled, kind = default_schedule(func, path)
-        if source is not None:
+        if source is not None:  # its record is the measured default
             counts["records"][source] += 1
         else:
             counts[kind] += 1
@@ -220,6 +208,35 @@ def apply(mod: Any, target: Any, sources: list[tuple[str, Any]], path: Any = Non
             out[gv] = scheduled
     counts["no_record"] = missing
     return out, counts
+
+
+def _from_records(func: Any, name: str, key: str, sources: list[tuple[str, Any]],
+                  target: Any, is_default: Any) -> tuple[str | None, Any]:
+    """(the first source with a record for anchor `key` that decides the kernel `func`'s
+    schedule, the record replayed on it), or (that source, None) when the record is the
+    measured default schedule (tuning kept the default: the kernel keeps its own), or
+    (None, None)."""
+    import tvm
+
+    for source, records in sources:
+        record = records.get(key)
+        if record is None:
+            continue
+        if is_default(record):
+            return source, None
+        # another calibration's kernel replays only the user's own records: anchor replay
+        # schedules the epilogue MetaSchedule's way, measured up to 3x slower than the
+        # default schedule, which shipped records were only kept for beating as measured
+        sch = _replay(tvm.IRModule({"main": func}), record, target,
+                      anchor=not source.startswith("shipped"))
+        if sch is None:
+            continue
+        if isinstance(sch, Exception):  # a record that does not replay: next source
+            log.warning("tvm: record from %s does not apply to %s (%s)", source, name,
+                        str(sch).splitlines()[0] if str(sch) else sch)
+            continue
+        return source, sch
+    return None, None
 
 
 def _replay(one: Any, record: Any, target: Any, anchor: bool = True) -> Any:

@@ -22,6 +22,7 @@ default (`None`). A schedule reorders loops; it does not change what is computed
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from quantflow.targets.tvm_dot import PACKED_BLOCK, WIDE_BLOCK, DotPath
@@ -106,8 +107,6 @@ def _packed(sch: Any, path: DotPath | None) -> bool:
         from quantflow.targets.tvm_dot import register_avx2_dot
 
         register_avx2_dot()
-    # blocks by name only: a record's trace is replayed on other kernels (tvm_records.apply),
-    # where a list of all blocks (GetChildBlocks) would have another length
     block = sch.get_sblock(name)
     before, rest = _split_around(sch, name)
     b, h, w, oc, kh, kw, c0, c1 = sch.get_loops(block)
@@ -231,7 +230,7 @@ def _epilogue(sch: Any, blocks: list[Any]) -> None:
         return
     extents = [int(sch.get(lp).extent) for lp in loops]
     last = extents[-1]
-    if (len(loops) >= 3 and _product(extents[:-2]) >= 2
+    if (len(loops) >= 3 and math.prod(extents[:-2]) >= 2
             and (last % VECTOR == 0 or last <= NARROW)):
         sch.parallel(sch.fuse(*loops[:-2]) if len(loops) > 3 else loops[0])
         # one pixel's channels per vector (a vector spanning two pixels through a reshape
@@ -250,12 +249,6 @@ def _epilogue(sch: Any, blocks: list[Any]) -> None:
     elif extent >= 2:
         sch.parallel(fused)
 
-
-def _product(values: list[int]) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
 
 
 def _parallel_prefix(sch: Any, loops: list[Any]) -> Any:

@@ -318,17 +318,14 @@ def test_recalibration_reuses_every_tuning_record(tmp_path: Path) -> None:
     # own default schedule, epilogue included): one per workload
     import tvm.s_tir.meta_schedule as ms
 
-    from quantflow.targets.tvm_records import EQUALITY
+    from quantflow.targets.tvm_anchor import anchor_key
+    from quantflow.targets.tvm_records import EQUALITY, read_trials
     from quantflow.targets.tvm_schedules import is_default_record
 
     db = ms.database.JSONDatabase(work_dir=tuning["work_dir"], module_equality=EQUALITY)
     path = target.dot_path(target.target())
-    from quantflow.targets.tvm_anchor import anchor_key
-
     defaults = {anchor_key(next(f for _g, f in r.workload.mod.functions_items()))
                 for r in db.get_all_tuning_records() if is_default_record(r, path)}
-    from quantflow.targets.tvm_records import read_trials
-
     tuned = set(read_trials(Path(tuning["work_dir"])))
     assert len(tuned) == tuning["tasks"] and tuned <= defaults
     recal_gm = capture(TwoConvs(0.031, 0.043), (x,))  # other scales: other TIR literals
@@ -373,7 +370,7 @@ def test_a_kernel_slower_in_the_model_is_put_back(tmp_path: Path) -> None:
     llvm = target.target()
     path = target.dot_path(llvm)
     mod, _stats = to_relax(capture(TwoConvs(0.02, 0.05), (x,)), (x,), dot=path)
-    naive = tvm_tune.fuse_tir(tvm_tune.fuse(mod, llvm), llvm)
+    naive = tvm_tune.prepare(mod, llvm)
     default, _counts = tvm_records.apply(naive, llvm, [], path)
     # one thread: on a loaded machine (the parallel test run) a parallel kernel waits for
     # descheduled pool threads, which would time the thread pool, not the schedules

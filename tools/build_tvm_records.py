@@ -97,13 +97,13 @@ def losing_anchors(name: str, isa: str, cache: Path, precisions: list[str]) -> d
     for precision in precisions:
         graph = m["gm"] if precision == "fp32" else m["qgm"]
         mod, _stats = to_relax(graph, m["example"], dot=path)
-        mod = tvm_tune.fuse_tir(tvm_tune.fuse(mod, llvm), llvm)
+        mod = tvm_tune.prepare(mod, llvm)
         plain, _ = tvm_records.apply(mod, llvm, [], path)
         tuned, _ = tvm_records.apply(mod, llvm, [("cache", records)], path)
         slower = slower_kernels(tvm.compile(plain, llvm), tvm.compile(tuned, llvm), inputs)
-        out[f"{name}/{precision}"] = {
-            k: anchor_key(f) for gv, f in mod.functions_items()
-            if (k := str(gv.name_hint)) in slower and anchor_key(f) is not None}
+        anchors = {str(gv.name_hint): anchor_key(f) for gv, f in mod.functions_items()}
+        out[f"{name}/{precision}"] = {k: a for k, a in anchors.items()
+                                      if k in slower and a is not None}
         print(f"  {name}/{precision}: {len(out[f'{name}/{precision}'])} records slower in the "
               "model than the default schedule (left out)", flush=True)
     return out
